@@ -1,0 +1,176 @@
+"""Component builders: every knob exposed."""
+
+from typing import Optional
+
+from torch import nn
+from torchtune.models.llama3_1._position_embeddings import Llama3ScaledRoPE
+from torchtune.modules import (
+    FeedForward,
+    RMSNorm,
+    RotaryPositionalEmbeddings,
+    TiedLinear,
+    TransformerDecoder,
+    TransformerSelfAttentionLayer,
+)
+
+from gqa_tune.modules.attention import MultiHeadAttention
+
+
+def _rope(head_dim: int, max_seq_len: int, base: float, scale_factor: Optional[float]) -> nn.Module:
+    if scale_factor is None:
+        return RotaryPositionalEmbeddings(dim=head_dim, max_seq_len=max_seq_len, base=base)
+    return Llama3ScaledRoPE(dim=head_dim, max_seq_len=max_seq_len, base=base, scale_factor=scale_factor)
+
+
+def gqa_attention(
+    *,
+    embed_dim: int,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: Optional[int] = None,
+    max_seq_len: int = 4096,
+    rope_base: float = 10_000,
+    rope_scale_factor: Optional[float] = None,
+    pos_embeddings: Optional[nn.Module] = None,
+    use_rope: bool = True,
+    qk_norm: bool = False,
+    norm_eps: float = 1e-5,
+    bias: bool = False,
+    is_causal: bool = True,
+    attn_dropout: float = 0.0,
+    backend: str = "auto",
+) -> MultiHeadAttention:
+    """A grouped-query self-attention block with RoPE and optional q/k RMSNorm.
+
+    Args:
+        embed_dim (int): model width ``d``.
+        num_heads (int): query heads.
+        num_kv_heads (int): key/value heads (divides ``num_heads``).
+        head_dim (Optional[int]): per-head width; default ``embed_dim // num_heads``.
+        max_seq_len (int): RoPE table length.
+        rope_base (float): RoPE base.
+        rope_scale_factor (Optional[float]): Llama 3.x RoPE scaling; ``None`` = plain RoPE.
+        pos_embeddings (Optional[nn.Module]): a RoPE module to share (overrides the above).
+        use_rope (bool): ``False`` builds the block without positional embeddings.
+        qk_norm (bool): RMSNorm over ``head_dim`` on queries and keys.
+        norm_eps (float): RMSNorm epsilon.
+        bias (bool): biases on the q/k/v projections.
+        is_causal (bool): causal when no mask is given.
+        attn_dropout (float): attention dropout while training.
+        backend (str): attention backend.
+    """
+    if not isinstance(num_heads, int) or num_heads < 1:
+        raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
+    head_dim = head_dim if head_dim is not None else embed_dim // num_heads
+    if use_rope and pos_embeddings is None:
+        pos_embeddings = _rope(head_dim, max_seq_len, rope_base, rope_scale_factor)
+    return MultiHeadAttention(
+        embed_dim=embed_dim,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        head_dim=head_dim,
+        q_proj=nn.Linear(embed_dim, num_heads * head_dim, bias=bias),
+        k_proj=nn.Linear(embed_dim, num_kv_heads * head_dim, bias=bias),
+        v_proj=nn.Linear(embed_dim, num_kv_heads * head_dim, bias=bias),
+        output_proj=nn.Linear(num_heads * head_dim, embed_dim, bias=False),
+        pos_embeddings=pos_embeddings if use_rope else None,
+        q_norm=RMSNorm(dim=head_dim, eps=norm_eps) if qk_norm else None,
+        k_norm=RMSNorm(dim=head_dim, eps=norm_eps) if qk_norm else None,
+        max_seq_len=max_seq_len,
+        is_causal=is_causal,
+        attn_dropout=attn_dropout,
+        backend=backend,
+    )
+
+
+def gqa_mlp(embed_dim: int, intermediate_dim: int) -> FeedForward:
+    """SwiGLU feed-forward block (Llama's), parameter names as torchtune's."""
+    return FeedForward(
+        gate_proj=nn.Linear(embed_dim, intermediate_dim, bias=False),
+        down_proj=nn.Linear(intermediate_dim, embed_dim, bias=False),
+        up_proj=nn.Linear(embed_dim, intermediate_dim, bias=False),
+    )
+
+
+def gqa_decoder(
+    *,
+    vocab_size: int,
+    num_layers: int,
+    num_heads: int,
+    num_kv_heads: int,
+    embed_dim: int,
+    intermediate_dim: int,
+    max_seq_len: int,
+    head_dim: Optional[int] = None,
+    attn_dropout: float = 0.0,
+    rope_base: float = 500_000,
+    rope_scale_factor: Optional[float] = None,
+    norm_eps: float = 1e-5,
+    qk_norm: bool = False,
+    attn_bias: bool = False,
+    tie_word_embeddings: bool = True,
+    backend: str = "auto",
+) -> TransformerDecoder:
+    """A Llama-style decoder-only LM with grouped-query attention.
+
+    Returns torchtune's ``TransformerDecoder`` (so ``setup_caches``, torchtune's
+    generation utilities, checkpointers and recipes work), with gqa_tune's
+    attention in every layer. Parameter names match ``torchtune.models.llama3_2``.
+
+    Args:
+        vocab_size (int): tokens in the vocabulary.
+        num_layers (int): transformer layers.
+        num_heads (int): query heads per layer.
+        num_kv_heads (int): key/value heads per layer (divides ``num_heads``).
+        embed_dim (int): model width.
+        intermediate_dim (int): MLP hidden width.
+        max_seq_len (int): longest sequence (RoPE table, default cache length).
+        head_dim (Optional[int]): per-head width; default ``embed_dim // num_heads``.
+        attn_dropout (float): attention dropout while training.
+        rope_base (float): RoPE base.
+        rope_scale_factor (Optional[float]): Llama 3.x RoPE scaling (``None``: plain RoPE).
+        norm_eps (float): RMSNorm epsilon.
+        qk_norm (bool): RMSNorm on queries and keys.
+        attn_bias (bool): biases on the q/k/v projections.
+        tie_word_embeddings (bool): output projection shares the embedding.
+        backend (str): attention backend for every layer.
+    """
+    for name, value in (("vocab_size", vocab_size), ("num_layers", num_layers), ("intermediate_dim", intermediate_dim)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if not isinstance(num_heads, int) or num_heads < 1:
+        raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
+    head_dim = head_dim if head_dim is not None else embed_dim // num_heads
+    rope = _rope(head_dim, max_seq_len, rope_base, rope_scale_factor)
+    layers = nn.ModuleList(
+        TransformerSelfAttentionLayer(
+            attn=gqa_attention(
+                embed_dim=embed_dim,
+                num_heads=num_heads,
+                num_kv_heads=num_kv_heads,
+                head_dim=head_dim,
+                max_seq_len=max_seq_len,
+                pos_embeddings=rope,
+                qk_norm=qk_norm,
+                norm_eps=norm_eps,
+                bias=attn_bias,
+                attn_dropout=attn_dropout,
+                backend=backend,
+            ),
+            mlp=gqa_mlp(embed_dim, intermediate_dim),
+            sa_norm=RMSNorm(dim=embed_dim, eps=norm_eps),
+            mlp_norm=RMSNorm(dim=embed_dim, eps=norm_eps),
+        )
+        for _ in range(num_layers)
+    )
+    tok_embeddings = nn.Embedding(vocab_size, embed_dim)
+    output = TiedLinear(tok_embeddings) if tie_word_embeddings else nn.Linear(embed_dim, vocab_size, bias=False)
+    return TransformerDecoder(
+        tok_embeddings=tok_embeddings,
+        layers=layers,
+        max_seq_len=max_seq_len,
+        num_heads=num_heads,
+        head_dim=head_dim,
+        norm=RMSNorm(embed_dim, eps=norm_eps),
+        output=output,
+    )

@@ -1,0 +1,48 @@
+"""Model builders: fixed shapes, ready to train or load."""
+
+from torchtune.modules import TransformerDecoder
+
+from gqa_tune.models._component_builders import gqa_decoder
+
+#: Vocabulary of the byte-level tokenizer: 256 bytes + BOS, EOS, PAD, 1 spare.
+BYTE_VOCAB_SIZE = 260
+
+
+def gqa_tiny(backend: str = "auto", max_seq_len: int = 512, vocab_size: int = BYTE_VOCAB_SIZE) -> TransformerDecoder:
+    """A 2-layer, 128-wide GQA model (8 query heads, 2 kv heads, ~0.41M parameters).
+
+    Trains on a laptop CPU in seconds; the default model of the offline demo.
+    """
+    return gqa_decoder(
+        vocab_size=vocab_size,
+        num_layers=2,
+        num_heads=8,
+        num_kv_heads=2,
+        embed_dim=128,
+        intermediate_dim=384,
+        max_seq_len=max_seq_len,
+        rope_base=10_000,
+        backend=backend,
+    )
+
+
+def gqa_llama3_2_1b(backend: str = "auto", max_seq_len: int = 131_072) -> TransformerDecoder:
+    """Llama-3.2-1B's shape (16 layers, 32 query / 8 kv heads, width 2048, scaled RoPE).
+
+    State-dict keys and shapes equal ``torchtune.models.llama3_2.llama3_2_1b``'s,
+    so its checkpoints load directly.
+    """
+    return gqa_decoder(
+        vocab_size=128_256,
+        num_layers=16,
+        num_heads=32,
+        num_kv_heads=8,
+        embed_dim=2048,
+        intermediate_dim=8192,
+        max_seq_len=max_seq_len,
+        rope_base=500_000,
+        rope_scale_factor=32,
+        norm_eps=1e-5,
+        tie_word_embeddings=True,
+        backend=backend,
+    )

@@ -1,0 +1,7 @@
+"""Functional attention op, backend dispatch and backends."""
+
+from gqa_tune.ops.backends.math import attention_ref
+from gqa_tune.ops.dispatch import BACKEND_NAMES, BACKENDS, select_backend
+from gqa_tune.ops.functional import scaled_dot_product_gqa
+
+__all__ = ["BACKENDS", "BACKEND_NAMES", "attention_ref", "scaled_dot_product_gqa", "select_backend"]

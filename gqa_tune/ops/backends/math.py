@@ -1,0 +1,88 @@
+"""Float32 reference attention (the ``"math"`` backend and the test oracle).
+
+It expands K/V to every query head (it is the reference, not a fast path),
+upcasts to float32 (float64 stays float64), and returns the attention weights
+on request. Fully masked rows give zeros, as torch's SDPA does.
+"""
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from gqa_tune.ops.masks import MaskType, dense_mask, top_left_causal
+
+
+def attention_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    mask: Optional[MaskType] = None,
+    scale: Optional[float] = None,
+    is_causal: bool = False,
+    dropout_p: float = 0.0,
+    upcast: bool = True,
+    return_weights: bool = False,
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Plain attention with grouped K/V.
+
+    Args:
+        q (torch.Tensor): queries ``[b, n_h, s_q, h_d]``.
+        k (torch.Tensor): keys ``[b, n_kv, s_kv, h_d]``.
+        v (torch.Tensor): values ``[b, n_kv, s_kv, h_dv]``.
+        mask: bool (True = attend) or additive float tensor broadcastable to
+            ``[b, n_h, s_q, s_kv]``, or a flex ``BlockMask``.
+        scale (Optional[float]): multiplier of ``q @ k^T``; default ``h_d ** -0.5``.
+        is_causal (bool): top-left aligned causal mask (torch's convention).
+        dropout_p (float): dropout on the attention weights.
+        upcast (bool): compute in float32 (float64 stays float64). With
+            ``upcast=False`` the computation runs in the input dtype, which is
+            the "plain PyTorch in low precision" baseline of the kernel tests.
+        return_weights (bool): also return the weights ``[b, n_h, s_q, s_kv]``.
+
+    Returns:
+        ``(out, weights)``: ``out`` ``[b, n_h, s_q, h_dv]`` in ``q``'s dtype;
+        ``weights`` (before dropout) or ``None``.
+
+    Query head ``i`` uses kv head ``i // (n_h // n_kv)``.
+    """
+    out_dtype = q.dtype
+    if upcast and q.dtype != torch.float64:
+        q, k, v = q.float(), k.float(), v.float()
+    group = q.shape[1] // k.shape[1]
+    # [b, n_kv, s, h_d] -> [b, n_h, s, h_d]
+    k = k.repeat_interleave(group, dim=1)
+    v = v.repeat_interleave(group, dim=1)
+    s_q, s_kv = q.shape[2], k.shape[2]
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scores = torch.matmul(q, k.transpose(-2, -1)) * scale  # [b, n_h, s_q, s_kv]
+
+    allowed = None
+    mask = dense_mask(mask, q.shape[0], q.shape[1], s_q, s_kv, q.device)
+    if is_causal:
+        allowed = top_left_causal(s_q, s_kv, q.device)
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            allowed = mask if allowed is None else allowed & mask
+        else:
+            scores = scores + mask.to(scores.dtype)
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed, float("-inf"))
+
+    # A row with no finite score attends to nothing: weights 0, not NaN.
+    row_max = scores.amax(dim=-1, keepdim=True)
+    dead = torch.isneginf(row_max)
+    scores = scores - torch.where(dead, torch.zeros_like(row_max), row_max)
+    weights = torch.exp(scores)
+    weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(weights.dtype).tiny)
+    weights = torch.where(dead, torch.zeros_like(weights), weights)
+
+    dropped = F.dropout(weights, p=dropout_p) if dropout_p > 0.0 else weights
+    out = torch.matmul(dropped, v).to(out_dtype)
+    return out, (weights.to(out_dtype) if return_weights else None)
+
+
+def math_backend(q, k, v, *, mask, scale, is_causal, dropout_p):
+    """The ``"math"`` backend: :func:`attention_ref` without weights."""
+    return attention_ref(q, k, v, mask=mask, scale=scale, is_causal=is_causal, dropout_p=dropout_p)[0]

@@ -1,0 +1,118 @@
+"""Backend table and the per-call choice of ``backend="auto"``.
+
+=========  ===========================================================
+backend    what it is
+=========  ===========================================================
+sdpa       ``F.scaled_dot_product_attention(..., enable_gqa=True)``
+flex       compiled ``flex_attention`` (``BlockMask`` or causal)
+math       float32 reference, the only one that returns weights
+triton     slot for the GQA Triton kernels (not implemented yet)
+=========  ===========================================================
+
+``"auto"`` walks :data:`AUTO_ORDER` and takes the first backend whose limits
+allow the call; an explicit backend that cannot serve the call raises a
+``ValueError`` saying why, it never falls back silently.
+"""
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from torch.nn.attention.flex_attention import BlockMask
+
+from gqa_tune.ops.backends.flex import flex_backend, flex_limits
+from gqa_tune.ops.backends.math import math_backend
+from gqa_tune.ops.backends.sdpa import sdpa_backend, sdpa_limits
+from gqa_tune.ops.backends.triton import triton_backend, triton_limits
+from gqa_tune.ops.masks import MaskType
+
+
+@dataclass(frozen=True)
+class AttentionCall:
+    """What a backend needs to know to accept or decline a call."""
+
+    device: torch.device
+    dtype: torch.dtype
+    mask: Optional[MaskType]
+    dropout_p: float
+    need_weights: bool
+    needs_grad: bool
+
+    @property
+    def mask_kind(self) -> str:
+        if self.mask is None:
+            return "none"
+        if isinstance(self.mask, BlockMask):
+            return "block"
+        return "bool" if self.mask.dtype == torch.bool else "float"
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    fn: Callable[..., torch.Tensor]
+    limits: Callable[[AttentionCall], Optional[str]]
+
+
+def _no_limits(call: AttentionCall) -> Optional[str]:
+    return None
+
+
+BACKENDS = {
+    "sdpa": Backend("sdpa", sdpa_backend, sdpa_limits),
+    "flex": Backend("flex", flex_backend, flex_limits),
+    "math": Backend("math", math_backend, _no_limits),
+    "triton": Backend("triton", triton_backend, triton_limits),
+}
+BACKEND_NAMES = ("auto", *BACKENDS)
+
+
+def auto_order(call: AttentionCall) -> tuple:
+    """Backends ``"auto"`` tries, best first, for this call."""
+    if call.need_weights:
+        return ("math",)
+    if call.mask_kind == "block":
+        # flex reads the BlockMask natively; where it cannot (CPU training),
+        # SDPA takes the mask materialized from its mask_mod.
+        return ("flex", "sdpa", "math")
+    return ("sdpa", "math")
+
+
+def check_backend_name(backend: str) -> None:
+    if backend not in BACKEND_NAMES:
+        raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKEND_NAMES)}")
+
+
+def make_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, dropout_p: float, need_weights: bool):
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    return AttentionCall(q.device, q.dtype, mask, dropout_p, need_weights, needs_grad)
+
+
+def select_backend(call: AttentionCall, backend: str = "auto") -> Backend:
+    """The backend that will run ``call``; ``ValueError`` if ``backend`` cannot."""
+    check_backend_name(backend)
+    if backend != "auto":
+        reason = BACKENDS[backend].limits(call)
+        if reason is not None:
+            raise ValueError(f"backend={backend!r} cannot run this call: {reason}")
+        return BACKENDS[backend]
+    for name in auto_order(call):
+        if BACKENDS[name].limits(call) is None:
+            return BACKENDS[name]
+    raise AssertionError("the math backend accepts every call")  # pragma: no cover
+
+
+def run_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    mask: Optional[MaskType] = None,
+    scale: Optional[float] = None,
+    is_causal: bool = False,
+    dropout_p: float = 0.0,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Dispatch already-validated grouped inputs to a backend (no weights)."""
+    chosen = select_backend(make_call(q, k, v, mask, dropout_p, False), backend)
+    return chosen.fn(q, k, v, mask=mask, scale=scale, is_causal=is_causal, dropout_p=dropout_p)

@@ -1,0 +1,131 @@
+"""``scaled_dot_product_gqa``: torch's SDPA contract with grouped K/V."""
+
+from typing import Optional, Tuple, Union
+
+import torch
+from torch.nn.attention.flex_attention import BlockMask
+
+from gqa_tune.ops.backends.math import attention_ref
+from gqa_tune.ops.dispatch import make_call, select_backend
+from gqa_tune.ops.masks import MaskType
+
+
+def _shape(t: torch.Tensor) -> str:
+    return "(" + ", ".join(str(d) for d in t.shape) + ")"
+
+
+def check_gqa_inputs(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: Optional[MaskType] = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+) -> None:
+    """Raise ``ValueError`` (naming the shapes) unless the inputs fit together."""
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D (b, h, s, d), got shape {_shape(t)}")
+    shapes = f"query {_shape(query)}, key {_shape(key)}, value {_shape(value)}"
+    b, n_h, s_q, h_d = query.shape
+    if not (key.shape[0] == value.shape[0] == b):
+        raise ValueError(f"batch sizes differ: {shapes}")
+    if key.shape[-1] != h_d:
+        raise ValueError(f"query and key head_dim differ: {shapes}")
+    if key.shape[1] != value.shape[1] or key.shape[2] != value.shape[2]:
+        raise ValueError(f"key and value must have the same heads and length: {shapes}")
+    n_kv = key.shape[1]
+    if n_kv == 0 or n_kv > n_h or n_h % n_kv != 0:
+        raise ValueError(f"query heads ({n_h}) must be a multiple of key/value heads ({n_kv}): {shapes}")
+    if not (query.dtype == key.dtype == value.dtype):
+        raise ValueError(f"dtypes differ: query {query.dtype}, key {key.dtype}, value {value.dtype}")
+    if not (query.device == key.device == value.device):
+        raise ValueError(f"devices differ: query {query.device}, key {key.device}, value {value.device}")
+    if not 0.0 <= dropout_p <= 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1], got {dropout_p}")
+    if attn_mask is None:
+        return
+    if is_causal:
+        raise ValueError("pass either attn_mask or is_causal=True, not both")
+    s_kv = key.shape[2]
+    if isinstance(attn_mask, BlockMask):
+        mask_b, mask_h = attn_mask.shape[0], attn_mask.shape[1]
+        lens = tuple(attn_mask.seq_lengths)
+        if lens != (s_q, s_kv) or mask_b not in (1, b) or mask_h not in (1, n_h):
+            raise ValueError(
+                f"BlockMask of shape {tuple(attn_mask.shape)} and lengths {lens} does not fit "
+                f"(b={b}, n_h={n_h}, s_q={s_q}, s_kv={s_kv})"
+            )
+        return
+    if not isinstance(attn_mask, torch.Tensor):
+        raise ValueError(f"attn_mask must be a tensor or BlockMask, got {type(attn_mask).__name__}")
+    if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
+        raise ValueError(f"attn_mask must be bool (True = attend) or floating (additive), got {attn_mask.dtype}")
+    if attn_mask.is_floating_point() and attn_mask.dtype != query.dtype:
+        raise ValueError(f"a float attn_mask must have the query's dtype {query.dtype}, got {attn_mask.dtype}")
+    target = (b, n_h, s_q, s_kv)
+    fits = attn_mask.dim() <= 4 and all(
+        m in (1, t) for m, t in zip(reversed(attn_mask.shape), reversed(target))
+    )
+    if not fits:
+        raise ValueError(
+            f"attn_mask of shape {_shape(attn_mask)} does not broadcast to (b, n_h, s_q, s_kv) = {target}"
+        )
+
+
+def scaled_dot_product_gqa(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: Optional[MaskType] = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: Optional[float] = None,
+    *,
+    need_weights: bool = False,
+    backend: str = "auto",
+) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+    """Scaled dot-product attention with grouped key/value heads.
+
+    A drop-in for :func:`torch.nn.functional.scaled_dot_product_attention`
+    where ``key``/``value`` may have fewer heads than ``query``. Query head
+    ``i`` uses kv head ``i // (n_h // n_kv)`` (torch's ``enable_gqa``, Llama's
+    ``repeat_kv``, torchtune's expand). K/V are never copied to ``n_h`` heads
+    on the ``sdpa`` and ``flex`` paths.
+
+    Args:
+        query (torch.Tensor): ``[b, n_h, s_q, h_d]``.
+        key (torch.Tensor): ``[b, n_kv, s_kv, h_d]``, ``n_h % n_kv == 0``.
+        value (torch.Tensor): ``[b, n_kv, s_kv, h_dv]``.
+        attn_mask: bool (True = attend) or additive float tensor broadcastable
+            to ``[b, n_h, s_q, s_kv]``, or a flex ``BlockMask``.
+        dropout_p (float): dropout probability on the attention weights,
+            applied whenever it is positive (as in torch).
+        is_causal (bool): causal mask aligned top-left, as in torch
+            (``ones(s_q, s_kv).tril()``: with ``s_q=1`` the query sees key 0).
+        scale (Optional[float]): multiplier of the scores; default ``h_d ** -0.5``.
+        need_weights (bool): also return the weights ``[b, n_h, s_q, s_kv]``
+            (computed by the ``math`` backend).
+        backend (str): ``"auto"``, ``"sdpa"``, ``"flex"``, ``"math"`` or ``"triton"``.
+
+    Returns:
+        ``out`` ``[b, n_h, s_q, h_dv]``, or ``(out, weights)`` with ``need_weights``.
+
+    Raises:
+        ValueError: shapes that do not fit (the message names them), a bad
+            mask, or a backend that cannot serve the call.
+
+    Notation: ``b`` batch, ``n_h`` query heads, ``n_kv`` kv heads, ``s_q``/``s_kv``
+    query/key lengths, ``h_d`` head dim.
+    """
+    check_gqa_inputs(query, key, value, attn_mask, dropout_p, is_causal)
+    call = make_call(query, key, value, attn_mask, dropout_p, need_weights)
+    chosen = select_backend(call, backend)
+    if need_weights:
+        return attention_ref(
+            query, key, value, mask=attn_mask, scale=scale, is_causal=is_causal,
+            dropout_p=dropout_p, return_weights=True,
+        )
+    return chosen.fn(query, key, value, mask=attn_mask, scale=scale, is_causal=is_causal, dropout_p=dropout_p)
