@@ -1,0 +1,138 @@
+"""Helpers shared by ``bench_decode.py`` and ``bench_train.py`` (not a public API).
+
+Timing: ``time.perf_counter`` around each call, warmup calls first, the cases
+interleaved (A, B, A, B, ...) so slow drifts on a shared machine hit both
+alike, and the median reported.
+"""
+
+import json
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+from torchtune.modules import MultiHeadAttention as TorchtuneMHA
+from torchtune.modules import RotaryPositionalEmbeddings
+
+from gqa_tune.convert.swap import from_torchtune_attention
+from gqa_tune.modules.attention import MultiHeadAttention
+
+Case = Tuple[Callable[[], object], Optional[Callable[[], None]]]  # (timed call, untimed cleanup after it)
+
+
+def build_pair(
+    *,
+    embed_dim: int,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    max_seq_len: int,
+    backend: str = "auto",
+    seed: int = 0,
+) -> Tuple[TorchtuneMHA, MultiHeadAttention]:
+    """A torchtune attention (bias-free projections, RoPE) and ours sharing its weights and RoPE."""
+    torch.manual_seed(seed)
+    tt = TorchtuneMHA(
+        embed_dim=embed_dim,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        head_dim=head_dim,
+        q_proj=nn.Linear(embed_dim, num_heads * head_dim, bias=False),
+        k_proj=nn.Linear(embed_dim, num_kv_heads * head_dim, bias=False),
+        v_proj=nn.Linear(embed_dim, num_kv_heads * head_dim, bias=False),
+        output_proj=nn.Linear(num_heads * head_dim, embed_dim, bias=False),
+        pos_embeddings=RotaryPositionalEmbeddings(dim=head_dim, max_seq_len=max_seq_len),
+        max_seq_len=max_seq_len,
+    )
+    ours = from_torchtune_attention(tt, backend=backend)
+    return tt, ours
+
+
+def time_interleaved(cases: Dict[str, Case], repeats: int, warmup: int) -> Dict[str, List[float]]:
+    """Seconds per call for each case; the cases take turns, ``warmup`` untimed rounds first."""
+    times: Dict[str, List[float]] = {name: [] for name in cases}
+    for round_idx in range(warmup + repeats):
+        for name, (fn, cleanup) in cases.items():
+            start = time.perf_counter()
+            fn()
+            elapsed = time.perf_counter() - start
+            if cleanup is not None:
+                cleanup()
+            if round_idx >= warmup:
+                times[name].append(elapsed)
+    return times
+
+
+def median_ms(seconds: Sequence[float]) -> float:
+    return statistics.median(seconds) * 1e3
+
+
+def copy_bandwidth(nbytes: int = 256 * 2**20, repeats: int = 10, warmup: int = 2) -> List[float]:
+    """``dst.copy_(src)`` bandwidths in bytes/s, one per copy, counting read + write (``2 * nbytes``)."""
+    src = torch.rand(nbytes // 4, dtype=torch.float32)
+    dst = torch.empty_like(src)
+    times = time_interleaved({"copy": (lambda: dst.copy_(src), None)}, repeats, warmup)["copy"]
+    return [2 * src.numel() * src.element_size() / t for t in times]
+
+
+def saved_activation_bytes(fn: Callable[[], object], exclude: Sequence[torch.Tensor] = ()) -> Tuple[int, object]:
+    """Run ``fn`` and sum the bytes of the distinct storages autograd saves for backward.
+
+    Storages are deduplicated by ``untyped_storage().data_ptr()`` and counted
+    whole (a saved view keeps its whole storage alive). ``nn.Parameter``
+    storages and those of ``exclude`` (e.g. module buffers) are left out.
+
+    Returns:
+        (bytes, whatever ``fn`` returned).
+    """
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+    seen: Dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        ptr = t.untyped_storage().data_ptr()
+        if not isinstance(t, nn.Parameter) and ptr not in skip:
+            seen[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        result = fn()
+    return sum(seen.values()), result
+
+
+def command_line() -> str:
+    """The exact command that started this process."""
+    return shlex.join([sys.executable, *sys.argv])
+
+
+def environment() -> Dict[str, object]:
+    return {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "cpu": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
+        "command": command_line(),
+    }
+
+
+def print_environment(env: Dict[str, object]) -> None:
+    print(f"torch {env['torch']}, threads {env['threads']} (cpu_count {env['cpu_count']}), python {env['python']}")
+    print(f"command: {env['command']}")
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---:" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_json(path: Optional[str], data: Dict[str, object]) -> None:
+    if path:
+        with open(path, "w") as f:
+            json.dump(data, f, indent=2)
+        print(f"wrote {path}")

@@ -1,0 +1,203 @@
+"""One KV-cached decode step of the attention module: torchtune vs gqa_tune, on CPU.
+
+Both modules share the same weights and RoPE (``from_torchtune_attention``) and
+get torchtune's decoding call ``attn(x, x, mask=mask, input_pos=pos)``: ``x``
+``[1, 1, E]``, a bool mask ``[1, 1, max_seq_len]`` True for positions ``<= fill``,
+``input_pos = [[fill]]``. Both caches hold the same random K/V in positions
+``0..fill-1``; each timed step writes position ``fill`` and is rewound
+afterwards (untimed), so every repetition sees the same fill.
+
+Usage: python benchmarks/bench_decode.py [--fills 128 1024 4000] [--repeats 30] [--threads N] [--json PATH]
+"""
+
+import argparse
+
+import torch
+from _timing import (
+    build_pair,
+    copy_bandwidth,
+    environment,
+    markdown_table,
+    median_ms,
+    print_environment,
+    time_interleaved,
+    write_json,
+)
+from torch import nn
+
+from gqa_tune.modules.kv_cache import KVCache as GQAKVCache
+
+EMBED_DIM, NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, MAX_SEQ_LEN = 2048, 32, 8, 64, 4096
+DTYPE = torch.float32
+
+
+def set_fill(cache: nn.Module, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Make ``cache`` (torchtune's or ours) hold ``k``/``v`` ``[1, n_kv, fill, h_d]`` in positions ``0..fill-1``."""
+    fill = k.shape[2]
+    cache.reset()
+    cache.k_cache[:, :, :fill].copy_(k)
+    cache.v_cache[:, :, :fill].copy_(v)
+    cache.cache_pos.add_(fill)  # both caches: cache_pos = arange(max_seq_len) + fill
+    if isinstance(cache, GQAKVCache):
+        cache.sync_size()  # ours also keeps a host-side count; re-read it from cache_pos
+
+
+def rewind(cache: nn.Module, steps: int = 1) -> None:
+    """Undo the position advance of the last ``steps`` written tokens.
+
+    The written K/V stay in the buffer past the fill, where the next step
+    overwrites them (with the same values here: same ``x``, same position).
+    """
+    cache.cache_pos.sub_(steps)
+    if isinstance(cache, GQAKVCache):
+        cache.sync_size()
+
+
+def fill_of(cache: nn.Module) -> int:
+    return int(cache.cache_pos[0])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--fills", type=int, nargs="+", default=[128, 1024, 4000], help="cache fill levels")
+    parser.add_argument("--repeats", type=int, default=30, help="timed steps per module and fill")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps per module and fill first")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads")
+    parser.add_argument("--backend", default="auto", help="gqa_tune attention backend")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", metavar="PATH", help="also write the results here as JSON")
+    args = parser.parse_args()
+    if any(not 0 <= f < MAX_SEQ_LEN for f in args.fills):
+        parser.error(f"fills must be in [0, {MAX_SEQ_LEN - 1}] (one free position for the step)")
+
+    torch.set_num_threads(args.threads)
+    env = environment()
+    print_environment(env)
+
+    tt, ours = build_pair(
+        embed_dim=EMBED_DIM,
+        num_heads=NUM_HEADS,
+        num_kv_heads=NUM_KV_HEADS,
+        head_dim=HEAD_DIM,
+        max_seq_len=MAX_SEQ_LEN,
+        backend=args.backend,
+        seed=args.seed,
+    )
+    for attn in (tt, ours):
+        attn.setup_cache(batch_size=1, dtype=DTYPE, max_seq_len=MAX_SEQ_LEN)
+        attn.eval()
+    weight_bytes = sum(
+        p.numel() * p.element_size()
+        for proj in (tt.q_proj, tt.k_proj, tt.v_proj, tt.output_proj)
+        for p in proj.parameters()
+    )
+
+    bandwidth = copy_bandwidth()
+    print(f"copy bandwidth (read+write, 256 MiB tensor): {bandwidth / 1e9:.2f} GB/s")
+    print(f"projection weights: {weight_bytes / 2**20:.1f} MiB")
+
+    x = torch.randn(1, 1, EMBED_DIM, dtype=DTYPE)
+    positions = torch.arange(MAX_SEQ_LEN)
+    results = []
+    with torch.no_grad():
+        for fill in args.fills:
+            kv_shape = (1, NUM_KV_HEADS, fill, HEAD_DIM)
+            k, v = torch.randn(kv_shape, dtype=DTYPE), torch.randn(kv_shape, dtype=DTYPE)
+            for attn in (tt, ours):
+                set_fill(attn.kv_cache, k, v)
+            mask = (positions <= fill).view(1, 1, MAX_SEQ_LEN)
+            input_pos = torch.tensor([[fill]])
+
+            def step(attn, mask=mask, input_pos=input_pos):
+                return attn(x, x, mask=mask, input_pos=input_pos)
+
+            out_tt = step(tt)
+            out_ours = step(ours)
+            max_diff = (out_tt - out_ours).abs().max().item()
+            torch.testing.assert_close(out_ours, out_tt, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(ours.kv_cache.k_cache[:, :, : fill + 1], tt.kv_cache.k_cache[:, :, : fill + 1])
+            for attn in (tt, ours):
+                rewind(attn.kv_cache)
+
+            times = time_interleaved(
+                {
+                    "torchtune": (lambda: step(tt), lambda: rewind(tt.kv_cache)),
+                    "gqa_tune": (lambda: step(ours), lambda: rewind(ours.kv_cache)),
+                },
+                repeats=args.repeats,
+                warmup=args.warmup,
+            )
+            assert fill_of(tt.kv_cache) == fill_of(ours.kv_cache) == ours.kv_cache.size == fill
+
+            kv_bytes = 2 * k.numel() * k.element_size()
+            bound_ms = (weight_bytes + kv_bytes) / bandwidth * 1e3
+            tt_ms, ours_ms = median_ms(times["torchtune"]), median_ms(times["gqa_tune"])
+            row = {
+                "fill": fill,
+                "torchtune_ms": tt_ms,
+                "gqa_tune_ms": ours_ms,
+                "speedup": tt_ms / ours_ms,
+                "bound_ms": bound_ms,
+                "ours_over_bound": ours_ms / bound_ms,
+                "kv_bytes": kv_bytes,
+                "max_abs_diff": max_diff,
+                "torchtune_times_ms": [t * 1e3 for t in times["torchtune"]],
+                "gqa_tune_times_ms": [t * 1e3 for t in times["gqa_tune"]],
+            }
+            results.append(row)
+            print(
+                f"fill {fill:5d}: torchtune {tt_ms:8.3f} ms  gqa_tune {ours_ms:8.3f} ms  "
+                f"speedup {row['speedup']:5.2f}x  bound_ms {bound_ms:.3f}  ours/bound {row['ours_over_bound']:.2f}  "
+                f"(max |diff| {max_diff:.1e})"
+            )
+
+    print()
+    print(
+        f"Decode step, CPU float32, E={EMBED_DIM}, {NUM_HEADS}/{NUM_KV_HEADS} heads, head_dim {HEAD_DIM}, "
+        f"max_seq_len {MAX_SEQ_LEN}, batch 1, {args.threads} threads, median of {args.repeats}, "
+        f"copy bandwidth {bandwidth / 1e9:.1f} GB/s"
+    )
+    print()
+    print(
+        markdown_table(
+            ["fill", "torchtune ms", "gqa_tune ms", "speedup", "bound_ms", "ours/bound"],
+            [
+                [
+                    r["fill"],
+                    f"{r['torchtune_ms']:.3f}",
+                    f"{r['gqa_tune_ms']:.3f}",
+                    f"{r['speedup']:.2f}x",
+                    f"{r['bound_ms']:.3f}",
+                    f"{r['ours_over_bound']:.2f}",
+                ]
+                for r in results
+            ],
+        )
+    )
+    write_json(
+        args.json,
+        {
+            "benchmark": "decode",
+            "env": env,
+            "config": {
+                "embed_dim": EMBED_DIM,
+                "num_heads": NUM_HEADS,
+                "num_kv_heads": NUM_KV_HEADS,
+                "head_dim": HEAD_DIM,
+                "max_seq_len": MAX_SEQ_LEN,
+                "batch": 1,
+                "dtype": str(DTYPE),
+                "backend": args.backend,
+                "repeats": args.repeats,
+                "warmup": args.warmup,
+                "seed": args.seed,
+            },
+            "copy_bandwidth_bytes_per_s": bandwidth,
+            "weight_bytes": weight_bytes,
+            "results": results,
+        },
+    )
+
+
+if __name__ == "__main__":
+    main()
