@@ -80,28 +80,29 @@ def copy_bandwidth(nbytes: int = 256 * 2**20, repeats: int = 10, warmup: int = 2
     return [2 * src.numel() * src.element_size() / t for t in times]
 
 
-def saved_activation_bytes(fn: Callable[[], object], exclude: Sequence[torch.Tensor] = ()) -> Tuple[int, object]:
+def saved_activation_bytes(fn: Callable[[], object], module: nn.Module) -> Tuple[int, int, object]:
     """Run ``fn`` and sum the bytes of the distinct storages autograd saves for backward.
 
     Storages are deduplicated by ``untyped_storage().data_ptr()`` and counted
-    whole (a saved view keeps its whole storage alive). ``nn.Parameter``
-    storages and those of ``exclude`` (e.g. module buffers) are left out.
+    whole (a saved view keeps its whole storage alive). Storages of
+    ``module``'s parameters (also when saved as views, e.g. ``weight.t()``)
+    and buffers (e.g. the RoPE table) are left out: they are not activations.
 
     Returns:
-        (bytes, whatever ``fn`` returned).
+        (bytes, number of distinct storages, whatever ``fn`` returned).
     """
-    skip = {t.untyped_storage().data_ptr() for t in exclude}
+    skip = {t.untyped_storage().data_ptr() for t in (*module.parameters(), *module.buffers())}
     seen: Dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         ptr = t.untyped_storage().data_ptr()
-        if not isinstance(t, nn.Parameter) and ptr not in skip:
+        if ptr not in skip:
             seen[ptr] = t.untyped_storage().nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         result = fn()
-    return sum(seen.values()), result
+    return sum(seen.values()), len(seen), result
 
 
 def command_line() -> str:
@@ -116,12 +117,16 @@ def environment() -> Dict[str, object]:
         "cpu_count": os.cpu_count(),
         "cpu": platform.processor() or platform.machine(),
         "python": platform.python_version(),
+        "loadavg_1min": os.getloadavg()[0],
         "command": command_line(),
     }
 
 
 def print_environment(env: Dict[str, object]) -> None:
-    print(f"torch {env['torch']}, threads {env['threads']} (cpu_count {env['cpu_count']}), python {env['python']}")
+    print(
+        f"torch {env['torch']}, threads {env['threads']} (cpu_count {env['cpu_count']}), python {env['python']}, "
+        f"1-min load average at start {env['loadavg_1min']:.2f}"
+    )
     print(f"command: {env['command']}")
 
 

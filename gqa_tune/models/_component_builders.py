@@ -92,6 +92,22 @@ def gqa_mlp(embed_dim: int, intermediate_dim: int) -> FeedForward:
     )
 
 
+def init_from_scratch(model: nn.Module, std: float = 0.02) -> nn.Module:
+    """Initialize a decoder for training from scratch (GPT-2 style), in place.
+
+    Linear and embedding weights get ``N(0, std)``, biases zero; norms keep
+    their ones. torchtune's builders leave ``nn.Embedding`` at ``N(0, 1)``,
+    which is meant to be overwritten by a checkpoint and gives huge initial
+    logits when the output projection is tied to it.
+    """
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+    return model
+
+
 def gqa_decoder(
     *,
     vocab_size: int,

@@ -1,0 +1,173 @@
+"""The backend table and what ``backend="auto"`` picks for each kind of call."""
+
+import pytest
+import torch
+from torch.nn.attention.flex_attention import create_block_mask
+
+from gqa_tune.ops import BACKEND_NAMES, BACKENDS, attention_ref, scaled_dot_product_gqa
+from gqa_tune.ops.dispatch import auto_order, make_call, run_attention, select_backend
+
+
+def _causal(b, h, q_idx, kv_idx):
+    return q_idx >= kv_idx
+
+
+@pytest.fixture(scope="module")
+def block_mask():
+    return create_block_mask(_causal, None, None, 5, 7, device="cpu")
+
+
+def qkv(dtype=torch.float32, requires_grad=False):
+    q = torch.randn(2, 8, 5, 16, dtype=dtype, requires_grad=requires_grad)
+    k = torch.randn(2, 2, 7, 16, dtype=dtype)
+    v = torch.randn(2, 2, 7, 16, dtype=dtype)
+    return q, k, v
+
+
+def mask_of(kind, dtype, block_mask):
+    return {
+        "none": None,
+        "bool": torch.ones(5, 7, dtype=torch.bool),
+        "float": torch.zeros(2, 1, 5, 7, dtype=dtype),
+        "block": block_mask,
+    }[kind]
+
+
+def chosen(q, k, v, mask=None, dropout_p=0.0, need_weights=False, backend="auto"):
+    return select_backend(make_call(q, k, v, mask, dropout_p, need_weights), backend).name
+
+
+def test_backend_table():
+    assert BACKEND_NAMES == ("auto", "sdpa", "flex", "math", "triton")
+    assert set(BACKENDS) == {"sdpa", "flex", "math", "triton"}
+    assert all(b.name == name for name, b in BACKENDS.items())
+
+
+# ---------------------------------------------------------------- auto
+
+
+@pytest.mark.parametrize("kind", ["none", "bool", "float", "block"])
+def test_auto_picks_math_for_weights(kind, block_mask):
+    q, k, v = qkv()
+    assert chosen(q, k, v, mask_of(kind, q.dtype, block_mask), need_weights=True) == "math"
+
+
+@pytest.mark.parametrize("requires_grad", [False, True])
+@pytest.mark.parametrize("kind", ["none", "bool", "float"])
+def test_auto_picks_sdpa_for_dense_masks(kind, requires_grad):
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        q, k, v = qkv(dtype, requires_grad)
+        assert chosen(q, k, v, mask_of(kind, dtype, block_mask=None)) == "sdpa"
+        assert chosen(q, k, v, mask_of(kind, dtype, block_mask=None), dropout_p=0.1) == "sdpa"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_auto_picks_flex_for_block_mask_without_grad(dtype, block_mask):
+    q, k, v = qkv(dtype)
+    assert chosen(q, k, v, block_mask) == "flex"
+    q.requires_grad_(True)
+    with torch.no_grad():  # requires_grad does not count when autograd is off
+        assert chosen(q, k, v, block_mask) == "flex"
+
+
+def test_auto_block_mask_with_grad_on_cpu_picks_sdpa(block_mask):
+    q, k, v = qkv(requires_grad=True)
+    assert chosen(q, k, v, block_mask) == "sdpa"
+    q, k, v = qkv()
+    v.requires_grad_(True)  # any of q, k, v
+    assert chosen(q, k, v, block_mask) == "sdpa"
+
+
+def test_auto_block_mask_float64_on_cpu_picks_sdpa(block_mask):
+    q, k, v = qkv(torch.float64)
+    assert chosen(q, k, v, block_mask) == "sdpa"
+
+
+def test_auto_block_mask_with_dropout_picks_sdpa(block_mask):
+    q, k, v = qkv()
+    assert chosen(q, k, v, block_mask, dropout_p=0.1) == "sdpa"
+
+
+def test_auto_order():
+    q, k, v = qkv()
+    assert auto_order(make_call(q, k, v, None, 0.0, True)) == ("math",)
+    assert auto_order(make_call(q, k, v, None, 0.0, False)) == ("sdpa", "math")
+    assert auto_order(make_call(q, k, v, torch.ones(5, 7, dtype=torch.bool), 0.0, False)) == ("sdpa", "math")
+
+
+def test_make_call(block_mask):
+    q, k, v = qkv()
+    call = make_call(q, k, v, None, 0.25, False)
+    assert (call.device.type, call.dtype, call.dropout_p, call.need_weights, call.needs_grad) == (
+        "cpu", torch.float32, 0.25, False, False
+    )
+    k.requires_grad_(True)
+    assert make_call(q, k, v, None, 0.0, False).needs_grad
+    with torch.no_grad():
+        assert not make_call(q, k, v, None, 0.0, False).needs_grad
+    kinds = [make_call(q, k, v, mask_of(kind, q.dtype, block_mask), 0.0, False).mask_kind for kind in
+             ("none", "bool", "float", "block")]
+    assert kinds == ["none", "bool", "float", "block"]
+
+
+# ---------------------------------------------------------------- explicit backends
+
+
+@pytest.mark.parametrize("kind", ["none", "bool", "float", "block"])
+def test_explicit_sdpa_and_math_serve_any_call_without_weights(kind, block_mask):
+    q, k, v = qkv(requires_grad=True)
+    mask = mask_of(kind, q.dtype, block_mask)
+    assert chosen(q, k, v, mask, backend="sdpa") == "sdpa"
+    assert chosen(q, k, v, mask, dropout_p=0.2, need_weights=True, backend="math") == "math"
+
+
+@pytest.mark.parametrize(
+    "backend,kwargs,reason",
+    [
+        pytest.param("flex", dict(mask="bool"), "it takes a BlockMask, not a dense tensor mask", id="flex-bool"),
+        pytest.param("flex", dict(mask="float"), "it takes a BlockMask, not a dense tensor mask", id="flex-float"),
+        pytest.param("flex", dict(mask="block", dropout_p=0.1), "it has no dropout (dropout_p=0.1)", id="flex-dropout"),
+        pytest.param("flex", dict(mask="block", grad=True), "no backward on CPU", id="flex-grad"),
+        pytest.param("flex", dict(dtype=torch.float64), "does not support float64", id="flex-float64"),
+        pytest.param("flex", dict(need_weights=True), "cannot return attention weights", id="flex-weights"),
+        pytest.param("sdpa", dict(need_weights=True), "cannot return attention weights", id="sdpa-weights"),
+        pytest.param("triton", {}, "not implemented", id="triton"),
+        pytest.param("triton", dict(mask="block"), "not implemented", id="triton-block"),
+    ],
+)
+def test_explicit_backend_that_cannot_serve_raises(backend, kwargs, reason, block_mask):
+    q, k, v = qkv(kwargs.get("dtype", torch.float32), kwargs.get("grad", False))
+    mask = mask_of(kwargs.get("mask", "none"), q.dtype, block_mask)
+    with pytest.raises(ValueError, match=rf"backend='{backend}' cannot run this call: .*{reason}") as info:
+        chosen(q, k, v, mask, kwargs.get("dropout_p", 0.0), kwargs.get("need_weights", False), backend)
+    assert reason in str(info.value)
+
+
+def test_triton_raises_value_error_through_the_op():
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match="Triton kernels are not implemented"):
+        scaled_dot_product_gqa(q, k, v, backend="triton")
+    with pytest.raises(ValueError, match="Triton kernels are not implemented"):
+        run_attention(q, k, v, backend="triton")
+
+
+@pytest.mark.parametrize("name", ["cuda", "SDPA", "", "flash"])
+def test_unknown_backend_raises_with_choices(name):
+    q, k, v = qkv()
+    message = f"unknown attention backend {name!r}; choose one of auto, sdpa, flex, math, triton"
+    with pytest.raises(ValueError) as info:
+        select_backend(make_call(q, k, v, None, 0.0, False), name)
+    assert str(info.value) == message
+    with pytest.raises(ValueError, match="unknown attention backend"):
+        scaled_dot_product_gqa(q, k, v, backend=name)
+
+
+@pytest.mark.parametrize("backend", ["auto", "sdpa", "math"])
+def test_run_attention_matches_reference(backend):
+    q, k, v = qkv(torch.float64)
+    mask = torch.rand(2, 1, 5, 7) < 0.7
+    mask[..., 0] = True
+    out = run_attention(q, k, v, mask=mask, scale=0.3, backend=backend)
+    torch.testing.assert_close(out, attention_ref(q, k, v, mask=mask, scale=0.3)[0], atol=1e-12, rtol=0)
+    out = run_attention(q, k, v, is_causal=True, backend=backend)
+    torch.testing.assert_close(out, attention_ref(q, k, v, is_causal=True)[0], atol=1e-12, rtol=0)
