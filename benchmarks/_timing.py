@@ -53,18 +53,38 @@ def build_pair(
     return tt, ours
 
 
-def time_interleaved(cases: Dict[str, Case], repeats: int, warmup: int) -> Dict[str, List[float]]:
-    """Seconds per call for each case; the cases take turns, ``warmup`` untimed rounds first."""
+def time_interleaved(
+    cases: Dict[str, Case], repeats: int, warmup: int, order: str = "interleaved"
+) -> Dict[str, List[float]]:
+    """Seconds per call for each case, ``warmup`` untimed calls first.
+
+    ``order="interleaved"``: the cases take turns (A, B, A, B, ...), so slow
+    drifts on a shared machine hit both alike, and each call finds the CPU
+    caches as the other case left them. ``order="blocked"``: all of A's calls,
+    then all of B's, so each case runs in its own steady state.
+    """
+    if order not in ("interleaved", "blocked"):
+        raise ValueError(f"order must be 'interleaved' or 'blocked', got {order!r}")
     times: Dict[str, List[float]] = {name: [] for name in cases}
-    for round_idx in range(warmup + repeats):
-        for name, (fn, cleanup) in cases.items():
-            start = time.perf_counter()
-            fn()
-            elapsed = time.perf_counter() - start
-            if cleanup is not None:
-                cleanup()
-            if round_idx >= warmup:
-                times[name].append(elapsed)
+
+    def run(name: str, round_idx: int) -> None:
+        fn, cleanup = cases[name]
+        start = time.perf_counter()
+        fn()
+        elapsed = time.perf_counter() - start
+        if cleanup is not None:
+            cleanup()
+        if round_idx >= warmup:
+            times[name].append(elapsed)
+
+    if order == "interleaved":
+        for round_idx in range(warmup + repeats):
+            for name in cases:
+                run(name, round_idx)
+    else:
+        for name in cases:
+            for round_idx in range(warmup + repeats):
+                run(name, round_idx)
     return times
 
 

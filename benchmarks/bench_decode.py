@@ -11,7 +11,8 @@ bound_ms = (bytes of the four projection weights + bytes of the filled K/V)
 / copy bandwidth, the best of 20 copies of a 256 MiB tensor (read + write
 bytes) taken before and after the decode runs.
 
-Usage: python benchmarks/bench_decode.py [--fills 128 1024 4000] [--repeats 30] [--threads N] [--json PATH]
+Usage: python benchmarks/bench_decode.py [--fills 128 1024 4000] [--repeats 50] [--threads N]
+       [--order interleaved|blocked] [--json PATH]
 """
 
 import argparse
@@ -65,11 +66,18 @@ def fill_of(cache: nn.Module) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--fills", type=int, nargs="+", default=[128, 1024, 4000], help="cache fill levels")
-    parser.add_argument("--repeats", type=int, default=30, help="timed steps per module and fill")
+    parser.add_argument("--repeats", type=int, default=50, help="timed steps per module and fill")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps per module and fill first")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads")
     parser.add_argument("--backend", default="auto", help="gqa_tune attention backend")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--order",
+        choices=["interleaved", "blocked"],
+        default="interleaved",
+        help="interleaved: the two modules take turns (each step finds caches as the other left them); "
+        "blocked: all torchtune steps, then all gqa_tune steps (each in its own steady state)",
+    )
     parser.add_argument("--json", metavar="PATH", help="also write the results here as JSON")
     args = parser.parse_args()
     if any(not 0 <= f < MAX_SEQ_LEN for f in args.fills):
@@ -130,8 +138,12 @@ def main() -> None:
                 },
                 repeats=args.repeats,
                 warmup=args.warmup,
+                order=args.order,
             )
             assert fill_of(tt.kv_cache) == fill_of(ours.kv_cache) == ours.kv_cache.size == fill
+            for attn, ref in ((tt, out_tt), (ours, out_ours)):  # the repetitions left the cache as it was
+                torch.testing.assert_close(step(attn), ref, rtol=0, atol=0)
+                rewind(attn.kv_cache)
 
             tt_ms, ours_ms = median_ms(times["torchtune"]), median_ms(times["gqa_tune"])
             results.append(
@@ -165,7 +177,7 @@ def main() -> None:
     print()
     print(
         f"Decode step, CPU float32, E={EMBED_DIM}, {NUM_HEADS}/{NUM_KV_HEADS} heads, head_dim {HEAD_DIM}, "
-        f"max_seq_len {MAX_SEQ_LEN}, batch 1, {args.threads} threads, median of {args.repeats}, "
+        f"max_seq_len {MAX_SEQ_LEN}, batch 1, {args.threads} threads, median of {args.repeats}, {args.order}, "
         f"copy bandwidth {bandwidth / 1e9:.1f} GB/s"
     )
     print()
@@ -202,6 +214,7 @@ def main() -> None:
                 "repeats": args.repeats,
                 "warmup": args.warmup,
                 "seed": args.seed,
+                "order": args.order,
             },
             "copy_bandwidth_bytes_per_s": bandwidth,
             "copy_bandwidth_samples": bandwidths,

@@ -77,8 +77,10 @@ def main(argv=None) -> None:
     rng = random.Random(args.seed)
     model = init_from_scratch(gqa_tiny())
     attn = model.layers[0].attn
-    print(f"gqa_tiny: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
-          f"{attn.num_heads} query heads sharing {attn.num_kv_heads} kv heads, {len(model.layers)} layers")
+    print(
+        f"gqa_tiny: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+        f"{attn.num_heads} query heads sharing {attn.num_kv_heads} kv heads, {len(model.layers)} layers"
+    )
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=args.steps, pct_start=0.1)
     first = None

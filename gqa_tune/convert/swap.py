@@ -59,9 +59,7 @@ def swap_attention(model: nn.Module, backend: str = "auto") -> int:
     Returns:
         int: how many modules were replaced.
     """
-    targets = [
-        (name, module) for name, module in model.named_modules() if isinstance(module, TorchtuneMHA)
-    ]
+    targets = [(name, module) for name, module in model.named_modules() if isinstance(module, TorchtuneMHA)]
     if targets and targets[0][0] == "":
         raise ValueError("model is itself a torchtune MultiHeadAttention; use from_torchtune_attention(model)")
     for name, module in targets:

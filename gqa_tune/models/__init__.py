@@ -3,4 +3,12 @@
 from gqa_tune.models._component_builders import gqa_attention, gqa_decoder, gqa_mlp, init_from_scratch
 from gqa_tune.models._model_builders import BYTE_VOCAB_SIZE, gqa_llama3_2_1b, gqa_tiny
 
-__all__ = ["BYTE_VOCAB_SIZE", "gqa_attention", "gqa_decoder", "gqa_llama3_2_1b", "gqa_mlp", "gqa_tiny", "init_from_scratch"]
+__all__ = [
+    "BYTE_VOCAB_SIZE",
+    "gqa_attention",
+    "gqa_decoder",
+    "gqa_llama3_2_1b",
+    "gqa_mlp",
+    "gqa_tiny",
+    "init_from_scratch",
+]

@@ -66,13 +66,9 @@ def check_gqa_inputs(
     if attn_mask.is_floating_point() and attn_mask.dtype != query.dtype:
         raise ValueError(f"a float attn_mask must have the query's dtype {query.dtype}, got {attn_mask.dtype}")
     target = (b, n_h, s_q, s_kv)
-    fits = attn_mask.dim() <= 4 and all(
-        m in (1, t) for m, t in zip(reversed(attn_mask.shape), reversed(target))
-    )
+    fits = attn_mask.dim() <= 4 and all(m in (1, t) for m, t in zip(reversed(attn_mask.shape), reversed(target)))
     if not fits:
-        raise ValueError(
-            f"attn_mask of shape {_shape(attn_mask)} does not broadcast to (b, n_h, s_q, s_kv) = {target}"
-        )
+        raise ValueError(f"attn_mask of shape {_shape(attn_mask)} does not broadcast to (b, n_h, s_q, s_kv) = {target}")
 
 
 def scaled_dot_product_gqa(
@@ -123,9 +119,18 @@ def scaled_dot_product_gqa(
     check_gqa_inputs(query, key, value, attn_mask, dropout_p, is_causal)
     call = make_call(query, key, value, attn_mask, dropout_p, need_weights)
     chosen = select_backend(call, backend)
+    if isinstance(attn_mask, torch.Tensor) and attn_mask.dim() < 4:
+        # Broadcasting as torch defines it, made explicit: every backend sees a 4-D mask.
+        attn_mask = attn_mask.view((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
     if need_weights:
         return attention_ref(
-            query, key, value, mask=attn_mask, scale=scale, is_causal=is_causal,
-            dropout_p=dropout_p, return_weights=True,
+            query,
+            key,
+            value,
+            mask=attn_mask,
+            scale=scale,
+            is_causal=is_causal,
+            dropout_p=dropout_p,
+            return_weights=True,
         )
     return chosen.fn(query, key, value, mask=attn_mask, scale=scale, is_causal=is_causal, dropout_p=dropout_p)

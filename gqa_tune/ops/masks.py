@@ -25,19 +25,27 @@ def bottom_right_causal(s_q: int, s_kv: int, device: torch.device) -> torch.Tens
     return torch.ones(s_q, s_kv, dtype=torch.bool, device=device).tril(diagonal=s_kv - s_q)
 
 
-def block_mask_to_dense(block_mask: BlockMask, s_q: int, s_kv: int, device: torch.device) -> torch.Tensor:
-    """Materialize a ``BlockMask`` as a bool ``[B, H, s_q, s_kv]`` tensor.
+def _expand_blocks(blocks: torch.Tensor, block_size: tuple, s_q: int, s_kv: int) -> torch.Tensor:
+    """Block-level ``[B, H, n_q_blocks, n_kv_blocks]`` -> element-level ``[B, H, s_q, s_kv]``."""
+    blocks = blocks.bool().repeat_interleave(block_size[0], dim=2)[:, :, :s_q]
+    return blocks.repeat_interleave(block_size[1], dim=3)[:, :, :, :s_kv]
 
-    The element-level mask is ``mask_mod`` evaluated everywhere, restricted to
-    the blocks the ``BlockMask`` keeps (blocks it drops are never attended).
+
+def block_mask_to_dense(block_mask: BlockMask, s_q: int, s_kv: int, device: torch.device) -> torch.Tensor:
+    """Materialize a ``BlockMask`` as a bool ``[B, H, s_q, s_kv]`` tensor, as flex reads it.
+
+    Full blocks are attended entirely, partial blocks where ``mask_mod`` says
+    so, and blocks the ``BlockMask`` leaves out never.
     """
     batch, heads = block_mask.shape[0], block_mask.shape[1]
-    dense = create_mask(block_mask.mask_mod, batch, heads, s_q, s_kv, device=device)
-    q_block, kv_block = block_mask.BLOCK_SIZE
-    kept = block_mask.to_dense().to(device).bool()  # [B, H, n_q_blocks, n_kv_blocks]
-    kept = kept.repeat_interleave(q_block, dim=2)[:, :, :s_q]
-    kept = kept.repeat_interleave(kv_block, dim=3)[:, :, :, :s_kv]
-    return dense & kept
+    size = tuple(block_mask.BLOCK_SIZE)
+    partial_blocks = BlockMask.from_kv_blocks(
+        block_mask.kv_num_blocks, block_mask.kv_indices, BLOCK_SIZE=size, seq_lengths=(s_q, s_kv)
+    ).to_dense()
+    full_blocks = block_mask.to_dense().bool() & ~partial_blocks.bool()
+    mod = create_mask(block_mask.mask_mod, batch, heads, s_q, s_kv, device=device)
+    partial = _expand_blocks(partial_blocks.to(device), size, s_q, s_kv)
+    return _expand_blocks(full_blocks.to(device), size, s_q, s_kv) | (partial & mod)
 
 
 def dense_mask(

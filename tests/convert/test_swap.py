@@ -10,8 +10,9 @@ from gqa_tune.modules import MultiHeadAttention
 
 
 def small_llama():
-    return llama3_2(vocab_size=96, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=64,
-                    max_seq_len=64, intermediate_dim=128).eval()
+    return llama3_2(
+        vocab_size=96, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=64, max_seq_len=64, intermediate_dim=128
+    ).eval()
 
 
 def test_swap_keeps_outputs_weights_and_state_dict():
@@ -46,8 +47,11 @@ def test_swap_carries_a_filled_cache():
     model = small_llama()
     with torch.no_grad():
         model.setup_caches(batch_size=1, dtype=torch.float32, decoder_max_seq_len=16)
-        model(torch.randint(0, 96, (1, 5)), mask=torch.ones(1, 5, 16, dtype=torch.bool).tril(),
-              input_pos=torch.arange(5)[None])
+        model(
+            torch.randint(0, 96, (1, 5)),
+            mask=torch.ones(1, 5, 16, dtype=torch.bool).tril(),
+            input_pos=torch.arange(5)[None],
+        )
     old = model.layers[0].attn.kv_cache
     swap_attention(model, backend="math")
     new = model.layers[0].attn

@@ -49,8 +49,9 @@ def test_attention_builder_options():
     ],
 )
 def test_decoder_builder_rejects_bad_values(overrides, message):
-    kwargs = dict(vocab_size=50, num_layers=1, num_heads=4, num_kv_heads=2, embed_dim=32,
-                  intermediate_dim=64, max_seq_len=64)
+    kwargs = dict(
+        vocab_size=50, num_layers=1, num_heads=4, num_kv_heads=2, embed_dim=32, intermediate_dim=64, max_seq_len=64
+    )
     kwargs.update(overrides)
     with pytest.raises(ValueError, match=message):
         gqa_decoder(**kwargs)
@@ -65,8 +66,16 @@ def greedy_without_cache(model, prompt, steps):
 
 
 def test_torchtune_generate_with_caches_matches_no_cache_greedy():
-    model = gqa_decoder(vocab_size=64, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=32,
-                        intermediate_dim=64, max_seq_len=64, qk_norm=True).eval()
+    model = gqa_decoder(
+        vocab_size=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        embed_dim=32,
+        intermediate_dim=64,
+        max_seq_len=64,
+        qk_norm=True,
+    ).eval()
     prompt = torch.randint(0, 64, (2, 7))
     with torch.no_grad():
         expected = greedy_without_cache(model, prompt, 10)

@@ -16,8 +16,17 @@ from gqa_tune.modules import MultiHeadAttention
 E, MAX_LEN = 64, 32
 
 
-def make_pair(num_heads=8, num_kv_heads=2, head_dim=None, *, rope=True, qk_norm=False, is_causal=True,
-              bias=False, dtype=torch.float32):
+def make_pair(
+    num_heads=8,
+    num_kv_heads=2,
+    head_dim=None,
+    *,
+    rope=True,
+    qk_norm=False,
+    is_causal=True,
+    bias=False,
+    dtype=torch.float32,
+):
     """A torchtune MHA and ours with identical (but separate) weights."""
     head_dim = head_dim or E // num_heads
     tt = TorchtuneMHA(
@@ -113,8 +122,9 @@ def test_cached_prefill_and_decode_match_torchtune(num_heads, num_kv_heads):
 
 @pytest.mark.parametrize("num_heads,num_kv_heads", HEADS, ids=["mha", "gqa", "mqa"])
 def test_decode_without_mask_or_positions_equals_full_forward(num_heads, num_kv_heads):
-    attn = gqa_attention(embed_dim=E, num_heads=num_heads, num_kv_heads=num_kv_heads, max_seq_len=MAX_LEN,
-                         qk_norm=True).eval()
+    attn = gqa_attention(
+        embed_dim=E, num_heads=num_heads, num_kv_heads=num_kv_heads, max_seq_len=MAX_LEN, qk_norm=True
+    ).eval()
     seq = torch.randn(3, 15, E)
     with torch.no_grad():
         full = attn(seq, seq)
@@ -181,9 +191,16 @@ def test_compiled_decode_step_matches_eager_without_recompiles():
 
 
 def _build(**overrides):
-    kwargs = dict(embed_dim=E, num_heads=8, num_kv_heads=2, head_dim=8,
-                  q_proj=nn.Linear(E, 64), k_proj=nn.Linear(E, 16), v_proj=nn.Linear(E, 16),
-                  output_proj=nn.Linear(64, E))
+    kwargs = dict(
+        embed_dim=E,
+        num_heads=8,
+        num_kv_heads=2,
+        head_dim=8,
+        q_proj=nn.Linear(E, 64),
+        k_proj=nn.Linear(E, 16),
+        v_proj=nn.Linear(E, 16),
+        output_proj=nn.Linear(64, E),
+    )
     kwargs.update(overrides)
     return MultiHeadAttention(**kwargs)
 
@@ -191,10 +208,14 @@ def _build(**overrides):
 @pytest.mark.parametrize(
     "overrides,message",
     [
-        (dict(num_kv_heads=3, k_proj=nn.Linear(E, 24), v_proj=nn.Linear(E, 24)),
-         r"num_heads \(8\) must be divisible by num_kv_heads \(3\)"),
-        (dict(embed_dim=60, q_proj=nn.Linear(60, 64), k_proj=nn.Linear(60, 16), v_proj=nn.Linear(60, 16)),
-         r"embed_dim \(60\) must be divisible by num_heads \(8\)"),
+        (
+            dict(num_kv_heads=3, k_proj=nn.Linear(E, 24), v_proj=nn.Linear(E, 24)),
+            r"num_heads \(8\) must be divisible by num_kv_heads \(3\)",
+        ),
+        (
+            dict(embed_dim=60, q_proj=nn.Linear(60, 64), k_proj=nn.Linear(60, 16), v_proj=nn.Linear(60, 16)),
+            r"embed_dim \(60\) must be divisible by num_heads \(8\)",
+        ),
         (dict(attn_dropout=1.5), r"attn_dropout \(1.5\)"),
         (dict(attn_dropout=-0.1), r"attn_dropout \(-0.1\)"),
         (dict(q_norm=RMSNorm(8)), "q_norm and k_norm must be set together"),
@@ -232,8 +253,10 @@ def _filled_cache_module():
 
 @pytest.mark.parametrize(
     "batch,length,message",
-    [(2, 3, "cannot write 3 positions: 6 of max_seq_len 8 are filled"),
-     (3, 1, "batch size 3 is larger than the cache's batch_size 2")],
+    [
+        (2, 3, "cannot write 3 positions: 6 of max_seq_len 8 are filled"),
+        (3, 1, "batch size 3 is larger than the cache's batch_size 2"),
+    ],
 )
 def test_rejected_cache_write_leaves_cache_unchanged(batch, length, message):
     attn = _filled_cache_module()

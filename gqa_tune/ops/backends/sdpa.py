@@ -39,6 +39,3 @@ def sdpa_limits(call) -> "str | None":
     if call.need_weights:
         return "it cannot return attention weights (use backend='math')"
     return None
-
-
-
