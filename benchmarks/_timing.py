@@ -22,6 +22,10 @@ from torchtune.modules import RotaryPositionalEmbeddings
 from gqa_tune.convert.swap import from_torchtune_attention
 from gqa_tune.modules.attention import MultiHeadAttention
 
+#: The shape both benchmarks use (Llama-3.2-1B-like attention), float32 on CPU.
+EMBED_DIM, NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, MAX_SEQ_LEN = 2048, 32, 8, 64, 4096
+DTYPE = torch.float32
+
 Case = Tuple[Callable[[], object], Optional[Callable[[], None]]]  # (timed call, untimed cleanup after it)
 
 

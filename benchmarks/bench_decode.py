@@ -20,6 +20,12 @@ import statistics
 
 import torch
 from _timing import (
+    DTYPE,
+    EMBED_DIM,
+    HEAD_DIM,
+    MAX_SEQ_LEN,
+    NUM_HEADS,
+    NUM_KV_HEADS,
     build_pair,
     copy_bandwidth,
     environment,
@@ -32,9 +38,6 @@ from _timing import (
 from torch import nn
 
 from gqa_tune.modules.kv_cache import KVCache as GQAKVCache
-
-EMBED_DIM, NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, MAX_SEQ_LEN = 2048, 32, 8, 64, 4096
-DTYPE = torch.float32
 
 
 def set_fill(cache: nn.Module, k: torch.Tensor, v: torch.Tensor) -> None:

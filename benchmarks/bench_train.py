@@ -19,6 +19,12 @@ import argparse
 
 import torch
 from _timing import (
+    DTYPE,
+    EMBED_DIM,
+    HEAD_DIM,
+    MAX_SEQ_LEN,
+    NUM_HEADS,
+    NUM_KV_HEADS,
     build_pair,
     environment,
     markdown_table,
@@ -28,9 +34,6 @@ from _timing import (
     time_interleaved,
     write_json,
 )
-
-EMBED_DIM, NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, MAX_SEQ_LEN = 2048, 32, 8, 64, 4096
-DTYPE = torch.float32
 
 
 def main() -> None:
