@@ -2,8 +2,8 @@
 
 from gqa_tune.convert.swap import swap_attention
 from gqa_tune.modules import KVCache, MultiHeadAttention
-from gqa_tune.ops import attention_ref, scaled_dot_product_gqa
+from gqa_tune.ops import attention_ref, flash_decode_gqa, scaled_dot_product_gqa
 
 __version__ = "0.1.0"
 
-__all__ = ["KVCache", "MultiHeadAttention", "attention_ref", "scaled_dot_product_gqa", "swap_attention", "__version__"]
+__all__ = ["KVCache", "MultiHeadAttention", "attention_ref", "flash_decode_gqa", "scaled_dot_product_gqa", "swap_attention", "__version__"]

@@ -1,7 +1,8 @@
 """Functional attention op, backend dispatch and backends."""
 
 from gqa_tune.ops.backends.math import attention_ref
+from gqa_tune.ops.decode import flash_decode_gqa
 from gqa_tune.ops.dispatch import BACKEND_NAMES, BACKENDS, select_backend
 from gqa_tune.ops.functional import scaled_dot_product_gqa
 
-__all__ = ["BACKENDS", "BACKEND_NAMES", "attention_ref", "scaled_dot_product_gqa", "select_backend"]
+__all__ = ["BACKENDS", "BACKEND_NAMES", "attention_ref", "flash_decode_gqa", "scaled_dot_product_gqa", "select_backend"]

@@ -6,7 +6,7 @@ backend    what it is
 sdpa       ``F.scaled_dot_product_attention(..., enable_gqa=True)``
 flex       compiled ``flex_attention`` (``BlockMask`` or causal)
 math       float32 reference, the only one that returns weights
-triton     slot for the GQA Triton kernels (not implemented yet)
+triton     gqa_tune's flash attention kernels (GQA-native, fwd + bwd)
 =========  ===========================================================
 
 ``"auto"`` walks :data:`AUTO_ORDER` and takes the first backend whose limits
@@ -33,6 +33,7 @@ class AttentionCall:
 
     device: torch.device
     dtype: torch.dtype
+    head_dim: int
     mask: Optional[MaskType]
     dropout_p: float
     need_weights: bool
@@ -75,6 +76,9 @@ def auto_order(call: AttentionCall) -> tuple:
         # flex reads the BlockMask natively; where it cannot (CPU training),
         # SDPA takes the mask materialized from its mask_mod.
         return ("flex", "sdpa", "math")
+    if call.device.type == "cuda":
+        # Our kernels where they serve the call (no mask, causal, bool masks).
+        return ("triton", "sdpa", "math")
     return ("sdpa", "math")
 
 
@@ -85,7 +89,7 @@ def check_backend_name(backend: str) -> None:
 
 def make_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, dropout_p: float, need_weights: bool):
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    return AttentionCall(q.device, q.dtype, mask, dropout_p, need_weights, needs_grad)
+    return AttentionCall(q.device, q.dtype, q.shape[-1], mask, dropout_p, need_weights, needs_grad)
 
 
 def select_backend(call: AttentionCall, backend: str = "auto") -> Backend:

@@ -1,13 +1,58 @@
-"""Slot for the ``"triton"`` backend (GQA-native Triton kernels).
+"""The ``"triton"`` backend: gqa_tune's flash attention kernels with grouped K/V.
 
-The kernels are not part of this release; until they land this backend
-declines every call with a message saying so, and ``"auto"`` never picks it.
+Serves: no mask, ``is_causal`` (torch's top-left alignment), bool masks;
+fp16/bf16/fp32; forward and backward. Declines (``"auto"`` then moves on):
+additive float masks, ``BlockMask``, dropout, attention weights, and
+devices where the kernels cannot run (CPU needs ``TRITON_INTERPRET=1`` set
+before gqa_tune's kernels are first imported). Triton is imported on first use.
 """
+
+import importlib.util
+from typing import Optional
+
+import torch
+
+_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 256
+
+
+def _kernels():
+    from gqa_tune.kernels.triton import ops
+
+    return ops
+
+
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def device_problem(device: torch.device) -> Optional[str]:
+    """Why the kernels cannot run on ``device`` in this process, or ``None``."""
+    if not triton_available():
+        return "triton is not installed (pip install 'gqa_tune[triton]')"
+    from gqa_tune.kernels.triton._common import runtime_problem
+
+    return runtime_problem(device)
 
 
 def triton_backend(q, k, v, *, mask, scale, is_causal, dropout_p):
-    raise NotImplementedError("the 'triton' backend has no kernels yet")
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if mask is not None and mask.dim() < 4:
+        mask = mask.view((1,) * (4 - mask.dim()) + tuple(mask.shape))
+    out, _ = _kernels().flash_attn(q, k, v, mask, scale, is_causal, 0)
+    return out
 
 
-def triton_limits(call) -> "str | None":
-    return "the Triton kernels are not implemented in this version of gqa_tune"
+def triton_limits(call) -> Optional[str]:
+    """Why ``"triton"`` cannot serve ``call``, or ``None``."""
+    if call.need_weights:
+        return "it cannot return attention weights (use backend='math')"
+    if call.dropout_p > 0.0:
+        return f"it has no dropout (dropout_p={call.dropout_p})"
+    if call.mask_kind not in ("none", "bool"):
+        return f"it takes no mask, is_causal or a bool mask, not a {call.mask_kind} mask"
+    if call.dtype not in _SUPPORTED_DTYPES:
+        return f"it supports float16, bfloat16 and float32, not {call.dtype}"
+    if call.head_dim > MAX_HEAD_DIM:
+        return f"head_dim {call.head_dim} is above {MAX_HEAD_DIM}"
+    return device_problem(call.device)

@@ -1,0 +1,177 @@
+"""Split-K decoding over a KV cache (flash-decoding), grouped-query native.
+
+Stage 1: program ``(split, b * n_kv)`` packs the ``G`` query heads of one kv
+group times the ``s_q`` new positions into the rows of one tile, reads its
+slice of that kv head's cache once, and writes a partial output and its
+log-sum-exp. Stage 2 merges the splits of each row by log-sum-exp.
+
+Rows of batch ``b`` see cache positions ``< cache_seqlens[b]``; with
+``causal``, new position ``i`` (of ``s_q``) sits at ``cache_seqlens[b] - s_q + i``
+and sees keys up to there. An optional bool ``mask`` ``[b, s_q, max_len]``
+(torchtune's decoding mask) further restricts them.
+"""
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from gqa_tune.kernels.triton._common import INTERPRET, head_block, next_pow2
+from gqa_tune.kernels.triton.flash_attn import dot_precision, mma
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _decode_split_kernel(
+    Q, K, V, SEQLENS, MASK, OPART, LPART,
+    sqb, sqh, sqm, sqd,
+    skb, skh, skn, skd,
+    svb, svh, svn, svd,
+    smb, smm, smn,
+    n_kv, s_q, head_dim, chunk, n_splits, qk_scale,
+    GROUP: tl.constexpr, SQ_PAD: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    pid_s = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // n_kv
+    kvh = pid_bh % n_kv
+    rows = tl.arange(0, ROWS)
+    g = rows // SQ_PAD
+    i = rows % SQ_PAD
+    h = kvh * GROUP + g
+    row_ok = (g < GROUP) & (i < s_q)
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < head_dim
+    seqlen = tl.load(SEQLENS + b)
+
+    q = tl.load(
+        Q + b * sqb + h[:, None] * sqh + i[:, None] * sqm + d[None, :] * sqd,
+        mask=row_ok[:, None] & d_ok[None, :],
+        other=0.0,
+    )
+    m_i = tl.full([ROWS], float("-inf"), tl.float32)
+    l_i = tl.zeros([ROWS], tl.float32)
+    acc = tl.zeros([ROWS, BLOCK_D], tl.float32)
+    start = pid_s * chunk
+    end = tl.minimum(start + chunk, seqlen)
+    for start_n in range(start, end, BLOCK_N):
+        n = start_n + tl.arange(0, BLOCK_N)
+        n_ok = n < end
+        kt = tl.load(
+            K + b * skb + kvh * skh + n[None, :] * skn + d[:, None] * skd,
+            mask=n_ok[None, :] & d_ok[:, None],
+            other=0.0,
+        )
+        s = mma(q, kt, PREC)
+        s = s * qk_scale
+        allowed = row_ok[:, None] & n_ok[None, :]
+        if CAUSAL:
+            allowed = allowed & (n[None, :] <= seqlen - s_q + i[:, None])
+        if HAS_MASK:
+            keep = tl.load(
+                MASK + b * smb + i[:, None] * smm + n[None, :] * smn,
+                mask=row_ok[:, None] & n_ok[None, :],
+                other=0,
+            )
+            allowed = allowed & (keep != 0)
+        s = tl.where(allowed, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(
+            V + b * svb + kvh * svh + n[:, None] * svn + d[None, :] * svd,
+            mask=n_ok[:, None] & d_ok[None, :],
+            other=0.0,
+        )
+        pv = mma(p.to(v.dtype), v, PREC)
+        acc = acc * alpha[:, None] + pv
+        m_i = m_new
+
+    dead = l_i == 0.0
+    part = (pid_bh * n_splits + pid_s) * ROWS + rows  # OPART [b*n_kv, n_splits, ROWS, BLOCK_D]
+    tl.store(OPART + part[:, None] * BLOCK_D + d[None, :], acc / tl.where(dead, 1.0, l_i)[:, None])
+    tl.store(LPART + part, tl.where(dead, float("-inf"), m_i + tl.math.log2(tl.where(dead, 1.0, l_i))))
+
+
+@triton.jit
+def _decode_merge_kernel(
+    OPART, LPART, O,
+    sob, soh, som, sod,
+    n_kv, s_q, head_dim, n_splits,
+    GROUP: tl.constexpr, SQ_PAD: tl.constexpr, ROWS: tl.constexpr, SPLITS_PAD: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """One program per (row, b * n_kv): log-sum-exp merge of that row's splits."""
+    row = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    g = row // SQ_PAD
+    i = row % SQ_PAD
+    if (g < GROUP) & (i < s_q):
+        b = pid_bh // n_kv
+        h = (pid_bh % n_kv) * GROUP + g
+        sp = tl.arange(0, SPLITS_PAD)
+        sp_ok = sp < n_splits
+        d = tl.arange(0, BLOCK_D)
+        part = (pid_bh * n_splits + sp) * ROWS + row
+        lse = tl.load(LPART + part, mask=sp_ok, other=float("-inf"))
+        top = tl.max(lse, 0)
+        top_safe = tl.where(top == float("-inf"), 0.0, top)
+        w = tl.math.exp2(lse - top_safe)  # 0 for empty splits
+        o = tl.load(OPART + part[:, None] * BLOCK_D + d[None, :], mask=sp_ok[:, None], other=0.0)
+        total = tl.sum(w, 0)
+        out = tl.sum(o * w[:, None], 0) / tl.where(total == 0.0, 1.0, total)
+        tl.store(O + b * sob + h * soh + i * som + d * sod, out.to(O.dtype.element_ty), mask=d < head_dim)
+
+
+def _num_splits(batch_heads: int, max_len: int, block_n: int, device: torch.device) -> int:
+    if INTERPRET:
+        target = 4
+    else:
+        target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    most = triton.cdiv(max_len, block_n)
+    return max(1, min(most, triton.cdiv(target, batch_heads)))
+
+
+def flash_decode_triton(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    mask: Optional[torch.Tensor],
+    scale: float,
+    causal: bool,
+) -> torch.Tensor:
+    """Kernel launch for :func:`gqa_tune.flash_decode_gqa` (inputs already checked)."""
+    b, n_h, s_q, head_dim = q.shape
+    n_kv, max_len = k_cache.shape[1], k_cache.shape[2]
+    group = n_h // n_kv
+    sq_pad = next_pow2(s_q)
+    rows = max(16, next_pow2(group) * sq_pad)
+    block_d = head_block(head_dim)
+    block_n = 16 if INTERPRET else (64 if head_dim <= 128 else 32)
+    n_splits = _num_splits(b * n_kv, max_len, block_n, q.device)
+    chunk = triton.cdiv(triton.cdiv(max_len, n_splits), block_n) * block_n
+    opart = torch.empty((b * n_kv, n_splits, rows, block_d), device=q.device, dtype=torch.float32)
+    lpart = torch.empty((b * n_kv, n_splits, rows), device=q.device, dtype=torch.float32)
+    out = torch.empty_like(q)
+    if mask is not None:
+        mask_arg, mask_strides = mask.view(torch.uint8), mask.stride()
+    else:
+        mask_arg, mask_strides = q, (0, 0, 0)
+    _decode_split_kernel[(n_splits, b * n_kv)](
+        q, k_cache, v_cache, cache_seqlens, mask_arg, opart, lpart,
+        *q.stride(), *k_cache.stride(), *v_cache.stride(), *mask_strides,
+        n_kv, s_q, head_dim, chunk, n_splits, scale * LOG2E,
+        GROUP=group, SQ_PAD=sq_pad, ROWS=rows, BLOCK_N=block_n, BLOCK_D=block_d,
+        CAUSAL=causal, HAS_MASK=mask is not None, PREC=dot_precision(q.dtype),
+    )  # fmt: skip
+    _decode_merge_kernel[(rows, b * n_kv)](
+        opart, lpart, out, *out.stride(), n_kv, s_q, head_dim, n_splits,
+        GROUP=group, SQ_PAD=sq_pad, ROWS=rows, SPLITS_PAD=next_pow2(n_splits), BLOCK_D=block_d,
+    )  # fmt: skip
+    return out

@@ -1,0 +1,102 @@
+"""``flash_decode_gqa``: attention of a few new queries over a KV cache."""
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from gqa_tune.ops.backends.triton import device_problem
+
+
+def _check(query, k_cache, v_cache, cache_seqlens, mask) -> None:
+    for name, t in (("query", query), ("k_cache", k_cache), ("v_cache", v_cache)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(f"{name} must be a 4-D tensor, got {getattr(t, 'shape', type(t).__name__)}")
+    b, n_h, s_q, head_dim = query.shape
+    if k_cache.shape != v_cache.shape:
+        raise ValueError(f"k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} differ")
+    cb, n_kv, max_len, cd = k_cache.shape
+    if cb != b or cd != head_dim:
+        raise ValueError(
+            f"query {tuple(query.shape)} and caches {tuple(k_cache.shape)} must agree on batch and head_dim"
+        )
+    if n_kv == 0 or n_kv > n_h or n_h % n_kv:
+        raise ValueError(f"query heads ({n_h}) must be a multiple of cache heads ({n_kv})")
+    if s_q > max_len:
+        raise ValueError(f"{s_q} query positions do not fit a cache of length {max_len}")
+    if not (query.dtype == k_cache.dtype == v_cache.dtype):
+        raise ValueError(f"dtypes differ: query {query.dtype}, k_cache {k_cache.dtype}, v_cache {v_cache.dtype}")
+    if not isinstance(cache_seqlens, torch.Tensor) or cache_seqlens.shape != (b,) or cache_seqlens.is_floating_point():
+        raise ValueError(f"cache_seqlens must be an integer tensor of shape ({b},), got {cache_seqlens!r}")
+    if mask is not None and (mask.dtype != torch.bool or mask.dim() != 3 or mask.shape[1:] != (s_q, max_len)
+                             or mask.shape[0] not in (1, b)):  # fmt: skip
+        raise ValueError(
+            f"mask must be bool [b, s_q, max_len] = [{b}, {s_q}, {max_len}], got {mask.dtype} {tuple(mask.shape)}"
+        )
+
+
+def decode_visibility(
+    cache_seqlens: torch.Tensor, s_q: int, max_len: int, causal: bool, mask: Optional[torch.Tensor]
+) -> torch.Tensor:
+    """Bool ``[b, 1, s_q, max_len]``: which cache slots each new query sees."""
+    slots = torch.arange(max_len, device=cache_seqlens.device)
+    lens = cache_seqlens.to(slots.dtype).view(-1, 1, 1)
+    if causal:
+        visible = slots.view(1, 1, -1) <= lens - s_q + torch.arange(s_q, device=slots.device).view(1, -1, 1)
+    else:
+        visible = (slots.view(1, 1, -1) < lens).expand(-1, s_q, -1)
+    if mask is not None:
+        visible = visible & mask
+    return visible[:, None]
+
+
+def flash_decode_gqa(
+    query: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    *,
+    scale: Optional[float] = None,
+    causal: bool = True,
+    mask: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Attention of ``s_q`` new queries over a grouped KV cache (flash-decoding).
+
+    Batch row ``b`` attends to cache positions ``< cache_seqlens[b]`` (rows may
+    differ). With ``causal`` (default) the new positions are the last ``s_q``
+    of those, and position ``i`` sees keys up to ``cache_seqlens[b] - s_q + i``;
+    for ``s_q = 1`` that is the whole filled prefix. Query head ``i`` uses kv
+    head ``i // (n_h // n_kv)``.
+
+    On CUDA (or under ``TRITON_INTERPRET=1`` on CPU) this runs the split-K
+    Triton kernel; elsewhere an equivalent PyTorch computation.
+
+    Args:
+        query (torch.Tensor): ``[b, n_h, s_q, h_d]``.
+        k_cache, v_cache (torch.Tensor): ``[b, n_kv, max_len, h_d]``.
+        cache_seqlens (torch.Tensor): ``[b]`` integers, filled length per row
+            (including the ``s_q`` new positions).
+        scale (Optional[float]): score multiplier, default ``h_d ** -0.5``.
+        causal (bool): place the queries at the end of each row's keys.
+        mask (Optional[torch.Tensor]): bool ``[b, s_q, max_len]``, True = attend
+            (torchtune's decoding mask), applied on top.
+
+    Returns:
+        torch.Tensor: ``[b, n_h, s_q, h_d]``; a row that sees no key gives 0.
+    """
+    _check(query, k_cache, v_cache, cache_seqlens, mask)
+    scale = query.shape[-1] ** -0.5 if scale is None else float(scale)
+    if device_problem(query.device) is None and query.dtype in (torch.float16, torch.bfloat16, torch.float32):
+        from gqa_tune.kernels.triton.ops import flash_decode
+
+        if mask is not None:
+            mask = mask.expand(query.shape[0], -1, -1)
+        return flash_decode(query, k_cache, v_cache, cache_seqlens.to(torch.int32), mask, scale, causal)
+    b, n_h, s_q, head_dim = query.shape
+    n_kv = k_cache.shape[1]
+    visible = decode_visibility(cache_seqlens, s_q, k_cache.shape[2], causal, mask)
+    # Pack the group's query heads into rows: [b, n_kv, G * s_q, h_d]; one read of each kv head.
+    packed = query.reshape(b, n_kv, (n_h // n_kv) * s_q, head_dim)
+    visible = visible.repeat(1, 1, n_h // n_kv, 1)
+    out = F.scaled_dot_product_attention(packed, k_cache, v_cache, attn_mask=visible, scale=scale)
+    return out.reshape(b, n_h, s_q, head_dim)
