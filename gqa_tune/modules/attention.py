@@ -4,9 +4,12 @@ import logging
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from gqa_tune.modules.kv_cache import KVCache
+from gqa_tune.ops.backends.triton import kernel_problem
+from gqa_tune.ops.decode import flash_decode_gqa
 from gqa_tune.ops.dispatch import check_backend_name, run_attention
 from gqa_tune.ops.masks import MaskType, bottom_right_causal
 
@@ -169,6 +172,16 @@ class MultiHeadAttention(nn.Module):
                 f"with s_kv in {sorted(set(kv_lens))}"
             )
 
+    def _decode_with_kernel(self, q: torch.Tensor, mask: Optional[MaskType], dropout_p: float) -> bool:
+        """Whether the cached step runs the split-K decode kernel (inference with the Triton backend)."""
+        if self.backend not in ("triton", "auto") or (self.backend == "auto" and q.device.type != "cuda"):
+            return False
+        if dropout_p > 0.0 or (torch.is_grad_enabled() and q.requires_grad):
+            return False
+        if mask is not None and not (isinstance(mask, torch.Tensor) and mask.dtype == torch.bool):
+            return False
+        return kernel_problem(q.device, q.dtype, q.shape[-1]) is None
+
     def _cache_mask_on_device(self, cache: KVCache, s_x: int, new_tokens: bool) -> torch.Tensor:
         """Bool ``[s_x, max_seq_len]`` from ``cache_pos`` (compiled path, after the update)."""
         keys = torch.arange(cache.max_seq_len, device=cache.cache_pos.device)
@@ -256,6 +269,18 @@ class MultiHeadAttention(nn.Module):
             if cache is not None:
                 k, v = cache.update(k, v)  # [b, n_kv, max_seq_len, h_d]
 
+        dropout_p = self.attn_dropout if self.training else 0.0
+        if cache is not None and self._decode_with_kernel(q, mask, dropout_p):
+            # Split-K Triton decode over the fixed-size buffers: cost follows the
+            # filled length (cache_pos[0], on the device), no host sync.
+            if mask is not None and mask.shape[-1] != cache.max_seq_len:
+                mask = F.pad(mask, (0, cache.max_seq_len - mask.shape[-1]), value=False)
+            out = flash_decode_gqa(
+                q, k, v, cache.cache_pos[:1].expand(b), causal=mask is None and y is not None and self.is_causal,
+                mask=mask,
+            )
+            return self.output_proj(out.transpose(1, 2).reshape(b, s_x, -1))
+
         attn_mask = mask[:, None] if isinstance(mask, torch.Tensor) else mask
         is_causal = False
         if cache is None:
@@ -280,7 +305,7 @@ class MultiHeadAttention(nn.Module):
             v,
             mask=attn_mask,
             is_causal=is_causal,
-            dropout_p=self.attn_dropout if self.training else 0.0,
+            dropout_p=dropout_p,
             backend=self.backend,
         )
         out = out.transpose(1, 2).reshape(b, s_x, -1)  # [b, s_x, n_h * h_d]

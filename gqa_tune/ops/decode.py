@@ -5,7 +5,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from gqa_tune.ops.backends.triton import device_problem
+from gqa_tune.ops.backends.triton import kernel_problem
 
 
 def _check(query, k_cache, v_cache, cache_seqlens, mask) -> None:
@@ -86,7 +86,7 @@ def flash_decode_gqa(
     """
     _check(query, k_cache, v_cache, cache_seqlens, mask)
     scale = query.shape[-1] ** -0.5 if scale is None else float(scale)
-    if device_problem(query.device) is None and query.dtype in (torch.float16, torch.bfloat16, torch.float32):
+    if kernel_problem(query.device, query.dtype, query.shape[-1]) is None:
         from gqa_tune.kernels.triton.ops import flash_decode
 
         if mask is not None:

@@ -35,6 +35,15 @@ def device_problem(device: torch.device) -> Optional[str]:
     return runtime_problem(device)
 
 
+def kernel_problem(device: torch.device, dtype: torch.dtype, head_dim: int) -> Optional[str]:
+    """Why the kernels cannot take tensors of this device, dtype and head_dim, or ``None``."""
+    if head_dim > MAX_HEAD_DIM:
+        return f"head_dim {head_dim} is above {MAX_HEAD_DIM}"
+    if dtype not in _SUPPORTED_DTYPES:
+        return f"it supports float16, bfloat16 and float32, not {dtype}"
+    return device_problem(device)
+
+
 def triton_backend(q, k, v, *, mask, scale, is_causal, dropout_p):
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if mask is not None and mask.dim() < 4:
@@ -51,8 +60,4 @@ def triton_limits(call) -> Optional[str]:
         return f"it has no dropout (dropout_p={call.dropout_p})"
     if call.mask_kind not in ("none", "bool"):
         return f"it takes no mask, is_causal or a bool mask, not a {call.mask_kind} mask"
-    if call.dtype not in _SUPPORTED_DTYPES:
-        return f"it supports float16, bfloat16 and float32, not {call.dtype}"
-    if call.head_dim > MAX_HEAD_DIM:
-        return f"head_dim {call.head_dim} is above {MAX_HEAD_DIM}"
-    return device_problem(call.device)
+    return kernel_problem(call.device, call.dtype, call.head_dim)
