@@ -6,4 +6,12 @@ from gqa_tune.ops import attention_ref, flash_decode_gqa, scaled_dot_product_gqa
 
 __version__ = "0.1.0"
 
-__all__ = ["KVCache", "MultiHeadAttention", "attention_ref", "flash_decode_gqa", "scaled_dot_product_gqa", "swap_attention", "__version__"]
+__all__ = [
+    "KVCache",
+    "MultiHeadAttention",
+    "attention_ref",
+    "flash_decode_gqa",
+    "scaled_dot_product_gqa",
+    "swap_attention",
+    "__version__",
+]

@@ -10,7 +10,7 @@ from torch import nn
 from gqa_tune.modules.kv_cache import KVCache
 from gqa_tune.ops.backends.triton import kernel_problem
 from gqa_tune.ops.decode import flash_decode_gqa
-from gqa_tune.ops.dispatch import check_backend_name, run_attention
+from gqa_tune.ops.dispatch import AUTO_DISABLED, call_guarded, check_backend_name, run_attention
 from gqa_tune.ops.masks import MaskType, bottom_right_causal
 
 logger = logging.getLogger(__name__)
@@ -174,13 +174,30 @@ class MultiHeadAttention(nn.Module):
 
     def _decode_with_kernel(self, q: torch.Tensor, mask: Optional[MaskType], dropout_p: float) -> bool:
         """Whether the cached step runs the split-K decode kernel (inference with the Triton backend)."""
-        if self.backend not in ("triton", "auto") or (self.backend == "auto" and q.device.type != "cuda"):
+        if self.backend == "auto":
+            if q.device.type != "cuda" or "triton" in AUTO_DISABLED:
+                return False
+        elif self.backend != "triton":
             return False
         if dropout_p > 0.0 or (torch.is_grad_enabled() and q.requires_grad):
             return False
         if mask is not None and not (isinstance(mask, torch.Tensor) and mask.dtype == torch.bool):
             return False
         return kernel_problem(q.device, q.dtype, q.shape[-1]) is None
+
+    def _kernel_decode(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache, mask, new_tokens: bool
+    ) -> torch.Tensor:
+        """Split-K Triton decode over the fixed-size buffers ``[b, n_kv, max_seq_len, h_d]``.
+
+        The filled length comes from ``cache_pos[0]`` on the device: no host
+        sync, and the cost follows the filled length.
+        """
+        if mask is not None and mask.shape[-1] != cache.max_seq_len:
+            mask = F.pad(mask, (0, cache.max_seq_len - mask.shape[-1]), value=False)
+        seqlens = cache.cache_pos[:1].expand(q.shape[0])
+        causal = mask is None and new_tokens and self.is_causal
+        return flash_decode_gqa(q, k, v, seqlens, causal=causal, mask=mask)
 
     def _cache_mask_on_device(self, cache: KVCache, s_x: int, new_tokens: bool) -> torch.Tensor:
         """Bool ``[s_x, max_seq_len]`` from ``cache_pos`` (compiled path, after the update)."""
@@ -271,15 +288,11 @@ class MultiHeadAttention(nn.Module):
 
         dropout_p = self.attn_dropout if self.training else 0.0
         if cache is not None and self._decode_with_kernel(q, mask, dropout_p):
-            # Split-K Triton decode over the fixed-size buffers: cost follows the
-            # filled length (cache_pos[0], on the device), no host sync.
-            if mask is not None and mask.shape[-1] != cache.max_seq_len:
-                mask = F.pad(mask, (0, cache.max_seq_len - mask.shape[-1]), value=False)
-            out = flash_decode_gqa(
-                q, k, v, cache.cache_pos[:1].expand(b), causal=mask is None and y is not None and self.is_causal,
-                mask=mask,
+            out = call_guarded(
+                "triton", self.backend, lambda: self._kernel_decode(q, k, v, cache, mask, y is not None), lambda: None
             )
-            return self.output_proj(out.transpose(1, 2).reshape(b, s_x, -1))
+            if out is not None:  # None: the kernel failed to build under "auto"; take the path below
+                return self.output_proj(out.transpose(1, 2).reshape(b, s_x, -1))
 
         attn_mask = mask[:, None] if isinstance(mask, torch.Tensor) else mask
         is_causal = False

@@ -14,6 +14,7 @@ allow the call; an explicit backend that cannot serve the call raises a
 ``ValueError`` saying why, it never falls back silently.
 """
 
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -67,6 +68,10 @@ BACKENDS = {
 }
 BACKEND_NAMES = ("auto", *BACKENDS)
 
+#: Backends ``"auto"`` stopped using in this process because their kernels
+#: failed to build on this machine (see :func:`call_guarded`).
+AUTO_DISABLED: set = set()
+
 
 def auto_order(call: AttentionCall) -> tuple:
     """Backends ``"auto"`` tries, best first, for this call."""
@@ -101,7 +106,7 @@ def select_backend(call: AttentionCall, backend: str = "auto") -> Backend:
             raise ValueError(f"backend={backend!r} cannot run this call: {reason}")
         return BACKENDS[backend]
     for name in auto_order(call):
-        if BACKENDS[name].limits(call) is None:
+        if name not in AUTO_DISABLED and BACKENDS[name].limits(call) is None:
             return BACKENDS[name]
     raise AssertionError("the math backend accepts every call")  # pragma: no cover
 
@@ -118,5 +123,33 @@ def run_attention(
     backend: str = "auto",
 ) -> torch.Tensor:
     """Dispatch already-validated grouped inputs to a backend (no weights)."""
-    chosen = select_backend(make_call(q, k, v, mask, dropout_p, False), backend)
-    return chosen.fn(q, k, v, mask=mask, scale=scale, is_causal=is_causal, dropout_p=dropout_p)
+    call = make_call(q, k, v, mask, dropout_p, False)
+    chosen = select_backend(call, backend)
+    return call_guarded(
+        chosen.name,
+        backend,
+        lambda: chosen.fn(q, k, v, mask=mask, scale=scale, is_causal=is_causal, dropout_p=dropout_p),
+        lambda: select_backend(call, "auto").fn(
+            q, k, v, mask=mask, scale=scale, is_causal=is_causal, dropout_p=dropout_p
+        ),
+    )
+
+
+def call_guarded(name: str, requested: str, run: Callable, rerun: Callable):
+    """Run ``name``'s kernel; under ``"auto"``, a Triton kernel that fails to *build*
+    on this machine (e.g. out of shared memory) is dropped from ``"auto"`` with a
+    warning and ``rerun`` picks the next backend. An explicit backend, or any other
+    error, propagates.
+    """
+    if requested != "auto" or name != "triton":
+        return run()
+    try:
+        return run()
+    except Exception as err:
+        if not type(err).__module__.startswith("triton"):
+            raise
+        warnings.warn(
+            f"backend='auto': the Triton kernels failed to build here ({err!r}); using the next backend", stacklevel=2
+        )
+        AUTO_DISABLED.add(name)
+        return rerun()

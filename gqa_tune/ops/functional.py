@@ -6,7 +6,7 @@ import torch
 from torch.nn.attention.flex_attention import BlockMask
 
 from gqa_tune.ops.backends.math import attention_ref
-from gqa_tune.ops.dispatch import make_call, select_backend
+from gqa_tune.ops.dispatch import call_guarded, make_call, select_backend
 from gqa_tune.ops.masks import MaskType
 
 
@@ -133,4 +133,10 @@ def scaled_dot_product_gqa(
             dropout_p=dropout_p,
             return_weights=True,
         )
-    return chosen.fn(query, key, value, mask=attn_mask, scale=scale, is_causal=is_causal, dropout_p=dropout_p)
+    kwargs = dict(mask=attn_mask, scale=scale, is_causal=is_causal, dropout_p=dropout_p)
+    return call_guarded(
+        chosen.name,
+        backend,
+        lambda: chosen.fn(query, key, value, **kwargs),
+        lambda: select_backend(call, "auto").fn(query, key, value, **kwargs),
+    )

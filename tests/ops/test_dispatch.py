@@ -7,7 +7,7 @@ import torch
 from torch.nn.attention.flex_attention import create_block_mask
 
 from gqa_tune.ops import BACKEND_NAMES, BACKENDS, attention_ref, scaled_dot_product_gqa
-from gqa_tune.ops.dispatch import auto_order, make_call, run_attention, select_backend
+from gqa_tune.ops.dispatch import AttentionCall, auto_order, make_call, run_attention, select_backend
 
 
 def _causal(b, h, q_idx, kv_idx):
@@ -131,8 +131,11 @@ def test_explicit_sdpa_and_math_serve_any_call_without_weights(kind, block_mask)
         pytest.param("flex", dict(dtype=torch.float64), "does not support float64", id="flex-float64"),
         pytest.param("flex", dict(need_weights=True), "cannot return attention weights", id="flex-weights"),
         pytest.param("sdpa", dict(need_weights=True), "cannot return attention weights", id="sdpa-weights"),
-        pytest.param("triton", {}, "not implemented", id="triton"),
-        pytest.param("triton", dict(mask="block"), "not implemented", id="triton-block"),
+        pytest.param("triton", dict(mask="block"), "not a block mask", id="triton-block"),
+        pytest.param("triton", dict(mask="float"), "not a float mask", id="triton-float"),
+        pytest.param("triton", dict(dropout_p=0.1), "it has no dropout (dropout_p=0.1)", id="triton-dropout"),
+        pytest.param("triton", dict(need_weights=True), "cannot return attention weights", id="triton-weights"),
+        pytest.param("triton", dict(dtype=torch.float64), "not torch.float64", id="triton-float64"),
     ],
 )
 def test_explicit_backend_that_cannot_serve_raises(backend, kwargs, reason, block_mask):
@@ -143,12 +146,32 @@ def test_explicit_backend_that_cannot_serve_raises(backend, kwargs, reason, bloc
     assert reason in str(info.value)
 
 
-def test_triton_raises_value_error_through_the_op():
+def test_triton_on_cpu_without_the_interpreter_raises_value_error(monkeypatch):
+    import gqa_tune.kernels.triton._common as common
+
+    monkeypatch.setattr(common, "INTERPRET", False)
     q, k, v = qkv()
-    with pytest.raises(ValueError, match="Triton kernels are not implemented"):
+    with pytest.raises(ValueError, match="on CPU only in Triton's interpreter"):
         scaled_dot_product_gqa(q, k, v, backend="triton")
-    with pytest.raises(ValueError, match="Triton kernels are not implemented"):
+    with pytest.raises(ValueError, match="on CPU only in Triton's interpreter"):
         run_attention(q, k, v, backend="triton")
+    assert chosen(q, k, v) == "sdpa"
+
+
+def test_triton_without_triton_installed_says_how_to_install(monkeypatch):
+    import gqa_tune.ops.backends.triton as triton_backend
+
+    monkeypatch.setattr(triton_backend, "triton_available", lambda: False)
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match=r"triton is not installed \(pip install 'gqa_tune\[triton\]'\)"):
+        scaled_dot_product_gqa(q, k, v, backend="triton")
+
+
+def test_auto_prefers_triton_on_cuda_only():
+    cuda_call = AttentionCall(torch.device("cuda"), torch.bfloat16, 64, None, 0.0, False, True)
+    assert auto_order(cuda_call) == ("triton", "sdpa", "math")
+    q, k, v = qkv()
+    assert "triton" not in auto_order(make_call(q, k, v, None, 0.0, False))
 
 
 @pytest.mark.parametrize("name", ["cuda", "SDPA", "", "flash"])
@@ -171,3 +194,39 @@ def test_run_attention_matches_reference(backend):
     torch.testing.assert_close(out, attention_ref(q, k, v, mask=mask, scale=0.3)[0], atol=1e-12, rtol=0)
     out = run_attention(q, k, v, is_causal=True, backend=backend)
     torch.testing.assert_close(out, attention_ref(q, k, v, is_causal=True)[0], atol=1e-12, rtol=0)
+
+
+class _FakeTritonBuildError(RuntimeError):
+    pass
+
+
+_FakeTritonBuildError.__module__ = "triton.runtime.errors"
+
+
+def _fail(error):
+    def run():
+        raise error
+
+    return run
+
+
+def test_auto_drops_a_triton_kernel_that_fails_to_build(monkeypatch):
+    from gqa_tune.ops import dispatch
+
+    monkeypatch.setattr(dispatch, "AUTO_DISABLED", set())
+    with pytest.warns(UserWarning, match="failed to build"):
+        assert dispatch.call_guarded("triton", "auto", _fail(_FakeTritonBuildError("out of resources")), lambda: 7) == 7
+    assert dispatch.AUTO_DISABLED == {"triton"}
+    cuda_call = AttentionCall(torch.device("cuda"), torch.bfloat16, 64, None, 0.0, False, False)
+    assert dispatch.select_backend(cuda_call, "auto").name == "sdpa"
+
+
+def test_explicit_triton_and_other_errors_propagate(monkeypatch):
+    from gqa_tune.ops import dispatch
+
+    monkeypatch.setattr(dispatch, "AUTO_DISABLED", set())
+    with pytest.raises(_FakeTritonBuildError):
+        dispatch.call_guarded("triton", "triton", _fail(_FakeTritonBuildError("x")), lambda: 7)
+    with pytest.raises(ZeroDivisionError):
+        dispatch.call_guarded("triton", "auto", _fail(ZeroDivisionError()), lambda: 7)
+    assert dispatch.AUTO_DISABLED == set()

@@ -52,7 +52,7 @@ def dot_precision(dtype: torch.dtype) -> int:
 
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, O, LSE, MASK,
+    Q, K, V, OUT, LSE, MASK,
     sqb, sqh, sqm, sqd,
     skb, skh, skn, skd,
     svb, svh, svn, svd,
@@ -126,8 +126,8 @@ def _fwd_kernel(
     dead = l_i == 0.0
     out = acc / tl.where(dead, 1.0, l_i)[:, None]
     tl.store(
-        O + b * sob + h[:, None] * soh + m[:, None] * som + d[None, :] * sod,
-        out.to(O.dtype.element_ty),
+        OUT + b * sob + h[:, None] * soh + m[:, None] * som + d[None, :] * sod,
+        out.to(OUT.dtype.element_ty),
         mask=row_ok[:, None] & d_ok[None, :],
     )
     lse = tl.where(dead, float("inf"), m_i + tl.math.log2(tl.where(dead, 1.0, l_i)))
@@ -277,6 +277,11 @@ def _blocks(q: torch.Tensor, group: int) -> Tuple[int, int, int]:
     return group_pad, rows // group_pad, block_n
 
 
+def launch_options(rows: int, block_d: int) -> dict:
+    """num_warps / num_stages for a tile of ``rows x block_d`` float32 accumulators (ignored by the interpreter)."""
+    return dict(num_warps=8 if rows * block_d >= 128 * 128 else 4, num_stages=2 if block_d > 128 else 3)
+
+
 def _mask_arg(mask: Optional[torch.Tensor], q: torch.Tensor, s_kv: int):
     if mask is None:
         return q, (0, 0, 0, 0)  # any pointer; never read
@@ -308,7 +313,7 @@ def flash_attn_forward(
         n_kv, s_q, s_kv, head_dim, causal_offset, scale * LOG2E,
         GROUP=group, GROUP_PAD=group_pad, BLOCK_MQ=block_mq, BLOCK_N=block_n,
         BLOCK_D=head_block(head_dim), CAUSAL=causal, HAS_MASK=mask is not None,
-        PREC=dot_precision(q.dtype),
+        PREC=dot_precision(q.dtype), **launch_options(group_pad * block_mq, head_block(head_dim)),
     )  # fmt: skip
     return out, lse
 
@@ -342,6 +347,7 @@ def flash_attn_backward(
         *q.stride(), *k.stride(), *v.stride(), *lse.stride(), *mask_strides,
         n_kv, s_q, s_kv, head_dim, causal_offset, scale * LOG2E, scale,
         GROUP=group, GROUP_PAD=group_pad, BLOCK_MQ=block_mq, BLOCK_N=block_n, **common,
+        **launch_options(group_pad * block_mq, head_block(head_dim)),
     )  # fmt: skip
     block_m_kv = 16 if INTERPRET else 64
     block_n_kv = 16 if INTERPRET else (64 if head_dim <= 128 else 32)
@@ -350,6 +356,7 @@ def flash_attn_backward(
         *q.stride(), *k.stride(), *v.stride(), *lse.stride(), *mask_strides,
         n_kv, s_q, s_kv, head_dim, causal_offset, scale * LOG2E, scale,
         GROUP=group, BLOCK_M=block_m_kv, BLOCK_N=block_n_kv, **common,
+        **launch_options(2 * block_n_kv, head_block(head_dim)),
     )  # fmt: skip
     return dq, dk, dv
 

@@ -100,7 +100,7 @@ def _decode_split_kernel(
 
 @triton.jit
 def _decode_merge_kernel(
-    OPART, LPART, O,
+    OPART, LPART, OUT,
     sob, soh, som, sod,
     n_kv, s_q, head_dim, n_splits,
     GROUP: tl.constexpr, SQ_PAD: tl.constexpr, ROWS: tl.constexpr, SPLITS_PAD: tl.constexpr,
@@ -125,7 +125,7 @@ def _decode_merge_kernel(
         o = tl.load(OPART + part[:, None] * BLOCK_D + d[None, :], mask=sp_ok[:, None], other=0.0)
         total = tl.sum(w, 0)
         out = tl.sum(o * w[:, None], 0) / tl.where(total == 0.0, 1.0, total)
-        tl.store(O + b * sob + h * soh + i * som + d * sod, out.to(O.dtype.element_ty), mask=d < head_dim)
+        tl.store(OUT + b * sob + h * soh + i * som + d * sod, out.to(OUT.dtype.element_ty), mask=d < head_dim)
 
 
 def _num_splits(batch_heads: int, max_len: int, block_n: int, device: torch.device) -> int:
