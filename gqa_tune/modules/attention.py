@@ -9,7 +9,7 @@ from torch import nn
 
 from gqa_tune.modules.kv_cache import KVCache
 from gqa_tune.ops.backends.triton import kernel_problem
-from gqa_tune.ops.decode import flash_decode_gqa
+from gqa_tune.ops.decode import decode_attention
 from gqa_tune.ops.dispatch import AUTO_DISABLED, call_guarded, check_backend_name, run_attention
 from gqa_tune.ops.masks import MaskType, bottom_right_causal
 
@@ -197,7 +197,9 @@ class MultiHeadAttention(nn.Module):
             mask = F.pad(mask, (0, cache.max_seq_len - mask.shape[-1]), value=False)
         seqlens = cache.cache_pos[:1].expand(q.shape[0])
         causal = mask is None and new_tokens and self.is_causal
-        return flash_decode_gqa(q, k, v, seqlens, causal=causal, mask=mask)
+        # Eager: the host-side fill sizes the splits; compiled: the whole buffer (no recompiles).
+        bound = None if torch.compiler.is_compiling() else cache.size
+        return decode_attention(q, k, v, seqlens, None, causal, mask, bound)
 
     def _cache_mask_on_device(self, cache: KVCache, s_x: int, new_tokens: bool) -> torch.Tensor:
         """Bool ``[s_x, max_seq_len]`` from ``cache_pos`` (compiled path, after the update)."""

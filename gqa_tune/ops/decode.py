@@ -59,6 +59,7 @@ def flash_decode_gqa(
     scale: Optional[float] = None,
     causal: bool = True,
     mask: Optional[torch.Tensor] = None,
+    max_seqlen: Optional[int] = None,
 ) -> torch.Tensor:
     """Attention of ``s_q`` new queries over a grouped KV cache (flash-decoding).
 
@@ -80,18 +81,41 @@ def flash_decode_gqa(
         causal (bool): place the queries at the end of each row's keys.
         mask (Optional[torch.Tensor]): bool ``[b, s_q, max_len]``, True = attend
             (torchtune's decoding mask), applied on top.
+        max_seqlen (Optional[int]): a host-side bound on ``cache_seqlens``
+            (e.g. the cache's fill), so the kernel splits only the filled part;
+            default: the buffer length (no host sync needed, compile-friendly).
+            A bound below a row's length raises ``ValueError`` (read on the host when given).
 
     Returns:
         torch.Tensor: ``[b, n_h, s_q, h_d]``; a row that sees no key gives 0.
     """
     _check(query, k_cache, v_cache, cache_seqlens, mask)
+    if max_seqlen is not None:
+        longest = int(cache_seqlens.max())
+        if max_seqlen < longest:
+            raise ValueError(f"max_seqlen ({max_seqlen}) is below the longest cache_seqlens entry ({longest})")
+    return decode_attention(query, k_cache, v_cache, cache_seqlens, scale, causal, mask, max_seqlen)
+
+
+def decode_attention(
+    query: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    scale: Optional[float],
+    causal: bool,
+    mask: Optional[torch.Tensor],
+    max_seqlen: Optional[int],
+) -> torch.Tensor:
+    """:func:`flash_decode_gqa` without its checks, for callers that guarantee them (the module)."""
     scale = query.shape[-1] ** -0.5 if scale is None else float(scale)
     if kernel_problem(query.device, query.dtype, query.shape[-1]) is None:
         from gqa_tune.kernels.triton.ops import flash_decode
 
         if mask is not None:
             mask = mask.expand(query.shape[0], -1, -1)
-        return flash_decode(query, k_cache, v_cache, cache_seqlens.to(torch.int32), mask, scale, causal)
+        bound = -1 if max_seqlen is None else int(max_seqlen)
+        return flash_decode(query, k_cache, v_cache, cache_seqlens.to(torch.int32), mask, scale, causal, bound)
     b, n_h, s_q, head_dim = query.shape
     n_kv = k_cache.shape[1]
     visible = decode_visibility(cache_seqlens, s_q, k_cache.shape[2], causal, mask)

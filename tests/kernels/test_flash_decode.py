@@ -137,3 +137,13 @@ def test_module_compiled_decode_with_kernel_has_one_graph():
         outs = [step(seq[:, i : i + 1]) for i in range(4, 9)]
     torch.testing.assert_close(torch.cat(outs, dim=1), full[:, 4:], atol=1e-5, rtol=1e-5)
     assert counter.frame_count == 1
+
+
+@needs_kernels
+def test_max_seqlen_bound_splits_only_the_filled_part():
+    q, k, v = cache_inputs(2, 8, 2, 1, 200, 16, torch.float32)
+    seqlens = torch.tensor([9, 40], device=DEVICE)
+    out = flash_decode_gqa(q, k, v, seqlens, max_seqlen=40)
+    torch.testing.assert_close(out, reference(q, k, v, seqlens), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match=r"max_seqlen \(39\) is below the longest cache_seqlens entry \(40\)"):
+        flash_decode_gqa(q, k, v, seqlens, max_seqlen=39)

@@ -145,10 +145,16 @@ def flash_decode_triton(
     mask: Optional[torch.Tensor],
     scale: float,
     causal: bool,
+    max_seqlen: int = -1,
 ) -> torch.Tensor:
-    """Kernel launch for :func:`gqa_tune.flash_decode_gqa` (inputs already checked)."""
+    """Kernel launch for :func:`gqa_tune.flash_decode_gqa` (inputs already checked).
+
+    ``max_seqlen`` (a host-side upper bound of ``cache_seqlens``, or -1 for the
+    buffer length) sizes the splits to the filled part of the cache.
+    """
     b, n_h, s_q, head_dim = q.shape
-    n_kv, max_len = k_cache.shape[1], k_cache.shape[2]
+    n_kv = k_cache.shape[1]
+    max_len = k_cache.shape[2] if max_seqlen < 0 else max(1, min(max_seqlen, k_cache.shape[2]))
     group = n_h // n_kv
     sq_pad = next_pow2(s_q)
     rows = max(16, next_pow2(group) * sq_pad)

@@ -4,7 +4,7 @@ Registered ops (``torch.compile`` traces around them as opaque calls):
 
 - ``gqa_tune::flash_attn(q, k, v, mask, scale, causal, causal_offset) -> (out, lse)``
 - ``gqa_tune::flash_attn_backward(do, q, k, v, out, lse, mask, scale, causal, causal_offset) -> (dq, dk, dv)``
-- ``gqa_tune::flash_decode(q, k_cache, v_cache, cache_seqlens, mask, scale, causal) -> out``
+- ``gqa_tune::flash_decode(q, k_cache, v_cache, cache_seqlens, mask, scale, causal, max_seqlen) -> out``
 
 Importing this module imports Triton; :mod:`gqa_tune.ops.backends.triton`
 does so only when the Triton backend is first used.
@@ -82,10 +82,11 @@ def flash_decode(
     mask: Optional[torch.Tensor],
     scale: float,
     causal: bool,
+    max_seqlen: int,
 ) -> torch.Tensor:
-    return flash_decode_triton(q, k_cache, v_cache, cache_seqlens, mask, scale, causal)
+    return flash_decode_triton(q, k_cache, v_cache, cache_seqlens, mask, scale, causal, max_seqlen)
 
 
 @flash_decode.register_fake
-def _(q, k_cache, v_cache, cache_seqlens, mask, scale, causal):
+def _(q, k_cache, v_cache, cache_seqlens, mask, scale, causal, max_seqlen):
     return torch.empty_like(q)
