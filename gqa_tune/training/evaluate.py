@@ -1,0 +1,62 @@
+"""Held-out loss and task accuracy for the synthetic tasks."""
+
+import json
+from pathlib import Path
+from typing import Dict, Optional
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from torchtune.data import padded_collate_sft
+
+from gqa_tune.training.generation import generate
+
+IGNORE = -100
+
+
+def shift_labels(labels: torch.Tensor) -> torch.Tensor:
+    """Labels for next-token prediction: position ``t`` predicts token ``t + 1``."""
+    return torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], IGNORE)], dim=1)
+
+
+@torch.no_grad()
+def heldout_loss(model, dataset, tokenizer, batch_size: int = 64, device="cpu") -> float:
+    """Mean cross-entropy per supervised (answer) token over ``dataset``."""
+    was_training = model.training
+    model.eval()
+    loader = DataLoader(
+        dataset, batch_size=batch_size, shuffle=False,
+        collate_fn=lambda b: padded_collate_sft(b, padding_idx=tokenizer.pad_id, ignore_idx=IGNORE),
+    )  # fmt: skip
+    total, count = 0.0, 0
+    for batch in loader:
+        tokens, labels = batch["tokens"].to(device), shift_labels(batch["labels"].to(device))
+        logits = model(tokens)
+        total += F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE, reduction="sum")
+        count += int((labels != IGNORE).sum())
+    model.train(was_training)
+    return float(total) / max(count, 1)
+
+
+def task_accuracy(
+    model, tokenizer, data_file: str, max_examples: Optional[int] = 200, batch_size: int = 64
+) -> Dict[str, float]:
+    """Exact-match accuracy of greedy answers on ``data_file`` (JSONL with prompt/answer/task)."""
+    rows = [json.loads(line) for line in Path(data_file).read_text().splitlines() if line.strip()]
+    rows = rows[:max_examples] if max_examples else rows
+    was_training = model.training
+    model.eval()
+    correct: Dict[str, list] = {}
+    for i in range(0, len(rows), batch_size):
+        chunk = rows[i : i + batch_size]
+        prompts = [tokenizer.encode(r["prompt"], add_bos=True, add_eos=False) for r in chunk]
+        longest = max(len(tokenizer.encode(r["answer"], add_bos=False, add_eos=False)) for r in chunk)
+        result = generate(
+            model, prompts, max_new_tokens=longest + 1, pad_id=tokenizer.pad_id, stop_tokens=tokenizer.stop_tokens
+        )
+        for row, ids in zip(chunk, result.tokens):
+            correct.setdefault(row.get("task", "all"), []).append(tokenizer.decode(ids) == row["answer"])
+    model.train(was_training)
+    scores = {task: sum(v) / len(v) for task, v in correct.items()}
+    scores["all"] = sum(sum(v) for v in correct.values()) / max(1, sum(len(v) for v in correct.values()))
+    return scores

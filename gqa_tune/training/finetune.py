@@ -1,0 +1,296 @@
+"""The fine-tuning loop shared by the single-device, distributed and LoRA recipes.
+
+:class:`FinetuneRecipe` implements torchtune's ``FTRecipeInterface``
+(``setup / train / save_checkpoint / cleanup``). The recipes in ``recipes/``
+subclass it and override a few hooks (model wrapping, trainable parameters,
+what a checkpoint holds, how numbers are reduced across processes).
+
+Loss normalization: the cross-entropy is summed over the supervised tokens of
+all micro-batches of an optimizer step (and of all processes) and divided by
+their count, so 1 process with batch ``B`` and ``N`` processes with ``B / N``
+log the same losses and take the same steps.
+"""
+
+import math
+import os
+import random
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any, Dict, Iterable, Optional
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader, DistributedSampler
+from torchtune import config, training
+from torchtune.data import padded_collate_sft
+from torchtune.modules import TransformerSelfAttentionLayer
+from torchtune.recipe_interfaces import FTRecipeInterface
+from tqdm import tqdm
+
+from gqa_tune.models import init_from_scratch
+from gqa_tune.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from gqa_tune.training.evaluate import IGNORE, heldout_loss, shift_labels, task_accuracy
+
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # datasets come from local files only
+
+
+class FinetuneRecipe(FTRecipeInterface):
+    """Full fine-tuning (or training from scratch) on one device.
+
+    Config keys (see ``configs/gqa_tiny/full.yaml``): ``output_dir``, ``model``,
+    ``tokenizer``, ``dataset``, ``checkpointer`` (optional torchtune
+    checkpointer to start from), ``init_from_scratch``, ``optimizer``,
+    ``lr_scheduler``, ``batch_size``, ``epochs``, ``max_steps_per_epoch``,
+    ``gradient_accumulation_steps``, ``clip_grad_norm``, ``dtype``, ``device``,
+    ``seed``, ``shuffle``, ``enable_activation_checkpointing``, ``compile``,
+    ``save_every_n_steps``, ``resume_from_checkpoint``, ``metric_logger``,
+    ``log_every_n_steps``, ``eval``.
+    """
+
+    def __init__(self, cfg: DictConfig) -> None:
+        self.cfg = cfg
+        self.device = torch.device(cfg.get("device", "cpu"))
+        self.dtype = training.get_dtype(cfg.get("dtype", "fp32"), device=self.device)
+        self.output_dir = Path(cfg.output_dir)
+        self.seed = training.set_seed(cfg.get("seed", 0))
+        self.world_size, self.rank = 1, 0
+        self.epoch, self.global_step, self.epoch_step = 0, 0, 0
+        self.loss_history: list = []
+
+    # ------------------------------------------------------------ hooks
+
+    @property
+    def is_rank_zero(self) -> bool:
+        return self.rank == 0
+
+    def wrap_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Subclasses shard or adapt the model here (after weights are loaded)."""
+        return model
+
+    def trainable_parameters(self) -> Iterable[torch.nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def full_state_dict(self) -> Dict[str, torch.Tensor]:
+        """torchtune-format weights to save (gathered to rank 0 when sharded)."""
+        return {k: v.detach().to("cpu") for k, v in self.model.state_dict().items()}
+
+    def extra_checkpoint_files(self, directory: Path) -> None:
+        """Subclasses add files to a checkpoint being written (e.g. a LoRA adapter)."""
+
+    def all_reduce(self, value: torch.Tensor) -> torch.Tensor:
+        return value
+
+    def sampler_args(self) -> Dict[str, int]:
+        return {"num_replicas": 1, "rank": 0}
+
+    def build_model(self, cfg: DictConfig) -> torch.nn.Module:
+        with training.set_default_dtype(self.dtype), self.device:
+            return config.instantiate(cfg.model)
+
+    # ------------------------------------------------------------ setup
+
+    def setup(self, cfg: DictConfig) -> None:
+        self.metric_logger = config.instantiate(cfg.metric_logger) if self.is_rank_zero else None
+        if self.metric_logger is not None:
+            self.metric_logger.log_config(cfg)
+        self.tokenizer = config.instantiate(cfg.tokenizer)
+
+        resume_state = None
+        model = self.build_model(cfg)
+        if cfg.get("resume_from_checkpoint", False):
+            path = latest_checkpoint(self.output_dir)
+            if path is None:
+                raise ValueError(
+                    f"resume_from_checkpoint=True but {str(self.output_dir / 'LATEST')!r} does not exist: "
+                    "nothing to resume in output_dir"
+                )
+            state_dict, _, resume_state = load_checkpoint(path)
+            if resume_state is None:
+                raise ValueError(f"checkpoint {str(path)!r} has no recipe_state.pt, so it cannot be resumed")
+            self.load_weights(model, state_dict, str(path))
+        elif cfg.get("checkpointer") is not None:
+            checkpointer = config.instantiate(cfg.checkpointer)
+            self.load_weights(model, checkpointer.load_checkpoint()[training.MODEL_KEY], "checkpointer")
+        elif cfg.get("init_from_scratch", True):
+            init_from_scratch(model, std=cfg.get("init_std", 0.02))
+        if cfg.get("enable_activation_checkpointing", False):
+            training.set_activation_checkpointing(model, auto_wrap_policy={TransformerSelfAttentionLayer})
+        self.model = self.wrap_model(model)
+        if cfg.get("compile", False):
+            training.compile_model(self.model)
+
+        self.optimizer = config.instantiate(cfg.optimizer, self.trainable_parameters())
+        self.dataset = config.instantiate(cfg.dataset, self.tokenizer)
+        self.sampler = DistributedSampler(
+            self.dataset, shuffle=cfg.get("shuffle", True), seed=cfg.get("seed", 0), **self.sampler_args()
+        )
+        self.dataloader = DataLoader(
+            self.dataset,
+            batch_size=cfg.batch_size,
+            sampler=self.sampler,
+            drop_last=True,
+            collate_fn=partial(padded_collate_sft, padding_idx=self.tokenizer.pad_id, ignore_idx=IGNORE),
+        )
+        self.grad_accum = cfg.get("gradient_accumulation_steps", 1)
+        self.steps_per_epoch = len(self.dataloader) // self.grad_accum
+        if cfg.get("max_steps_per_epoch") is not None:
+            self.steps_per_epoch = min(self.steps_per_epoch, cfg.max_steps_per_epoch)
+        if self.steps_per_epoch < 1:
+            raise ValueError(
+                f"no optimizer step fits in an epoch: {len(self.dataset)} examples, batch_size {cfg.batch_size}, "
+                f"gradient_accumulation_steps {self.grad_accum}, {self.world_size} process(es)"
+            )
+        self.total_steps = cfg.epochs * self.steps_per_epoch
+        self.lr_scheduler = (
+            config.instantiate(cfg.lr_scheduler, self.optimizer, num_training_steps=self.total_steps)
+            if cfg.get("lr_scheduler") is not None
+            else None
+        )
+        if resume_state is not None:
+            self.load_recipe_state(resume_state)
+
+    def load_weights(self, model: torch.nn.Module, state_dict: Dict[str, torch.Tensor], source: str) -> None:
+        missing, unexpected = model.load_state_dict(state_dict, strict=False)
+        missing = [k for k in missing if "lora" not in k]  # LoRA adapters start fresh
+        if missing or unexpected:
+            raise ValueError(
+                f"weights from {source} do not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
+            )
+
+    def recipe_state(self) -> Dict[str, Any]:
+        return {
+            "epoch": self.epoch,
+            "global_step": self.global_step,
+            "epoch_step": self.epoch_step,
+            "seed": self.seed,
+            "optimizer": self.optimizer.state_dict(),
+            "lr_scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler is not None else None,
+            "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+            "loss_history": list(self.loss_history),
+            "config": OmegaConf.to_container(self.cfg, resolve=True),
+        }
+
+    def load_recipe_state(self, state: Dict[str, Any]) -> None:
+        self.epoch, self.global_step, self.epoch_step = state["epoch"], state["global_step"], state["epoch_step"]
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.lr_scheduler is not None and state["lr_scheduler"] is not None:
+            self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        torch.set_rng_state(state["rng"]["torch"])
+        random.setstate(state["rng"]["python"])
+        self.loss_history = list(state.get("loss_history", []))
+
+    # ------------------------------------------------------------ training
+
+    def _micro_batches(self):
+        """This epoch's batches, skipping those already consumed when resuming mid-epoch."""
+        self.sampler.set_epoch(self.epoch)
+        skip = self.epoch_step * self.grad_accum
+        for index, batch in enumerate(self.dataloader):
+            if index >= skip:
+                yield batch
+
+    def train_step(self, micro_batches) -> Dict[str, float]:
+        """One optimizer step over ``grad_accum`` micro-batches; returns metrics."""
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_sum = torch.zeros((), device=self.device)
+        tokens = torch.zeros((), device=self.device)
+        seen = 0
+        for batch in micro_batches:
+            inputs = batch["tokens"].to(self.device)
+            labels = shift_labels(batch["labels"].to(self.device))
+            logits = self.model(inputs)
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE, reduction="sum")
+            loss.backward()
+            loss_sum += loss.detach()
+            tokens += (labels != IGNORE).sum()
+            seen += int((inputs != self.tokenizer.pad_id).sum())
+        loss_sum, tokens = self.all_reduce(loss_sum), self.all_reduce(tokens)
+        # Gradients hold sum-of-losses (averaged over processes by FSDP): scale to a per-token mean.
+        scale = self.world_size / tokens.clamp_min(1)
+        for p in self.trainable_parameters():
+            if p.grad is not None:
+                p.grad.mul_(scale.to(p.grad.dtype))
+        grad_norm = None
+        if self.cfg.get("clip_grad_norm") is not None:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable_parameters(), max_norm=self.cfg.clip_grad_norm)
+            if hasattr(grad_norm, "full_tensor"):
+                grad_norm = grad_norm.full_tensor()
+        self.optimizer.step()
+        if self.lr_scheduler is not None:
+            self.lr_scheduler.step()
+        metrics = {"loss": float(loss_sum / tokens.clamp_min(1)), "lr": self.optimizer.param_groups[0]["lr"]}
+        if grad_norm is not None:
+            metrics["grad_norm"] = float(grad_norm)
+        metrics["_tokens"] = seen
+        return metrics
+
+    def train(self) -> None:
+        log_every = self.cfg.get("log_every_n_steps", 10)
+        save_every = self.cfg.get("save_every_n_steps")
+        bar = tqdm(
+            total=self.total_steps, initial=self.global_step, desc="train", unit="step",
+            disable=not self.is_rank_zero, mininterval=1.0,
+        )  # fmt: skip
+        while self.epoch < self.cfg.epochs:
+            batches = self._micro_batches()
+            while self.epoch_step < self.steps_per_epoch:
+                group = [next(batches) for _ in range(self.grad_accum)]
+                start = time.perf_counter()
+                metrics = self.train_step(group)
+                seconds = time.perf_counter() - start
+                tokens_per_s = metrics.pop("_tokens") / max(seconds, 1e-9)
+                self.global_step += 1
+                self.epoch_step += 1
+                self.loss_history.append(metrics["loss"])
+                bar.update(1)
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{tokens_per_s * self.world_size:.0f}")
+                if self.metric_logger is not None and self.global_step % log_every == 0:
+                    self.metric_logger.log_dict({**metrics, "tokens_per_second": tokens_per_s}, step=self.global_step)
+                if not math.isfinite(metrics["loss"]):
+                    raise RuntimeError(f"loss is {metrics['loss']} at step {self.global_step}; stopping")
+                if save_every and self.global_step % save_every == 0 and self.epoch_step < self.steps_per_epoch:
+                    self.save_checkpoint(self.epoch, name=f"step_{self.global_step}")
+            self.epoch += 1
+            self.epoch_step = 0
+            self.save_checkpoint(self.epoch - 1)
+        bar.close()
+        if self.cfg.get("eval") is not None:
+            self.evaluate()
+
+    def evaluate(self) -> Dict[str, float]:
+        """Held-out loss and task accuracy (``cfg.eval``), logged and printed on rank 0."""
+        cfg = self.cfg.eval
+        dataset = config.instantiate(cfg.dataset, self.tokenizer)
+        results = {"heldout_loss": heldout_loss(self.model, dataset, self.tokenizer, device=self.device)}
+        if cfg.get("accuracy_file"):
+            acc = task_accuracy(self.model, self.tokenizer, cfg.accuracy_file, cfg.get("max_examples", 200))
+            results.update({f"accuracy_{k}": v for k, v in acc.items()})
+        if self.is_rank_zero:
+            summary = ", ".join(f"{k} {v:.4f}" for k, v in results.items())
+            print(f"eval after {self.global_step} steps: {summary}")
+            if self.metric_logger is not None:
+                self.metric_logger.log_dict(results, step=self.global_step)
+        self.eval_results = results
+        return results
+
+    def save_checkpoint(self, epoch: int, name: Optional[str] = None) -> Optional[Path]:
+        state_dict = self.full_state_dict()
+        if not self.is_rank_zero:
+            return None
+        path = save_checkpoint(
+            self.output_dir,
+            name or f"epoch_{epoch}",
+            self.model,
+            state_dict,
+            builder=OmegaConf.to_container(self.cfg.model, resolve=True),
+            recipe_state=self.recipe_state(),
+            extra=self.extra_checkpoint_files,
+        )
+        tqdm.write(f"saved checkpoint {path}")
+        return path
+
+    def cleanup(self) -> None:
+        if self.metric_logger is not None:
+            self.metric_logger.close()
