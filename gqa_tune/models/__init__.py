@@ -1,6 +1,7 @@
 """Builders in torchtune's two tiers."""
 
 from gqa_tune.models._component_builders import gqa_attention, gqa_decoder, gqa_mlp, init_from_scratch
+from gqa_tune.models._lora_builders import lora_gqa_decoder, lora_gqa_tiny
 from gqa_tune.models._model_builders import BYTE_VOCAB_SIZE, gqa_llama3_2_1b, gqa_tiny
 
 __all__ = [
@@ -11,4 +12,6 @@ __all__ = [
     "gqa_mlp",
     "gqa_tiny",
     "init_from_scratch",
+    "lora_gqa_decoder",
+    "lora_gqa_tiny",
 ]

@@ -11,7 +11,7 @@ BYTE_VOCAB_SIZE = 260
 def gqa_tiny(backend: str = "auto", max_seq_len: int = 512, vocab_size: int = BYTE_VOCAB_SIZE) -> TransformerDecoder:
     """A 2-layer, 128-wide GQA model (8 query heads, 2 kv heads, ~0.41M parameters).
 
-    Trains on a laptop CPU in seconds; the default model of the offline demo.
+    Trains on a laptop CPU in minutes; the model of the offline default (configs/gqa_tiny/full.yaml).
     """
     return gqa_decoder(
         vocab_size=vocab_size,

@@ -48,7 +48,7 @@ def hf_config(model: torch.nn.Module, builder: Optional[Dict[str, Any]] = None) 
         "model_type": "llama",
         "vocab_size": model.tok_embeddings.num_embeddings,
         "hidden_size": shape["dim"],
-        "intermediate_size": mlp.w1.out_features,
+        "intermediate_size": getattr(mlp.w1, "out_features", None) or mlp.w1.out_dim,  # nn.Linear or LoRALinear
         "num_hidden_layers": len(model.layers),
         "num_attention_heads": shape["num_heads"],
         "num_key_value_heads": shape["num_kv_heads"],

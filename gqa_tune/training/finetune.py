@@ -76,6 +76,14 @@ class FinetuneRecipe(FTRecipeInterface):
         """torchtune-format weights to save (gathered to rank 0 when sharded)."""
         return {k: v.detach().to("cpu") for k, v in self.model.state_dict().items()}
 
+    def checkpoint_model(self) -> torch.nn.Module:
+        """The model whose shape ``config.json`` describes (LoRA: the plain model its merge loads into)."""
+        return self.model
+
+    def checkpoint_builder(self) -> Dict[str, Any]:
+        """The builder config stored in ``config.json`` so the checkpoint can be rebuilt."""
+        return OmegaConf.to_container(self.cfg.model, resolve=True)
+
     def extra_checkpoint_files(self, directory: Path) -> None:
         """Subclasses add files to a checkpoint being written (e.g. a LoRA adapter)."""
 
@@ -282,9 +290,9 @@ class FinetuneRecipe(FTRecipeInterface):
         path = save_checkpoint(
             self.output_dir,
             name or f"epoch_{epoch}",
-            self.model,
+            self.checkpoint_model(),
             state_dict,
-            builder=OmegaConf.to_container(self.cfg.model, resolve=True),
+            builder=self.checkpoint_builder(),
             recipe_state=self.recipe_state(),
             extra=self.extra_checkpoint_files,
         )

@@ -80,7 +80,9 @@ def generate(
     b, width = len(prompts), max(len(p) for p in prompts)
     total = width + max_new_tokens
     if total > model.max_seq_len:
-        raise ValueError(f"prompt ({width}) + max_new_tokens ({max_new_tokens}) exceeds max_seq_len {model.max_seq_len}")
+        raise ValueError(
+            f"prompt ({width}) + max_new_tokens ({max_new_tokens}) exceeds max_seq_len {model.max_seq_len}"
+        )
     tokens = torch.full((b, width), pad_id, dtype=torch.long, device=device)
     for i, p in enumerate(prompts):
         tokens[i, width - len(p) :] = torch.tensor(list(p), device=device)

@@ -1,0 +1,208 @@
+"""LoRA builders, in torchtune's two tiers: ``lora_gqa_decoder`` (every knob) and ``lora_gqa_tiny`` (fixed shape).
+
+The models are built by the plain builders (:func:`gqa_decoder`, :func:`gqa_tiny`), then the chosen
+projections are replaced by torchtune's :class:`~torchtune.modules.peft.LoRALinear`, which takes over
+the projection's own weight (and bias) parameters. So the base parameter names, shapes and even the
+initial base values (for the same seed) equal the plain model's, and a LoRA model's merged state dict
+(:func:`torchtune.modules.peft.get_merged_lora_ckpt`) loads into the plain model.
+"""
+
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+from torchtune.modules import TiedLinear, TransformerDecoder
+from torchtune.modules.peft import LoRALinear
+
+from gqa_tune.models._component_builders import gqa_decoder
+from gqa_tune.models._model_builders import BYTE_VOCAB_SIZE, gqa_tiny
+
+#: Attention projections LoRA can adapt (torchtune's ``LORA_ATTN_MODULES``).
+LORA_ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "output_proj")
+#: SwiGLU projections adapted by ``apply_lora_to_mlp``.
+LORA_MLP_MODULES = ("w1", "w2", "w3")
+
+
+def _lora_from_linear(linear: nn.Module, rank: int, alpha: float, dropout: float) -> LoRALinear:
+    """A ``LoRALinear`` that reuses ``linear``'s weight and bias (no second base weight is allocated)."""
+    if not isinstance(linear, nn.Linear):
+        raise TypeError(f"LoRA can only adapt nn.Linear projections, got {type(linear).__name__}")
+    weight = linear.weight
+    with torch.device("meta"):  # skip allocating and initializing a base weight that is replaced below
+        lora = LoRALinear(
+            linear.in_features, linear.out_features, rank=rank, alpha=alpha, dropout=dropout,
+            use_bias=linear.bias is not None,
+        )  # fmt: skip
+    lora.to_empty(device=weight.device)  # LoRALinear.to_empty materializes only lora_a and lora_b
+    lora.lora_a.to(dtype=weight.dtype)
+    lora.lora_b.to(dtype=weight.dtype)
+    lora.initialize_parameters()  # lora_a: kaiming uniform, lora_b: zeros
+    lora.weight = linear.weight
+    lora.bias = linear.bias
+    return lora
+
+
+def _check_lora_args(lora_attn_modules, apply_lora_to_mlp, apply_lora_to_output, lora_rank, lora_alpha, lora_dropout):
+    if isinstance(lora_attn_modules, str):
+        raise ValueError(f"lora_attn_modules must be a list of names, got the string {lora_attn_modules!r}")
+    modules = list(dict.fromkeys(lora_attn_modules))  # drop repeats, keep order
+    for name in modules:
+        if name not in LORA_ATTN_MODULES:
+            raise ValueError(
+                f"unknown LoRA attention module {name!r} in lora_attn_modules; choose from {LORA_ATTN_MODULES}"
+            )
+    if not modules and not apply_lora_to_mlp and not apply_lora_to_output:
+        raise ValueError("LoRA adapts nothing: lora_attn_modules is empty and apply_lora_to_mlp/output are False")
+    if isinstance(lora_rank, bool) or not isinstance(lora_rank, int) or lora_rank < 1:
+        raise ValueError(f"lora_rank must be a positive int, got {lora_rank!r}")
+    if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, (int, float)) or lora_alpha <= 0:
+        raise ValueError(f"lora_alpha must be a positive number, got {lora_alpha!r}")
+    if not 0.0 <= lora_dropout < 1.0:
+        raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout!r}")
+    return modules
+
+
+def add_lora(
+    model: TransformerDecoder,
+    *,
+    lora_attn_modules: Sequence[str],
+    apply_lora_to_mlp: bool = False,
+    apply_lora_to_output: bool = False,
+    lora_rank: int,
+    lora_alpha: float,
+    lora_dropout: float = 0.0,
+) -> TransformerDecoder:
+    """Replace the chosen projections of a gqa_tune decoder by ``LoRALinear``, in place; returns ``model``.
+
+    Each ``LoRALinear`` keeps the replaced ``nn.Linear``'s weight and bias parameters, so base
+    values and parameter names are unchanged; ``lora_a`` is initialized as in torchtune and
+    ``lora_b`` to zeros (the adapted model computes what the plain one did).
+
+    Raises:
+        ValueError: an unknown name in ``lora_attn_modules``, nothing to adapt, a bad rank, alpha or
+            dropout, or ``apply_lora_to_output`` on a model whose output is tied to the embedding.
+    """
+    modules = _check_lora_args(
+        lora_attn_modules, apply_lora_to_mlp, apply_lora_to_output, lora_rank, lora_alpha, lora_dropout
+    )
+    if apply_lora_to_output and isinstance(model.output, TiedLinear):
+        raise ValueError(
+            "apply_lora_to_output needs an untied output projection (tie_word_embeddings=False): "
+            "this model's output shares the token embedding"
+        )
+
+    def adapt(parent: nn.Module, name: str) -> None:
+        setattr(parent, name, _lora_from_linear(getattr(parent, name), lora_rank, lora_alpha, lora_dropout))
+
+    for layer in model.layers:
+        for name in modules:
+            adapt(layer.attn, name)
+        if apply_lora_to_mlp:
+            for name in LORA_MLP_MODULES:
+                adapt(layer.mlp, name)
+    if apply_lora_to_output:
+        adapt(model, "output")
+    return model
+
+
+def lora_gqa_decoder(
+    *,
+    lora_attn_modules: Sequence[str],
+    apply_lora_to_mlp: bool = False,
+    apply_lora_to_output: bool = False,
+    lora_rank: int,
+    lora_alpha: float,
+    lora_dropout: float = 0.0,
+    vocab_size: int,
+    num_layers: int,
+    num_heads: int,
+    num_kv_heads: int,
+    embed_dim: int,
+    intermediate_dim: int,
+    max_seq_len: int,
+    head_dim: Optional[int] = None,
+    attn_dropout: float = 0.0,
+    rope_base: float = 500_000,
+    rope_scale_factor: Optional[float] = None,
+    norm_eps: float = 1e-5,
+    qk_norm: bool = False,
+    attn_bias: bool = False,
+    tie_word_embeddings: bool = True,
+    backend: str = "auto",
+) -> TransformerDecoder:
+    """:func:`~gqa_tune.models.gqa_decoder` with torchtune ``LoRALinear`` in the chosen projections.
+
+    Same modules and parameter names as ``gqa_decoder(**model_args)`` plus ``lora_a``/``lora_b``
+    in each adapted projection, so full checkpoints load (adapters start fresh) and a merged
+    LoRA state dict loads into the plain model.
+
+    Args:
+        lora_attn_modules (Sequence[str]): attention projections to adapt, any of
+            ``"q_proj"``, ``"k_proj"``, ``"v_proj"``, ``"output_proj"``.
+        apply_lora_to_mlp (bool): adapt the MLP's ``w1``, ``w2`` and ``w3`` too.
+        apply_lora_to_output (bool): adapt the final output projection (needs
+            ``tie_word_embeddings=False``).
+        lora_rank (int): rank ``r`` of each low-rank update.
+        lora_alpha (float): scale; the update is ``(alpha / r) * B @ A``.
+        lora_dropout (float): dropout on the adapters' input while training.
+        vocab_size ... backend: as :func:`~gqa_tune.models.gqa_decoder`.
+
+    Raises:
+        ValueError: as ``gqa_decoder``, plus an unknown name in ``lora_attn_modules`` (named in the
+            message), nothing to adapt, a bad rank/alpha/dropout, or LoRA on a tied output.
+    """
+    _check_lora_args(lora_attn_modules, apply_lora_to_mlp, apply_lora_to_output, lora_rank, lora_alpha, lora_dropout)
+    if apply_lora_to_output and tie_word_embeddings:
+        raise ValueError("apply_lora_to_output needs tie_word_embeddings=False (a tied output shares the embedding)")
+    model = gqa_decoder(
+        vocab_size=vocab_size,
+        num_layers=num_layers,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        embed_dim=embed_dim,
+        intermediate_dim=intermediate_dim,
+        max_seq_len=max_seq_len,
+        head_dim=head_dim,
+        attn_dropout=attn_dropout,
+        rope_base=rope_base,
+        rope_scale_factor=rope_scale_factor,
+        norm_eps=norm_eps,
+        qk_norm=qk_norm,
+        attn_bias=attn_bias,
+        tie_word_embeddings=tie_word_embeddings,
+        backend=backend,
+    )
+    return add_lora(
+        model,
+        lora_attn_modules=lora_attn_modules,
+        apply_lora_to_mlp=apply_lora_to_mlp,
+        apply_lora_to_output=apply_lora_to_output,
+        lora_rank=lora_rank,
+        lora_alpha=lora_alpha,
+        lora_dropout=lora_dropout,
+    )
+
+
+def lora_gqa_tiny(
+    lora_attn_modules: Sequence[str] = LORA_ATTN_MODULES,
+    apply_lora_to_mlp: bool = False,
+    lora_rank: int = 8,
+    lora_alpha: float = 16,
+    lora_dropout: float = 0.0,
+    backend: str = "auto",
+    max_seq_len: int = 512,
+    vocab_size: int = BYTE_VOCAB_SIZE,
+) -> TransformerDecoder:
+    """:func:`~gqa_tune.models.gqa_tiny` with LoRA (rank 8, alpha 16, all attention projections by default).
+
+    Its output is tied to the embedding, so there is no ``apply_lora_to_output``.
+    """
+    _check_lora_args(lora_attn_modules, apply_lora_to_mlp, False, lora_rank, lora_alpha, lora_dropout)
+    return add_lora(
+        gqa_tiny(backend=backend, max_seq_len=max_seq_len, vocab_size=vocab_size),
+        lora_attn_modules=lora_attn_modules,
+        apply_lora_to_mlp=apply_lora_to_mlp,
+        lora_rank=lora_rank,
+        lora_alpha=lora_alpha,
+        lora_dropout=lora_dropout,
+    )
