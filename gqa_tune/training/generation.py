@@ -116,7 +116,7 @@ def generate(
     generated = torch.cat(out, dim=1).tolist()
     stop_set = set(stop_tokens)
     for row in generated:
-        cut = next((i for i, t in enumerate(row) if t in stop_set or t == pad_id), len(row))
+        cut = next((i for i, t in enumerate(row) if t in stop_set), len(row))  # finished rows only pad after a stop
         result.tokens.append(row[:cut])
     result.decode_tokens = b * (len(out) - 1)
     return result

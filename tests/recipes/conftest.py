@@ -32,7 +32,7 @@ def run_tune(recipe: str, config: str, overrides: List[str], nproc: Optional[int
     env = {
         **os.environ,
         "PYTHONUNBUFFERED": "1",
-        "OMP_NUM_THREADS": "1" if nproc else os.environ.get("OMP_NUM_THREADS", "2"),
+        "OMP_NUM_THREADS": "1",
     }
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     return proc

@@ -1,0 +1,291 @@
+"""Generate text from a checkpoint with GQA-sized KV caches, on one device.
+
+    tune run gqa_tune/recipes/generate.py --config configs/gqa_tiny/generate.yaml
+    tune run gqa_tune/recipes/generate.py --config configs/gqa_tiny/generate.yaml prompt="123+456="
+
+Config keys (see ``configs/gqa_tiny/generate.yaml``):
+
+- ``checkpoint_dir``: a checkpoint written by gqa_tune's recipes (``model.safetensors`` +
+  ``config.json``), or their ``output_dir``: when it holds a ``LATEST`` file, the checkpoint
+  it names is loaded. The model is rebuilt from the builder config stored in ``config.json``
+  (``config["gqa_tune"]["model"]``); a ``model:`` with a ``_component_`` replaces it, a
+  ``model:`` without one overrides single arguments (e.g. ``model.max_seq_len=256``).
+- ``checkpointer``: instead of ``checkpoint_dir``, any torchtune checkpointer; needs ``model:``.
+- ``tokenizer``: e.g. ``gqa_tune.data.byte_tokenizer``. Its ``stop_tokens`` (EOS) end a sequence.
+- ``prompts``: a list of prompts, generated as one left-padded batch; or ``prompt``, one
+  prompt. ``prompt=TEXT`` on the command line (repeatable, one prompt each) replaces both and
+  may contain ``=``, which torchtune's own override parser rejects.
+- ``max_new_tokens``, ``temperature`` (0: greedy), ``top_k`` (``null``: all), ``seed``
+  (sampling and the global seed), ``device``, ``dtype``.
+- ``output_file``: optional; writes prompts, generated token ids, texts and timings as JSON.
+
+With one prompt, the text is printed as it is generated; with several, all are printed at
+the end. Then prefill and decode throughput and the KV-cache bytes (and what a full
+multi-head cache of the same model would take) are printed.
+"""
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torchtune import config, training
+
+from gqa_tune.training.checkpoint import LATEST, latest_checkpoint, load_checkpoint, model_shape
+from gqa_tune.training.generation import GenerationResult, generate
+
+#: ``prompt=...`` arguments taken off the command line before torchtune parses it (see :func:`main`).
+_CLI_PROMPTS: List[str] = []
+
+
+class StreamPrinter:
+    """Prints one row's new text as tokens arrive, holding back incomplete UTF-8 characters."""
+
+    def __init__(self, tokenizer: Any, stop_tokens: List[int], pad_id: int, row: int = 0) -> None:
+        self.tokenizer, self.stop_tokens, self.pad_id, self.row = tokenizer, set(stop_tokens), pad_id, row
+        self.ids: List[int] = []
+        self.printed = ""
+        self.done = False
+
+    def __call__(self, new_ids: torch.Tensor) -> None:
+        if self.done:
+            return
+        token = int(new_ids[self.row])
+        if token in self.stop_tokens or token == self.pad_id:
+            self.done = True
+            return
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd"):  # a multi-byte character still incomplete
+            return
+        print(text[len(self.printed) :], end="", flush=True)
+        self.printed = text
+
+    def finish(self) -> None:
+        text = self.tokenizer.decode(self.ids)
+        print(text[len(self.printed) :], flush=True)
+        self.printed = text
+
+
+class GenerateRecipe:
+    """Load a model and tokenizer once (:meth:`setup`), then generate for the configured prompts."""
+
+    def __init__(self, cfg: DictConfig) -> None:
+        self.device = torch.device(cfg.get("device", "cpu"))
+        self.dtype = training.get_dtype(cfg.get("dtype", "fp32"), device=self.device)
+        self.seed = training.set_seed(cfg.get("seed", 0))
+        self.source = ""
+
+    # ------------------------------------------------------------ setup
+
+    def setup(self, cfg: DictConfig) -> None:
+        self.tokenizer = config.instantiate(cfg.tokenizer)
+        state_dict, builder = self.load_weights(cfg)
+        with training.set_default_dtype(self.dtype), self.device:
+            model = config.instantiate(builder)
+        missing, unexpected = model.load_state_dict(state_dict, strict=False)
+        # As in the fine-tune recipes: a LoRA builder's adapters may be absent (merged weights, B = 0).
+        missing = [k for k in missing if "lora" not in k]
+        if missing or unexpected:
+            raise ValueError(
+                f"weights from {self.source} do not fit the model {builder.get('_component_')}: "
+                f"missing {missing[:5]}, unexpected {unexpected[:5]}"
+            )
+        self.model = model.to(device=self.device, dtype=self.dtype).eval()
+
+    def load_weights(self, cfg: DictConfig) -> tuple:
+        """(torchtune-format weights, model builder config) from ``checkpoint_dir`` or ``checkpointer``."""
+        model_cfg = cfg.get("model")
+        if cfg.get("checkpoint_dir") is not None:
+            path = Path(cfg.checkpoint_dir)
+            if not path.is_dir():
+                raise ValueError(
+                    f"checkpoint_dir {str(path)!r} does not exist (relative paths are taken from {Path.cwd()}); "
+                    "train a model first, e.g. `tune run gqa_tune/recipes/full_finetune_single_device.py "
+                    "--config configs/gqa_tiny/full.yaml`, or set checkpoint_dir=<dir>"
+                )
+            if (path / LATEST).is_file():
+                path = latest_checkpoint(path)
+            state_dict, hf_config, _ = load_checkpoint(path)
+            self.source = str(path)
+            stored = hf_config.get("gqa_tune", {}).get("model") or {}
+            if model_cfg is not None and "_component_" in model_cfg:
+                builder = model_cfg
+            elif stored:
+                builder = OmegaConf.merge(OmegaConf.create(stored), model_cfg or {})
+            else:
+                raise ValueError(
+                    f"checkpoint {str(path)!r} does not say how to build its model (no gqa_tune.model in "
+                    "config.json): give `model:` with a _component_ in the config"
+                )
+            return state_dict, builder
+        if cfg.get("checkpointer") is not None:
+            if model_cfg is None or "_component_" not in model_cfg:
+                raise ValueError("a `checkpointer:` needs an explicit `model:` (with a _component_) to load into")
+            checkpointer = config.instantiate(cfg.checkpointer)
+            self.source = f"checkpointer {cfg.checkpointer._component_}"
+            return checkpointer.load_checkpoint()[training.MODEL_KEY], model_cfg
+        raise ValueError("set checkpoint_dir (a gqa_tune checkpoint or output_dir) or checkpointer (+ model)")
+
+    # ------------------------------------------------------------ generation
+
+    def prompts(self, cfg: DictConfig) -> List[str]:
+        """The prompts to run: ``prompt=`` from the command line, else ``prompt``, else ``prompts``."""
+        if _CLI_PROMPTS:
+            prompts: Any = list(_CLI_PROMPTS)
+        elif cfg.get("prompt") is not None:
+            prompts = [cfg.prompt]
+        else:
+            prompts = cfg.get("prompts")
+            prompts = OmegaConf.to_container(prompts) if OmegaConf.is_config(prompts) else prompts
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if not prompts:
+            raise ValueError("no prompts: set `prompts: [...]` in the config or pass prompt=TEXT on the command line")
+        if not isinstance(prompts, (list, tuple)):
+            raise ValueError(f"prompts must be a list of strings, got {type(prompts).__name__}")
+        for i, prompt in enumerate(prompts):
+            if not isinstance(prompt, (str, int, float)) or str(prompt) == "":
+                raise ValueError(f"prompt {i} is empty or not text: {prompt!r}")
+        return [str(p) for p in prompts]
+
+    def encode(self, prompts: List[str], max_new_tokens: int) -> List[List[int]]:
+        """Token ids per prompt (with BOS), checked to fit ``max_seq_len`` with the new tokens."""
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+        encoded = [self.tokenizer.encode(p, add_bos=True, add_eos=False) for p in prompts]
+        limit = self.model.max_seq_len
+        longest = max(range(len(encoded)), key=lambda i: len(encoded[i]))
+        width = len(encoded[longest])
+        if width + max_new_tokens > limit:
+            raise ValueError(
+                f"prompt {longest} is {width} tokens long; with max_new_tokens={max_new_tokens} generation needs "
+                f"{width + max_new_tokens} positions, more than the model's max_seq_len={limit}: shorten the "
+                f"prompt, lower max_new_tokens (at most {max(limit - width, 0)} here) or build the model with a "
+                "larger max_seq_len (model.max_seq_len=N)"
+            )
+        return encoded
+
+    def generate(self, cfg: DictConfig) -> GenerationResult:
+        """Generate for the configured prompts, print the texts and statistics, return the result.
+
+        ``result.extra`` holds ``prompts``, ``prompt_tokens`` and ``texts``.
+        """
+        prompts = self.prompts(cfg)
+        max_new_tokens = cfg.get("max_new_tokens", 32)
+        encoded = self.encode(prompts, max_new_tokens)
+        temperature = float(cfg.get("temperature", 0.0))
+        top_k = cfg.get("top_k")
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+        if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+            raise ValueError(f"top_k must be a positive int or null, got {top_k!r}")
+        stop_tokens = list(getattr(self.tokenizer, "stop_tokens", None) or [self.tokenizer.eos_id])
+        pad_id = self.tokenizer.pad_id
+
+        stream = None
+        if len(prompts) == 1:
+            stream = StreamPrinter(self.tokenizer, stop_tokens, pad_id)
+            print(prompts[0], end="", flush=True)
+        result = generate(
+            self.model,
+            encoded,
+            max_new_tokens=max_new_tokens,
+            pad_id=pad_id,
+            stop_tokens=stop_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            seed=cfg.get("seed") if temperature > 0 else None,
+            on_tokens=stream,
+        )
+        texts = [self.tokenizer.decode(ids) for ids in result.tokens]
+        if stream is not None:
+            stream.finish()
+        else:
+            for prompt, text in zip(prompts, texts):
+                print(f"{prompt}{text}")
+        result.extra.update({"prompts": prompts, "prompt_tokens": encoded, "texts": texts})
+        self.report(result, temperature, top_k)
+        if cfg.get("output_file"):
+            self.write_output(Path(cfg.output_file), result)
+        return result
+
+    def report(self, result: GenerationResult, temperature: float, top_k: Optional[int]) -> None:
+        mode = "greedy" if temperature <= 0 else f"sampling (temperature {temperature}, top_k {top_k})"
+        print(f"--- {len(result.tokens)} prompt(s), {mode}, weights from {self.source}")
+        print(
+            f"prefill: {result.prefill_tokens} tokens in {result.prefill_seconds * 1e3:.1f} ms "
+            f"({result.prefill_tokens_per_s:.0f} tokens/s)"
+        )
+        print(
+            f"decode: {result.decode_tokens} tokens in {result.decode_seconds * 1e3:.1f} ms "
+            f"({result.decode_tokens_per_s:.0f} tokens/s)"
+        )
+        shape = _attention_shape(self.model)
+        line = f"KV cache: {result.kv_cache_bytes} bytes ({result.kv_cache_bytes / 2**20:.3f} MiB)"
+        if shape is not None:
+            n_h, n_kv = shape["num_heads"], shape["num_kv_heads"]
+            mha = result.kv_cache_bytes * n_h // n_kv
+            line += (
+                f" for {n_kv} kv heads; a multi-head cache ({n_h} heads) would take {mha} bytes "
+                f"({mha / 2**20:.3f} MiB, {n_h / n_kv:.1f}x)"
+            )
+        print(line, flush=True)
+
+    def write_output(self, path: Path, result: GenerationResult) -> None:
+        data: Dict[str, Any] = {
+            "prompts": result.extra["prompts"],
+            "prompt_tokens": result.extra["prompt_tokens"],
+            "tokens": result.tokens,
+            "texts": result.extra["texts"],
+            "prefill_tokens": result.prefill_tokens,
+            "prefill_seconds": result.prefill_seconds,
+            "prefill_tokens_per_s": result.prefill_tokens_per_s,
+            "decode_tokens": result.decode_tokens,
+            "decode_seconds": result.decode_seconds,
+            "decode_tokens_per_s": result.decode_tokens_per_s,
+            "kv_cache_bytes": result.kv_cache_bytes,
+        }
+        shape = _attention_shape(self.model)
+        if shape is not None:
+            data.update(shape)
+            data["mha_kv_cache_bytes"] = result.kv_cache_bytes * shape["num_heads"] // shape["num_kv_heads"]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(data, indent=2) + "\n")
+        print(f"wrote {path}")
+
+
+def _attention_shape(model: torch.nn.Module) -> Optional[Dict[str, int]]:
+    try:
+        return model_shape(model)
+    except (AttributeError, IndexError, TypeError):
+        return None
+
+
+@config.parse
+def recipe_main(cfg: DictConfig) -> None:
+    recipe = GenerateRecipe(cfg)
+    recipe.setup(cfg)
+    recipe.generate(cfg)
+
+
+def take_prompt_args(argv: List[str]) -> List[str]:
+    """Remove ``prompt=TEXT`` arguments from ``argv`` (in place) and return the texts.
+
+    torchtune's override parser splits ``key=value`` on every ``=`` (so ``prompt=1+2=``
+    is rejected) and parses values as YAML; these prompts are kept verbatim instead.
+    """
+    prompts = [arg[len("prompt=") :] for arg in argv[1:] if arg.startswith("prompt=")]
+    argv[1:] = [arg for arg in argv[1:] if not arg.startswith("prompt=")]
+    return prompts
+
+
+def main() -> None:
+    _CLI_PROMPTS[:] = take_prompt_args(sys.argv)
+    recipe_main()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
