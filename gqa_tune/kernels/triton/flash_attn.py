@@ -44,6 +44,23 @@ def mma(a, b, PRECISION: tl.constexpr):
         return tl.dot(a, b)
 
 
+@triton.jit
+def softmax_block(s, allowed, v, m_i, l_i, acc, PREC: tl.constexpr):
+    """Fold one block of scores ``s`` (log2 units) and values ``v`` into the streaming softmax.
+
+    Returns the new row maxima, row sums and unnormalized output. A row with no
+    allowed key so far keeps ``m_i = -inf`` and ``l_i = 0`` (never NaN).
+    """
+    s = tl.where(allowed, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(s - m_safe[:, None])
+    alpha = tl.math.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + mma(p.to(v.dtype), v, PREC)
+    return m_new, l_i, acc
+
+
 def dot_precision(dtype: torch.dtype) -> int:
     if INTERPRET and dtype != torch.float32:
         return 2
@@ -96,8 +113,7 @@ def _fwd_kernel(
             mask=n_ok[None, :] & d_ok[:, None],
             other=0.0,
         )  # [BLOCK_D, BLOCK_N]
-        s = mma(q, kt, PREC)
-        s = s * qk_scale
+        s = mma(q, kt, PREC) * qk_scale
         allowed = row_ok[:, None] & n_ok[None, :]
         if CAUSAL:
             allowed = allowed & (n[None, :] <= m[:, None] + causal_offset)
@@ -108,20 +124,12 @@ def _fwd_kernel(
                 other=0,
             )
             allowed = allowed & (keep != 0)
-        s = tl.where(allowed, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(
             V + b * svb + kvh * svh + n[:, None] * svn + d[None, :] * svd,
             mask=n_ok[:, None] & d_ok[None, :],
             other=0.0,
         )
-        pv = mma(p.to(v.dtype), v, PREC)
-        acc = acc * alpha[:, None] + pv
-        m_i = m_new
+        m_i, l_i, acc = softmax_block(s, allowed, v, m_i, l_i, acc, PREC)
 
     dead = l_i == 0.0
     out = acc / tl.where(dead, 1.0, l_i)[:, None]

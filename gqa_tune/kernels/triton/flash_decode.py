@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from gqa_tune.kernels.triton._common import INTERPRET, head_block, next_pow2
-from gqa_tune.kernels.triton.flash_attn import dot_precision, mma
+from gqa_tune.kernels.triton.flash_attn import dot_precision, mma, softmax_block
 
 LOG2E = 1.4426950408889634
 
@@ -65,8 +65,7 @@ def _decode_split_kernel(
             mask=n_ok[None, :] & d_ok[:, None],
             other=0.0,
         )
-        s = mma(q, kt, PREC)
-        s = s * qk_scale
+        s = mma(q, kt, PREC) * qk_scale
         allowed = row_ok[:, None] & n_ok[None, :]
         if CAUSAL:
             allowed = allowed & (n[None, :] <= seqlen - s_q + i[:, None])
@@ -77,20 +76,12 @@ def _decode_split_kernel(
                 other=0,
             )
             allowed = allowed & (keep != 0)
-        s = tl.where(allowed, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(
             V + b * svb + kvh * svh + n[:, None] * svn + d[None, :] * svd,
             mask=n_ok[:, None] & d_ok[None, :],
             other=0.0,
         )
-        pv = mma(p.to(v.dtype), v, PREC)
-        acc = acc * alpha[:, None] + pv
-        m_i = m_new
+        m_i, l_i, acc = softmax_block(s, allowed, v, m_i, l_i, acc, PREC)
 
     dead = l_i == 0.0
     part = (pid_bh * n_splits + pid_s) * ROWS + rows  # OPART [b*n_kv, n_splits, ROWS, BLOCK_D]
