@@ -1,7 +1,7 @@
 """Generate text from a checkpoint with GQA-sized KV caches, on one device.
 
     tune run gqa_tune/recipes/generate.py --config configs/gqa_tiny/generate.yaml
-    tune run gqa_tune/recipes/generate.py --config configs/gqa_tiny/generate.yaml prompt="123+456="
+    tune run gqa_tune/recipes/generate.py --config configs/gqa_tiny/generate.yaml prompt="37+45="
 
 Config keys (see ``configs/gqa_tiny/generate.yaml``):
 

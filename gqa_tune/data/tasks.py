@@ -2,9 +2,10 @@
 
 Two tasks, mixed half and half:
 
-- ``recall``: a list of key=value pairs, then a key; the answer is its value.
-  Solving it needs attention back to the right pair (an induction-style lookup).
-- ``add``: ``a+b=`` with numbers below 1000; the answer is the sum.
+- ``copy``: a random word of 4 to 8 letters, then ``>``; the answer is the word again.
+  Each answer letter needs attention back to its position in the prompt.
+- ``add``: ``a+b=`` with numbers below 100; the answer is the sum (digit
+  alignment and carries, again read back through attention).
 
 ``python -m gqa_tune.data.tasks`` regenerates ``data/tasks/{train,val}.jsonl``
 deterministically (the files are committed; nothing is downloaded).
@@ -21,21 +22,19 @@ DATA_DIR = Path(__file__).resolve().parents[2] / "data" / "tasks"
 SPLITS = {"train": (20_000, 1234), "val": (500, 5678)}
 
 
-def recall_example(rng: random.Random) -> Dict[str, str]:
-    keys = rng.sample(string.ascii_lowercase, rng.randint(3, 6))
-    pairs = [(k, str(rng.randint(0, 99))) for k in keys]
-    key, value = rng.choice(pairs)
-    return {"task": "recall", "prompt": " ".join(f"{k}={v}" for k, v in pairs) + f" ?{key}=", "answer": value}
+def copy_example(rng: random.Random) -> Dict[str, str]:
+    word = "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(4, 8)))
+    return {"task": "copy", "prompt": f"{word}>", "answer": word}
 
 
 def add_example(rng: random.Random) -> Dict[str, str]:
-    a, b = rng.randint(0, 999), rng.randint(0, 999)
+    a, b = rng.randint(0, 99), rng.randint(0, 99)
     return {"task": "add", "prompt": f"{a}+{b}=", "answer": str(a + b)}
 
 
 def make_examples(n: int, seed: int) -> List[Dict[str, str]]:
     rng = random.Random(seed)
-    return [(recall_example if i % 2 == 0 else add_example)(rng) for i in range(n)]
+    return [(copy_example if i % 2 == 0 else add_example)(rng) for i in range(n)]
 
 
 def write_splits(out_dir: Path = DATA_DIR) -> None:
