@@ -37,7 +37,7 @@ def test_trains_saves_and_both_libraries_load_the_checkpoint(tune, tmp_path):
         output_dir=str(tmp_path / "tt_out"),
     )  # fmt: skip
     theirs = llama3_2(vocab_size=260, num_layers=2, num_heads=8, num_kv_heads=2, embed_dim=128,
-                      max_seq_len=128, intermediate_dim=384, rope_base=10_000)  # fmt: skip
+                      max_seq_len=128, intermediate_dim=384, rope_base=10_000, scale_factor=1)  # fmt: skip
     theirs.load_state_dict(checkpointer.load_checkpoint()["model"])
     tokens = torch.randint(0, 256, (2, 20))
     with torch.no_grad():
