@@ -1,5 +1,22 @@
-"""Checkpoint and module conversion."""
+"""Checkpoint and module conversion: MHA -> GQA pooling, and swapping attention into torchtune models."""
 
+from gqa_tune.convert.pooling import (
+    METHODS,
+    check_conversion,
+    convert_attention_,
+    convert_model_,
+    convert_state_dict,
+    pool_heads,
+)
 from gqa_tune.convert.swap import from_torchtune_attention, swap_attention
 
-__all__ = ["from_torchtune_attention", "swap_attention"]
+__all__ = [
+    "METHODS",
+    "check_conversion",
+    "convert_attention_",
+    "convert_model_",
+    "convert_state_dict",
+    "from_torchtune_attention",
+    "pool_heads",
+    "swap_attention",
+]

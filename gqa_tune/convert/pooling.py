@@ -1,0 +1,165 @@
+"""MHA -> GQA conversion: pool the key/value heads of each group (Ainslie et al., 2023).
+
+The paper turns a multi-head checkpoint into a grouped one by mean-pooling
+the key and value projection heads within each group, then uptraining. With
+``n_kv`` current kv heads and ``new`` target heads, group ``j`` is made of the
+current heads ``j * r .. (j + 1) * r - 1`` with ``r = n_kv // new``, so query
+head ``i`` (which used kv head ``i // (n_h // n_kv)``) now uses kv head
+``i // (n_h // new)``: the contiguous grouping that torch's ``enable_gqa``,
+Llama's ``repeat_kv`` and torchtune's expand all assume.
+
+Methods: ``"mean"`` (the paper), ``"first"`` (keep the first head of each
+group), ``"random"`` (a fresh initialization, for the ablation).
+Converting to the current number of kv heads is the identity for every method.
+"""
+
+from typing import Dict, Optional
+
+import torch
+
+METHODS = ("mean", "first", "random")
+
+
+def check_conversion(num_kv_heads: int, new_num_kv_heads: int, method: str) -> None:
+    """Raise ``ValueError`` unless ``new_num_kv_heads`` divides ``num_kv_heads`` and ``method`` is known."""
+    if method not in METHODS:
+        raise ValueError(f"unknown pooling method {method!r}; choose one of {', '.join(METHODS)}")
+    if not isinstance(new_num_kv_heads, int) or new_num_kv_heads < 1:
+        raise ValueError(f"num_kv_heads must be a positive int, got {new_num_kv_heads!r}")
+    if new_num_kv_heads > num_kv_heads:
+        raise ValueError(f"cannot convert to more kv heads ({new_num_kv_heads}) than the model has ({num_kv_heads})")
+    if num_kv_heads % new_num_kv_heads != 0:
+        raise ValueError(f"num_kv_heads {new_num_kv_heads} does not divide the current {num_kv_heads} kv heads")
+
+
+def pool_heads(
+    t: torch.Tensor,
+    num_kv_heads: int,
+    new_num_kv_heads: int,
+    head_dim: int,
+    method: str = "mean",
+    generator: Optional[torch.Generator] = None,
+) -> torch.Tensor:
+    """Pool a k/v projection weight ``[n_kv * h_d, d]`` (or bias ``[n_kv * h_d]``) to ``new`` heads.
+
+    Returns ``[new * h_d, d]`` (or ``[new * h_d]``) in ``t``'s dtype; pooling runs in float32.
+    """
+    check_conversion(num_kv_heads, new_num_kv_heads, method)
+    if t.shape[0] != num_kv_heads * head_dim:
+        raise ValueError(
+            f"tensor of shape {tuple(t.shape)} is not {num_kv_heads} heads x head_dim {head_dim} on its first dim"
+        )
+    if new_num_kv_heads == num_kv_heads:
+        return t.clone()
+    ratio = num_kv_heads // new_num_kv_heads
+    grouped = t.float().reshape(new_num_kv_heads, ratio, head_dim, *t.shape[1:])  # [new, r, h_d, ...]
+    if method == "mean":
+        pooled = grouped.mean(dim=1)
+    elif method == "first":
+        pooled = grouped[:, 0]
+    else:
+        if t.dim() == 1:
+            pooled = torch.zeros_like(grouped[:, 0])
+        else:
+            fan_in = t.shape[1]
+            bound = fan_in**-0.5  # nn.Linear's default init range
+            pooled = torch.empty_like(grouped[:, 0]).uniform_(-bound, bound, generator=generator)
+    return pooled.reshape(new_num_kv_heads * head_dim, *t.shape[1:]).to(t.dtype)
+
+
+def convert_state_dict(
+    state_dict: Dict[str, torch.Tensor],
+    *,
+    num_kv_heads: int,
+    new_num_kv_heads: int,
+    head_dim: int,
+    method: str = "mean",
+    fmt: str = "torchtune",
+    seed: int = 0,
+) -> Dict[str, torch.Tensor]:
+    """Pool every layer's key/value projections in a state dict; other entries are kept.
+
+    Args:
+        state_dict: torchtune (``layers.{i}.attn.k_proj.weight``) or Hugging Face
+            Llama (``model.layers.{i}.self_attn.k_proj.weight``) format; biases too.
+        num_kv_heads: kv heads now; ``new_num_kv_heads`` must divide it.
+        head_dim: per-head width.
+        method: ``"mean"``, ``"first"`` or ``"random"``.
+        fmt: ``"torchtune"`` or ``"hf"``.
+        seed: for ``"random"``.
+
+    Raises:
+        ValueError: a bad target or method, an unknown format, or a state dict
+            with no k/v projections of that format.
+    """
+    check_conversion(num_kv_heads, new_num_kv_heads, method)
+    suffixes = {"torchtune": (".attn.k_proj.", ".attn.v_proj."), "hf": (".self_attn.k_proj.", ".self_attn.v_proj.")}
+    if fmt not in suffixes:
+        raise ValueError(f"unknown state-dict format {fmt!r}; choose 'torchtune' or 'hf'")
+    generator = torch.Generator().manual_seed(seed)
+    out, found = {}, 0
+    for key, value in state_dict.items():
+        if any(s in key for s in suffixes[fmt]) and key.endswith((".weight", ".bias")):
+            out[key] = pool_heads(value, num_kv_heads, new_num_kv_heads, head_dim, method, generator)
+            found += 1
+        else:
+            out[key] = value
+    if found == 0:
+        raise ValueError(f"no key/value projection weights of {fmt!r} format found (e.g. '*{suffixes[fmt][0]}weight')")
+    return out
+
+
+def _pooled_linear(linear: torch.nn.Module, num_kv_heads: int, new: int, head_dim: int, method: str, generator):
+    if not isinstance(linear, torch.nn.Linear):
+        raise ValueError(
+            f"cannot resize a {type(linear).__name__} key/value projection; convert before wrapping it "
+            "(e.g. merge LoRA adapters first, or convert the base model and add LoRA afterwards)"
+        )
+    new_linear = torch.nn.Linear(
+        linear.in_features, new * head_dim, bias=linear.bias is not None,
+        device=linear.weight.device, dtype=linear.weight.dtype,
+    )  # fmt: skip
+    with torch.no_grad():
+        new_linear.weight.copy_(pool_heads(linear.weight, num_kv_heads, new, head_dim, method, generator))
+        if linear.bias is not None:
+            new_linear.bias.copy_(pool_heads(linear.bias, num_kv_heads, new, head_dim, method, generator))
+    new_linear.weight.requires_grad_(linear.weight.requires_grad)
+    return new_linear
+
+
+def convert_attention_(attn: torch.nn.Module, num_kv_heads: int, method: str = "mean", seed: int = 0) -> None:
+    """Convert one attention module (gqa_tune's or torchtune's ``MultiHeadAttention``) in place.
+
+    ``k_proj``/``v_proj`` are replaced by pooled ``nn.Linear``s, ``num_kv_heads``
+    is updated, and an existing KV cache is replaced by an empty one with the
+    new head count (same batch, length and dtype; enabled as before).
+    """
+    check_conversion(attn.num_kv_heads, num_kv_heads, method)
+    if attn.num_heads % num_kv_heads != 0:
+        raise ValueError(f"num_heads ({attn.num_heads}) must be divisible by num_kv_heads ({num_kv_heads})")
+    generator = torch.Generator().manual_seed(seed)
+    old = attn.num_kv_heads
+    k_proj = _pooled_linear(attn.k_proj, old, num_kv_heads, attn.head_dim, method, generator)
+    v_proj = _pooled_linear(attn.v_proj, old, num_kv_heads, attn.head_dim, method, generator)
+    attn.k_proj, attn.v_proj, attn.num_kv_heads = k_proj, v_proj, num_kv_heads
+    cache = attn.kv_cache
+    if cache is not None:
+        batch, _, length, head_dim = cache.k_cache.shape
+        attn.kv_cache = type(cache)(batch, length, num_kv_heads, head_dim, cache.k_cache.dtype)
+        attn.kv_cache.to(cache.k_cache.device)
+
+
+def convert_model_(model: torch.nn.Module, num_kv_heads: int, method: str = "mean", seed: int = 0) -> int:
+    """Convert every attention module of ``model`` that has ``k_proj``/``v_proj`` and ``num_kv_heads``.
+
+    Works on gqa_tune and plain torchtune models. Returns how many modules were converted.
+    """
+    targets = [
+        m for m in model.modules()
+        if hasattr(m, "num_kv_heads") and hasattr(m, "k_proj") and hasattr(m, "v_proj")
+    ]  # fmt: skip
+    if not targets:
+        raise ValueError(f"{type(model).__name__} has no attention modules with k_proj/v_proj to convert")
+    for index, attn in enumerate(targets):
+        convert_attention_(attn, num_kv_heads, method, seed + index)
+    return len(targets)
