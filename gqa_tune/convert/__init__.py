@@ -1,5 +1,6 @@
 """Checkpoint and module conversion: MHA -> GQA pooling, and swapping attention into torchtune models."""
 
+from gqa_tune.convert.hf import convert_hf_checkpoint
 from gqa_tune.convert.pooling import (
     METHODS,
     check_conversion,
@@ -14,6 +15,7 @@ __all__ = [
     "METHODS",
     "check_conversion",
     "convert_attention_",
+    "convert_hf_checkpoint",
     "convert_model_",
     "convert_state_dict",
     "from_torchtune_attention",

@@ -24,7 +24,7 @@ def check_conversion(num_kv_heads: int, new_num_kv_heads: int, method: str) -> N
     """Raise ``ValueError`` unless ``new_num_kv_heads`` divides ``num_kv_heads`` and ``method`` is known."""
     if method not in METHODS:
         raise ValueError(f"unknown pooling method {method!r}; choose one of {', '.join(METHODS)}")
-    if not isinstance(new_num_kv_heads, int) or new_num_kv_heads < 1:
+    if isinstance(new_num_kv_heads, bool) or not isinstance(new_num_kv_heads, int) or new_num_kv_heads < 1:
         raise ValueError(f"num_kv_heads must be a positive int, got {new_num_kv_heads!r}")
     if new_num_kv_heads > num_kv_heads:
         raise ValueError(f"cannot convert to more kv heads ({new_num_kv_heads}) than the model has ({num_kv_heads})")
@@ -63,7 +63,9 @@ def pool_heads(
         else:
             fan_in = t.shape[1]
             bound = fan_in**-0.5  # nn.Linear's default init range
-            pooled = torch.empty_like(grouped[:, 0]).uniform_(-bound, bound, generator=generator)
+            device = generator.device if generator is not None else t.device  # a generator draws on its own device
+            pooled = torch.empty(grouped[:, 0].shape, device=device).uniform_(-bound, bound, generator=generator)
+            pooled = pooled.to(t.device)
     return pooled.reshape(new_num_kv_heads * head_dim, *t.shape[1:]).to(t.dtype)
 
 
@@ -76,6 +78,7 @@ def convert_state_dict(
     method: str = "mean",
     fmt: str = "torchtune",
     seed: int = 0,
+    generator: Optional[torch.Generator] = None,
 ) -> Dict[str, torch.Tensor]:
     """Pool every layer's key/value projections in a state dict; other entries are kept.
 
@@ -87,34 +90,52 @@ def convert_state_dict(
         method: ``"mean"``, ``"first"`` or ``"random"``.
         fmt: ``"torchtune"`` or ``"hf"``.
         seed: for ``"random"``.
+        generator: for ``"random"``, instead of ``seed`` (to draw one stream over several shards).
 
     Raises:
-        ValueError: a bad target or method, an unknown format, or a state dict
-            with no k/v projections of that format.
+        ValueError: a bad target or method, an unknown format, a state dict with
+            no k/v projections of that format, a k/v tensor that is not
+            ``num_kv_heads x head_dim`` rows (the key is named), or k/v entries
+            other than ``weight``/``bias`` (e.g. unmerged LoRA ``lora_a``/``lora_b``).
     """
     check_conversion(num_kv_heads, new_num_kv_heads, method)
-    suffixes = {"torchtune": (".attn.k_proj.", ".attn.v_proj."), "hf": (".self_attn.k_proj.", ".self_attn.v_proj.")}
-    if fmt not in suffixes:
+    markers = {"torchtune": (".attn.k_proj.", ".attn.v_proj."), "hf": (".self_attn.k_proj.", ".self_attn.v_proj.")}
+    if fmt not in markers:
         raise ValueError(f"unknown state-dict format {fmt!r}; choose 'torchtune' or 'hf'")
-    generator = torch.Generator().manual_seed(seed)
+    if generator is None:
+        generator = torch.Generator().manual_seed(seed)
     out, found = {}, 0
     for key, value in state_dict.items():
-        if any(s in key for s in suffixes[fmt]) and key.endswith((".weight", ".bias")):
-            out[key] = pool_heads(value, num_kv_heads, new_num_kv_heads, head_dim, method, generator)
-            found += 1
-        else:
+        marker = next((m for m in markers[fmt] if m in key), None)
+        if marker is None:
             out[key] = value
+            continue
+        if key.rsplit(marker, 1)[1] not in ("weight", "bias"):
+            raise ValueError(
+                f"cannot pool {key!r}: only plain key/value projection weights and biases can be pooled "
+                "(merge LoRA adapters or dequantize first)"
+            )
+        try:
+            out[key] = pool_heads(value, num_kv_heads, new_num_kv_heads, head_dim, method, generator)
+        except ValueError as err:
+            raise ValueError(f"{key}: {err}") from err
+        found += 1
     if found == 0:
-        raise ValueError(f"no key/value projection weights of {fmt!r} format found (e.g. '*{suffixes[fmt][0]}weight')")
+        raise ValueError(f"no key/value projection weights of {fmt!r} format found (e.g. '*{markers[fmt][0]}weight')")
     return out
 
 
-def _pooled_linear(linear: torch.nn.Module, num_kv_heads: int, new: int, head_dim: int, method: str, generator):
-    if not isinstance(linear, torch.nn.Linear):
-        raise ValueError(
-            f"cannot resize a {type(linear).__name__} key/value projection; convert before wrapping it "
-            "(e.g. merge LoRA adapters first, or convert the base model and add LoRA afterwards)"
-        )
+def _check_projections(attn: torch.nn.Module) -> None:
+    for name in ("k_proj", "v_proj"):
+        linear = getattr(attn, name)
+        if not isinstance(linear, torch.nn.Linear):
+            raise ValueError(
+                f"cannot resize a {type(linear).__name__} {name} (key/value projection); convert before wrapping "
+                "it (e.g. merge LoRA adapters first, or convert the base model and add LoRA afterwards)"
+            )
+
+
+def _pooled_linear(linear: torch.nn.Linear, num_kv_heads: int, new: int, head_dim: int, method: str, generator):
     new_linear = torch.nn.Linear(
         linear.in_features, new * head_dim, bias=linear.bias is not None,
         device=linear.weight.device, dtype=linear.weight.dtype,
@@ -124,7 +145,16 @@ def _pooled_linear(linear: torch.nn.Module, num_kv_heads: int, new: int, head_di
         if linear.bias is not None:
             new_linear.bias.copy_(pool_heads(linear.bias, num_kv_heads, new, head_dim, method, generator))
     new_linear.weight.requires_grad_(linear.weight.requires_grad)
+    if linear.bias is not None:
+        new_linear.bias.requires_grad_(linear.bias.requires_grad)
     return new_linear
+
+
+def _check_attention(attn: torch.nn.Module, num_kv_heads: int, method: str) -> None:
+    check_conversion(attn.num_kv_heads, num_kv_heads, method)
+    if attn.num_heads % num_kv_heads != 0:
+        raise ValueError(f"num_heads ({attn.num_heads}) must be divisible by num_kv_heads ({num_kv_heads})")
+    _check_projections(attn)
 
 
 def convert_attention_(attn: torch.nn.Module, num_kv_heads: int, method: str = "mean", seed: int = 0) -> None:
@@ -133,10 +163,13 @@ def convert_attention_(attn: torch.nn.Module, num_kv_heads: int, method: str = "
     ``k_proj``/``v_proj`` are replaced by pooled ``nn.Linear``s, ``num_kv_heads``
     is updated, and an existing KV cache is replaced by an empty one with the
     new head count (same batch, length and dtype; enabled as before).
+    The new projections are new parameters: build optimizers afterwards.
+
+    Raises:
+        ValueError: a bad target or method, or k/v projections that are not
+            ``nn.Linear`` (e.g. ``LoRALinear``); the module is then unchanged.
     """
-    check_conversion(attn.num_kv_heads, num_kv_heads, method)
-    if attn.num_heads % num_kv_heads != 0:
-        raise ValueError(f"num_heads ({attn.num_heads}) must be divisible by num_kv_heads ({num_kv_heads})")
+    _check_attention(attn, num_kv_heads, method)
     generator = torch.Generator().manual_seed(seed)
     old = attn.num_kv_heads
     k_proj = _pooled_linear(attn.k_proj, old, num_kv_heads, attn.head_dim, method, generator)
@@ -153,6 +186,7 @@ def convert_model_(model: torch.nn.Module, num_kv_heads: int, method: str = "mea
     """Convert every attention module of ``model`` that has ``k_proj``/``v_proj`` and ``num_kv_heads``.
 
     Works on gqa_tune and plain torchtune models. Returns how many modules were converted.
+    Every module is checked before any is changed, so a rejected request leaves ``model`` as it was.
     """
     targets = [
         m for m in model.modules()
@@ -160,6 +194,8 @@ def convert_model_(model: torch.nn.Module, num_kv_heads: int, method: str = "mea
     ]  # fmt: skip
     if not targets:
         raise ValueError(f"{type(model).__name__} has no attention modules with k_proj/v_proj to convert")
+    for attn in targets:
+        _check_attention(attn, num_kv_heads, method)
     for index, attn in enumerate(targets):
         convert_attention_(attn, num_kv_heads, method, seed + index)
     return len(targets)
