@@ -10,6 +10,7 @@ from gqa_tune.convert.pooling import (
     pool_heads,
 )
 from gqa_tune.convert.swap import from_torchtune_attention, swap_attention
+from gqa_tune.convert.t5 import convert_t5_to_gqa
 
 __all__ = [
     "METHODS",
@@ -18,6 +19,7 @@ __all__ = [
     "convert_hf_checkpoint",
     "convert_model_",
     "convert_state_dict",
+    "convert_t5_to_gqa",
     "from_torchtune_attention",
     "pool_heads",
     "swap_attention",
