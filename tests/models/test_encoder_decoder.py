@@ -10,13 +10,7 @@ V, BOS, EOS, PAD = 16, 1, 2, 0
 SMALL = dict(d_model=32, nhead=4, kv_heads=2, num_encoder_layers=2, num_decoder_layers=2, dim_feedforward=64)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models: one thread is faster than two contended ones.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def lm(**overrides):

@@ -21,13 +21,7 @@ BUILDER = {"_component_": "gqa_tune.models.gqa_tiny", "max_seq_len": 64}
 PROMPTS = ["a=12 b=7 c=33 ?b=", "123+456=", "x=5 ?x="]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one thread is as fast, and steadier on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def random_model(seed: int) -> torch.nn.Module:
