@@ -33,7 +33,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torchtune import config, training
 
-from gqa_tune.training.checkpoint import LATEST, latest_checkpoint, load_checkpoint, model_shape
+from gqa_tune.training.checkpoint import load_checkpoint, model_shape, resolve_checkpoint_dir, stored_builder
 from gqa_tune.training.generation import GenerationResult, generate
 
 #: ``prompt=...`` arguments taken off the command line before torchtune parses it (see :func:`main`).
@@ -99,27 +99,15 @@ class GenerateRecipe:
         """(torchtune-format weights, model builder config) from ``checkpoint_dir`` or ``checkpointer``."""
         model_cfg = cfg.get("model")
         if cfg.get("checkpoint_dir") is not None:
-            path = Path(cfg.checkpoint_dir)
-            if not path.is_dir():
-                raise ValueError(
-                    f"checkpoint_dir {str(path)!r} does not exist (relative paths are taken from {Path.cwd()}); "
-                    "train a model first, e.g. `tune run gqa_tune/recipes/full_finetune_single_device.py "
-                    "--config configs/gqa_tiny/full.yaml`, or set checkpoint_dir=<dir>"
-                )
-            if (path / LATEST).is_file():
-                path = latest_checkpoint(path)
+            path = resolve_checkpoint_dir(
+                cfg.checkpoint_dir,
+                "checkpoint_dir",
+                "train a model first, e.g. `tune run gqa_tune/recipes/full_finetune_single_device.py "
+                "--config configs/gqa_tiny/full.yaml`, or set checkpoint_dir=<dir>",
+            )
             state_dict, hf_config, _ = load_checkpoint(path)
             self.source = str(path)
-            stored = hf_config.get("gqa_tune", {}).get("model") or {}
-            if model_cfg is not None and "_component_" in model_cfg:
-                builder = model_cfg
-            elif stored:
-                builder = OmegaConf.merge(OmegaConf.create(stored), model_cfg or {})
-            else:
-                raise ValueError(
-                    f"checkpoint {str(path)!r} does not say how to build its model (no gqa_tune.model in "
-                    "config.json): give `model:` with a _component_ in the config"
-                )
+            builder = stored_builder(hf_config, model_cfg, path)
             return state_dict, builder
         if cfg.get("checkpointer") is not None:
             if model_cfg is None or "_component_" not in model_cfg:

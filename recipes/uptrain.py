@@ -32,7 +32,6 @@ saved checkpoint is rebuilt with the new count.
 import inspect
 import math
 import sys
-from pathlib import Path
 from typing import Any, Dict, Optional
 
 import torch
@@ -41,7 +40,7 @@ from torchtune import config, training
 from torchtune.config._utils import _get_component_from_path
 
 from gqa_tune.convert.pooling import METHODS, check_conversion, convert_model_
-from gqa_tune.training.checkpoint import LATEST, latest_checkpoint, load_checkpoint
+from gqa_tune.training.checkpoint import load_checkpoint, resolve_checkpoint_dir, stored_builder
 from gqa_tune.training.finetune import FinetuneRecipe
 
 
@@ -94,26 +93,14 @@ class UptrainRecipe(FinetuneRecipe):
         if cfg.get("source_checkpoint_dir") is not None:
             if cfg.get("checkpointer") is not None:
                 raise ValueError("set source_checkpoint_dir or checkpointer, not both")
-            path = Path(cfg.source_checkpoint_dir)
-            if not path.is_dir():
-                raise ValueError(
-                    f"source_checkpoint_dir {str(path)!r} does not exist (relative paths are taken from "
-                    f"{Path.cwd()}); pretrain first, e.g. `tune run gqa_tune/recipes/full_finetune_single_device.py "
-                    "--config configs/gqa_small/mha_pretrain.yaml`"
-                )
-            if (path / LATEST).is_file():
-                path = latest_checkpoint(path)
+            path = resolve_checkpoint_dir(
+                cfg.source_checkpoint_dir,
+                "source_checkpoint_dir",
+                "pretrain first, e.g. `tune run gqa_tune/recipes/full_finetune_single_device.py "
+                "--config configs/gqa_small/mha_pretrain.yaml`",
+            )
             state_dict, hf_config, state = load_checkpoint(path)
-            stored = hf_config.get("gqa_tune", {}).get("model") or {}
-            if model_cfg is not None and "_component_" in model_cfg:
-                builder = model_cfg
-            elif stored:
-                builder = OmegaConf.merge(OmegaConf.create(stored), model_cfg or {})
-            else:
-                raise ValueError(
-                    f"checkpoint {str(path)!r} does not say how to build its model (no gqa_tune.model in "
-                    "config.json): give `model:` with a _component_ in the config"
-                )
+            builder = stored_builder(hf_config, model_cfg, path)
             if state is not None and "global_step" in state:
                 self.source_global_step = int(state["global_step"])
             return state_dict, builder, str(path)

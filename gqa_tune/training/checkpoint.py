@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
+from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file, save_file
 from torchtune.models.convert_weights import hf_to_tune, tune_to_hf
 
@@ -136,6 +137,36 @@ def latest_checkpoint(output_dir: Path) -> Optional[Path]:
     if not pointer.is_file():
         return None
     return Path(output_dir) / pointer.read_text().strip()
+
+
+def resolve_checkpoint_dir(value: str, key: str, hint: str) -> Path:
+    """A checkpoint directory, or the one an ``output_dir``'s ``LATEST`` names.
+
+    Raises:
+        ValueError: naming ``key`` and the path, plus ``hint`` (how to make one), if it does not exist.
+    """
+    path = Path(value)
+    if not path.is_dir():
+        raise ValueError(f"{key} {str(path)!r} does not exist (relative paths are taken from {Path.cwd()}); {hint}")
+    return latest_checkpoint(path) if (path / LATEST).is_file() else path
+
+
+def stored_builder(config: Dict[str, Any], model_cfg: Optional[Any], path: Path) -> DictConfig:
+    """The model builder for a checkpoint: ``model_cfg`` if it names a ``_component_``, else the builder
+    recorded in ``config.json`` with ``model_cfg``'s arguments merged over it.
+
+    Raises:
+        ValueError: if neither says how to build the model.
+    """
+    if model_cfg is not None and "_component_" in model_cfg:
+        return OmegaConf.create(model_cfg) if not isinstance(model_cfg, DictConfig) else model_cfg
+    stored = config.get("gqa_tune", {}).get("model") or {}
+    if not stored:
+        raise ValueError(
+            f"checkpoint {str(path)!r} does not say how to build its model (no gqa_tune.model in "
+            "config.json): give `model:` with a _component_ in the config"
+        )
+    return OmegaConf.merge(OmegaConf.create(stored), model_cfg or {})
 
 
 def load_checkpoint(path: Path) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any], Optional[Dict[str, Any]]]:
