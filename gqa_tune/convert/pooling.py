@@ -135,7 +135,19 @@ def _check_projections(attn: torch.nn.Module) -> None:
             )
 
 
-def _pooled_linear(linear: torch.nn.Linear, num_kv_heads: int, new: int, head_dim: int, method: str, generator):
+def pooled_linear(
+    linear: torch.nn.Module, num_kv_heads: int, new: int, head_dim: int, method: str, generator=None
+) -> torch.nn.Linear:
+    """A new ``nn.Linear`` whose output heads are ``linear``'s pooled to ``new`` (see :func:`pool_heads`).
+
+    Raises:
+        ValueError: if ``linear`` is not a plain ``nn.Linear`` (e.g. a ``LoRALinear``).
+    """
+    if not isinstance(linear, torch.nn.Linear):
+        raise ValueError(
+            f"cannot resize a {type(linear).__name__} key/value projection; convert before wrapping it "
+            "(e.g. merge LoRA adapters first, or convert the base model and add LoRA afterwards)"
+        )
     new_linear = torch.nn.Linear(
         linear.in_features, new * head_dim, bias=linear.bias is not None,
         device=linear.weight.device, dtype=linear.weight.dtype,
@@ -172,8 +184,8 @@ def convert_attention_(attn: torch.nn.Module, num_kv_heads: int, method: str = "
     _check_attention(attn, num_kv_heads, method)
     generator = torch.Generator().manual_seed(seed)
     old = attn.num_kv_heads
-    k_proj = _pooled_linear(attn.k_proj, old, num_kv_heads, attn.head_dim, method, generator)
-    v_proj = _pooled_linear(attn.v_proj, old, num_kv_heads, attn.head_dim, method, generator)
+    k_proj = pooled_linear(attn.k_proj, old, num_kv_heads, attn.head_dim, method, generator)
+    v_proj = pooled_linear(attn.v_proj, old, num_kv_heads, attn.head_dim, method, generator)
     attn.k_proj, attn.v_proj, attn.num_kv_heads = k_proj, v_proj, num_kv_heads
     cache = attn.kv_cache
     if cache is not None:

@@ -40,7 +40,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-from gqa_tune.convert.pooling import METHODS, pool_heads
+from gqa_tune.convert.pooling import METHODS, pooled_linear
 
 # T5GQAAttention is served by the module-level __getattr__ below (built when first asked for)
 __all__ = ["T5GQAAttention", "convert_t5_to_gqa", "eager_gqa_attention_forward"]  # noqa: F822
@@ -245,26 +245,6 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def _pooled_linear(linear: nn.Module, heads: int, new: int, head_dim: int, method: str, generator) -> nn.Linear:
-    if not isinstance(linear, nn.Linear):
-        raise ValueError(
-            f"cannot resize a {type(linear).__name__} key/value projection; convert before wrapping it "
-            "(e.g. merge LoRA adapters first, or convert the base model and add LoRA afterwards)"
-        )
-    new_linear = nn.Linear(
-        linear.in_features, new * head_dim, bias=linear.bias is not None,
-        device=linear.weight.device, dtype=linear.weight.dtype,
-    )  # fmt: skip
-    with torch.no_grad():
-        new_linear.weight.copy_(pool_heads(linear.weight, heads, new, head_dim, method, generator))
-        if linear.bias is not None:
-            new_linear.bias.copy_(pool_heads(linear.bias, heads, new, head_dim, method, generator))
-    new_linear.weight.requires_grad_(linear.weight.requires_grad)
-    if linear.bias is not None:
-        new_linear.bias.requires_grad_(linear.bias.requires_grad)
-    return new_linear
-
-
 def _targets(model: nn.Module, modeling_t5, decoder_self: bool, decoder_cross: bool, encoder: bool) -> List[nn.Module]:
     stacks = [m for m in model.modules() if isinstance(m, modeling_t5.T5Stack)]
     if not isinstance(model, modeling_t5.T5PreTrainedModel) or not stacks:
@@ -357,8 +337,8 @@ def convert_t5_to_gqa(
         generator = torch.Generator().manual_seed(seed + index)
         current = getattr(attn, "num_key_value_heads", attn.n_heads)
         head_dim = attn.key_value_proj_dim
-        attn.k = _pooled_linear(attn.k, current, kv_heads, head_dim, method, generator)
-        attn.v = _pooled_linear(attn.v, current, kv_heads, head_dim, method, generator)
+        attn.k = pooled_linear(attn.k, current, kv_heads, head_dim, method, generator)
+        attn.v = pooled_linear(attn.v, current, kv_heads, head_dim, method, generator)
         attn.num_key_value_heads = kv_heads
         attn.num_key_value_groups = attn.n_heads // kv_heads
         attn.kv_inner_dim = kv_heads * head_dim
