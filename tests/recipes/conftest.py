@@ -23,8 +23,18 @@ TINY = [
 ]
 
 
-def run_tune(recipe: str, config: str, overrides: List[str], nproc: Optional[int] = None, timeout: int = 300):
-    """``tune run [--nproc_per_node N] gqa_tune/recipes/<recipe>.py --config <config> k=v ...`` from the repo root."""
+def run_tune(
+    recipe: str,
+    config: str,
+    overrides: List[str],
+    nproc: Optional[int] = None,
+    timeout: int = 300,
+    check: bool = False,
+):
+    """``tune run [--nproc_per_node N] gqa_tune/recipes/<recipe>.py --config <config> k=v ...`` from the repo root.
+
+    With ``check``, a failing run raises ``AssertionError`` with the end of its output.
+    """
     cmd = [TUNE, "run"]
     if nproc:
         cmd += ["--nproc_per_node", str(nproc)]
@@ -35,6 +45,8 @@ def run_tune(recipe: str, config: str, overrides: List[str], nproc: Optional[int
         "OMP_NUM_THREADS": "1",
     }
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"tune run failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
 
 
@@ -56,9 +68,6 @@ def read_logged(log_dir: Path, name: str = "loss") -> List[float]:
 @pytest.fixture
 def tune():
     def run(recipe, config, overrides=(), nproc=None, check=True, timeout=300):
-        proc = run_tune(recipe, config, list(overrides), nproc=nproc, timeout=timeout)
-        if check and proc.returncode != 0:
-            raise AssertionError(f"tune run failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-        return proc
+        return run_tune(recipe, config, list(overrides), nproc=nproc, timeout=timeout, check=check)
 
     return run

@@ -25,10 +25,7 @@ TIMEOUT = 180  # a hung collective fails the test instead of stalling the suite
 
 
 def _run(recipe, overrides, nproc=None):
-    proc = run_tune(*recipe, list(overrides), nproc=nproc, timeout=TIMEOUT)
-    if proc.returncode != 0:
-        raise AssertionError(f"tune run failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-    return proc
+    return run_tune(*recipe, list(overrides), nproc=nproc, timeout=TIMEOUT, check=True)
 
 
 @pytest.fixture(scope="module")

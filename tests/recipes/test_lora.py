@@ -24,10 +24,7 @@ LORA_RUN = [*FAST, "max_steps_per_epoch=10", "save_every_n_steps=5"]
 
 
 def run(recipe, config, overrides):
-    proc = run_tune(recipe, config, overrides)
-    if proc.returncode != 0:
-        raise AssertionError(f"tune run failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-    return proc
+    return run_tune(recipe, config, overrides, check=True)
 
 
 @pytest.fixture(scope="module")

@@ -61,6 +61,12 @@ def softmax_block(s, allowed, v, m_i, l_i, acc, PREC: tl.constexpr):
     return m_new, l_i, acc
 
 
+@triton.jit
+def load_tile(ptr, row_off, col_off, row_ok, col_ok):
+    """The 2-D tile ``ptr[row_off[:, None] + col_off[None, :]]``, zero outside ``row_ok x col_ok``."""
+    return tl.load(ptr + row_off[:, None] + col_off[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0)
+
+
 def dot_precision(dtype: torch.dtype) -> int:
     if INTERPRET and dtype != torch.float32:
         return 2
@@ -93,11 +99,7 @@ def _fwd_kernel(
     d = tl.arange(0, BLOCK_D)
     d_ok = d < head_dim
 
-    q = tl.load(
-        Q + b * sqb + h[:, None] * sqh + m[:, None] * sqm + d[None, :] * sqd,
-        mask=row_ok[:, None] & d_ok[None, :],
-        other=0.0,
-    )
+    q = load_tile(Q + b * sqb, h * sqh + m * sqm, d * sqd, row_ok, d_ok)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -108,27 +110,15 @@ def _fwd_kernel(
     for start_n in range(0, hi, BLOCK_N):
         n = start_n + tl.arange(0, BLOCK_N)
         n_ok = n < s_kv
-        kt = tl.load(
-            K + b * skb + kvh * skh + n[None, :] * skn + d[:, None] * skd,
-            mask=n_ok[None, :] & d_ok[:, None],
-            other=0.0,
-        )  # [BLOCK_D, BLOCK_N]
+        kt = load_tile(K + b * skb + kvh * skh, d * skd, n * skn, d_ok, n_ok)  # [BLOCK_D, BLOCK_N]
         s = mma(q, kt, PREC) * qk_scale
         allowed = row_ok[:, None] & n_ok[None, :]
         if CAUSAL:
             allowed = allowed & (n[None, :] <= m[:, None] + causal_offset)
         if HAS_MASK:
-            keep = tl.load(
-                MASK + b * smb + h[:, None] * smh + m[:, None] * smm + n[None, :] * smn,
-                mask=row_ok[:, None] & n_ok[None, :],
-                other=0,
-            )
+            keep = load_tile(MASK + b * smb, h * smh + m * smm, n * smn, row_ok, n_ok)
             allowed = allowed & (keep != 0)
-        v = tl.load(
-            V + b * svb + kvh * svh + n[:, None] * svn + d[None, :] * svd,
-            mask=n_ok[:, None] & d_ok[None, :],
-            other=0.0,
-        )
+        v = load_tile(V + b * svb + kvh * svh, n * svn, d * svd, n_ok, d_ok)
         m_i, l_i, acc = softmax_block(s, allowed, v, m_i, l_i, acc, PREC)
 
     dead = l_i == 0.0
@@ -181,27 +171,15 @@ def _bwd_dq_kernel(
     for start_n in range(0, hi, BLOCK_N):
         n = start_n + tl.arange(0, BLOCK_N)
         n_ok = n < s_kv
-        kt = tl.load(
-            K + b * skb + kvh * skh + n[None, :] * skn + d[:, None] * skd,
-            mask=n_ok[None, :] & d_ok[:, None],
-            other=0.0,
-        )  # [BLOCK_D, BLOCK_N]
-        vt = tl.load(
-            V + b * svb + kvh * svh + n[None, :] * svn + d[:, None] * svd,
-            mask=n_ok[None, :] & d_ok[:, None],
-            other=0.0,
-        )
+        kt = load_tile(K + b * skb + kvh * skh, d * skd, n * skn, d_ok, n_ok)  # [BLOCK_D, BLOCK_N]
+        vt = load_tile(V + b * svb + kvh * svh, d * svd, n * svn, d_ok, n_ok)
         s = mma(q, kt, PREC)
         dp = mma(do, vt, PREC)
         allowed = row_ok[:, None] & n_ok[None, :]
         if CAUSAL:
             allowed = allowed & (n[None, :] <= m[:, None] + causal_offset)
         if HAS_MASK:
-            keep = tl.load(
-                MASK + b * smb + h[:, None] * smh + m[:, None] * smm + n[None, :] * smn,
-                mask=row_ok[:, None] & n_ok[None, :],
-                other=0,
-            )
+            keep = load_tile(MASK + b * smb, h * smh + m * smm, n * smn, row_ok, n_ok)
             allowed = allowed & (keep != 0)
         p = tl.where(allowed, tl.math.exp2(s * qk_scale - lse[:, None]), 0.0)
         ds = p * (dp - delta[:, None])
@@ -262,11 +240,7 @@ def _bwd_dkdv_kernel(
             if CAUSAL:
                 allowed = allowed & (n[:, None] <= m[None, :] + causal_offset)
             if HAS_MASK:
-                keep = tl.load(
-                    MASK + b * smb + h * smh + m[None, :] * smm + n[:, None] * smn,
-                    mask=n_ok[:, None] & m_ok[None, :],
-                    other=0,
-                )
+                keep = load_tile(MASK + b * smb + h * smh, n * smn, m * smm, n_ok, m_ok)
                 allowed = allowed & (keep != 0)
             pt = tl.where(allowed, tl.math.exp2(st * qk_scale - lse[None, :]), 0.0)
             dst = pt * (dpt - delta[None, :])

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from gqa_tune.kernels.triton._common import INTERPRET, head_block, next_pow2
-from gqa_tune.kernels.triton.flash_attn import dot_precision, mma, softmax_block
+from gqa_tune.kernels.triton.flash_attn import dot_precision, load_tile, mma, softmax_block
 
 LOG2E = 1.4426950408889634
 
@@ -47,11 +47,7 @@ def _decode_split_kernel(
     d_ok = d < head_dim
     seqlen = tl.load(SEQLENS + b)
 
-    q = tl.load(
-        Q + b * sqb + h[:, None] * sqh + i[:, None] * sqm + d[None, :] * sqd,
-        mask=row_ok[:, None] & d_ok[None, :],
-        other=0.0,
-    )
+    q = load_tile(Q + b * sqb, h * sqh + i * sqm, d * sqd, row_ok, d_ok)
     m_i = tl.full([ROWS], float("-inf"), tl.float32)
     l_i = tl.zeros([ROWS], tl.float32)
     acc = tl.zeros([ROWS, BLOCK_D], tl.float32)
@@ -60,27 +56,15 @@ def _decode_split_kernel(
     for start_n in range(start, end, BLOCK_N):
         n = start_n + tl.arange(0, BLOCK_N)
         n_ok = n < end
-        kt = tl.load(
-            K + b * skb + kvh * skh + n[None, :] * skn + d[:, None] * skd,
-            mask=n_ok[None, :] & d_ok[:, None],
-            other=0.0,
-        )
+        kt = load_tile(K + b * skb + kvh * skh, d * skd, n * skn, d_ok, n_ok)  # [BLOCK_D, BLOCK_N]
         s = mma(q, kt, PREC) * qk_scale
         allowed = row_ok[:, None] & n_ok[None, :]
         if CAUSAL:
             allowed = allowed & (n[None, :] <= seqlen - s_q + i[:, None])
         if HAS_MASK:
-            keep = tl.load(
-                MASK + b * smb + i[:, None] * smm + n[None, :] * smn,
-                mask=row_ok[:, None] & n_ok[None, :],
-                other=0,
-            )
+            keep = load_tile(MASK + b * smb, i * smm, n * smn, row_ok, n_ok)
             allowed = allowed & (keep != 0)
-        v = tl.load(
-            V + b * svb + kvh * svh + n[:, None] * svn + d[None, :] * svd,
-            mask=n_ok[:, None] & d_ok[None, :],
-            other=0.0,
-        )
+        v = load_tile(V + b * svb + kvh * svh, n * svn, d * svd, n_ok, d_ok)
         m_i, l_i, acc = softmax_block(s, allowed, v, m_i, l_i, acc, PREC)
 
     dead = l_i == 0.0
