@@ -22,8 +22,15 @@ def _kernels():
     return ops
 
 
+_TRITON_INSTALLED: Optional[bool] = None
+
+
 def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    """Whether Triton is installed (looked up once: this sits on the decode path)."""
+    global _TRITON_INSTALLED
+    if _TRITON_INSTALLED is None:
+        _TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+    return _TRITON_INSTALLED
 
 
 def device_problem(device: torch.device) -> Optional[str]:
