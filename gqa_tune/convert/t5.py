@@ -1,84 +1,134 @@
 """Hugging Face T5 -> grouped-query attention (Ainslie et al., 2023, the paper's own T5 setting).
 
-:func:`convert_t5_to_gqa` turns chosen ``T5Attention`` modules of a Hugging Face
-T5 model into :class:`T5GQAAttention`: every query head, the output projection
-and the relative position bias are kept as they are, while the key and value
-projections are pooled (:func:`~gqa_tune.convert.pooling.pool_heads`, the
-paper's mean by default) from ``num_heads`` to ``kv_heads`` heads. Query head
-``i`` then uses kv head ``i // (num_heads // kv_heads)``.
+:func:`convert_t5_to_gqa` pools the key and value projections of chosen
+``T5Attention`` modules (:func:`~gqa_tune.convert.pooling.pooled_linear`, the
+paper's mean by default) from ``num_heads`` to ``kv_heads`` heads, in place:
+``k`` and ``v`` become ``nn.Linear(d_model, kv_heads * d_kv)``. Every query
+head, the output projection and the relative position bias are kept as they
+are. Query head ``i`` then uses kv head ``i // (num_heads // kv_heads)``.
 
-Keys and values are computed, cached and attended to at ``kv_heads`` heads:
-the ``EncoderDecoderCache``/``DynamicCache`` of ``generate()`` holds
-``[batch, kv_heads, length, d_kv]`` tensors for converted layers, which is
-the memory saving GQA is for. No copy per query head is kept: the eager path
-folds each group's query heads into the query length (one matmul per kv
-head); the ``sdpa`` and ``flex_attention`` paths go through transformers'
-own GQA handling (``num_key_value_groups``), which on some backends expands
-K/V transiently inside the attention call, never in the cache.
+Nothing of transformers' is subclassed or copied. Two public extension points do the work:
+
+- ``T5Attention.forward`` reshapes keys/values to ``-1`` heads of ``d_kv``, so
+  the narrower projections give ``kv_heads`` heads by themselves, and the
+  ``EncoderDecoderCache``/``DynamicCache`` of ``generate()`` holds
+  ``[batch, kv_heads, length, d_kv]`` for converted layers (GQA's memory saving).
+- It hands ``(query, key, value, mask, position_bias=...)`` to the function
+  registered under ``config._attn_implementation`` in transformers'
+  ``AttentionInterface``. :func:`register_t5_gqa_attention` registers two that
+  accept grouped keys/values and never repeat them, and the converted model is
+  switched to the one matching its implementation (:data:`IMPLEMENTATIONS`):
+  ``"gqa_tune_sdpa"`` (:func:`sdpa_gqa_attention`, through
+  :func:`gqa_tune.scaled_dot_product_gqa` and torch's ``enable_gqa``) and
+  ``"gqa_tune_eager"`` (:func:`eager_gqa_attention`, which also returns the
+  weights for ``output_attentions``). Both get their masks from
+  ``AttentionMaskInterface`` as T5's eager path does: an additive float mask
+  added to the relative position bias.
 
 The attention math is T5's: no ``1/sqrt(d)`` scaling (T5 folds it into the
 initialization), the relative position bias (per query head, computed by the
-first layer of each stack and shared by the others) and the masks added to
-the scores, dropout on the weights in training. With ``kv_heads ==
-num_heads`` the converted model reproduces the original's outputs exactly.
+first layer of each stack and shared by the others) and the mask added to the
+scores, dropout on the weights in training. With ``kv_heads == num_heads`` the
+converted model reproduces the original's outputs exactly.
 
 The paper converts decoder self- and cross-attention and leaves the encoder
 (where K/V are not cached) as multi-head; that is the default here too.
 
-Requires transformers 5.x (the ``T5Attention.forward(hidden_states, mask,
-key_value_states, position_bias, past_key_values, **kwargs)`` interface with
-``EncoderDecoderCache``); install with ``pip install 'gqa_tune[t5]'``.
+Supported transformers versions: ``gqa_tune._versions.SUPPORTED["transformers"]``
+(also declared in ``pyproject.toml``'s ``t5`` extra: ``pip install 'gqa_tune[t5]'``).
 A converted model's ``state_dict`` has smaller ``k``/``v`` weights, so
 ``from_pretrained`` cannot reload it into a plain T5: build the T5, convert
-it with the same arguments, then ``load_state_dict``.
+it with the same arguments, then ``load_state_dict``. A pickled converted model
+loaded in a new process needs :func:`register_t5_gqa_attention` called first.
 """
 
 import copy
-import inspect
-from typing import Any, Callable, Dict, List, Optional, Tuple
+import warnings
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 
+from gqa_tune._versions import require
 from gqa_tune.convert.pooling import METHODS, pooled_linear
+from gqa_tune.ops.functional import scaled_dot_product_gqa
 
-# T5GQAAttention is served by the module-level __getattr__ below (built when first asked for)
-__all__ = ["T5GQAAttention", "convert_t5_to_gqa", "eager_gqa_attention_forward"]  # noqa: F822
+__all__ = [
+    "IMPLEMENTATIONS",
+    "convert_t5_to_gqa",
+    "eager_gqa_attention",
+    "register_t5_gqa_attention",
+    "sdpa_gqa_attention",
+]
+
+#: transformers' attention implementation -> the grouped one a converted model is switched to.
+IMPLEMENTATIONS: Dict[str, str] = {"sdpa": "gqa_tune_sdpa", "eager": "gqa_tune_eager"}
 
 _INSTALL_HINT = "T5 conversion needs Hugging Face transformers: pip install 'gqa_tune[t5]'"
 
 
 def _import_t5():
+    """transformers' T5 module, after checking that the installed transformers is a supported one."""
     try:
+        import transformers
         from transformers.models.t5 import modeling_t5
-    except ImportError as exc:  # pragma: no cover - depends on the environment
+    except ImportError as exc:
         raise ImportError(_INSTALL_HINT) from exc
+    require("transformers", transformers.__version__, feature="convert_t5_to_gqa")
     return modeling_t5
 
 
-def _check_transformers_api(modeling_t5) -> None:
-    params = inspect.signature(modeling_t5.T5Attention.forward).parameters
-    try:
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-        sdpa_takes_bias = "position_bias" in inspect.signature(sdpa_attention_forward).parameters
-    except ImportError:
-        sdpa_takes_bias = False
-    if (
-        "past_key_values" not in params
-        or not sdpa_takes_bias  # older sdpa functions would silently drop T5's relative position bias
-        or not hasattr(modeling_t5, "eager_attention_forward")
-        or not hasattr(modeling_t5, "EncoderDecoderCache")
-    ):
-        import transformers
-
-        raise ImportError(
-            f"T5 GQA conversion needs transformers 5.x's T5Attention interface (forward(..., past_key_values=...)); "
-            f"found transformers {transformers.__version__}. Upgrade with: pip install -U 'gqa_tune[t5]'"
+def _scores_bias(
+    position_bias: Optional[torch.Tensor], attention_mask: Optional[torch.Tensor]
+) -> Optional[torch.Tensor]:
+    """T5's additive term: the relative position bias ``[1 or b, n_h, s_q, s_k]`` plus the mask ``[b, 1, s_q, s_k]``."""
+    if attention_mask is not None and attention_mask.dtype == torch.bool:
+        raise ValueError(
+            "the gqa_tune T5 attention expects the additive float mask of its registered mask function, got a bool mask"
         )
+    if position_bias is None:
+        return attention_mask
+    return position_bias if attention_mask is None else position_bias + attention_mask
 
 
-def eager_gqa_attention_forward(
+def sdpa_gqa_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: Optional[torch.Tensor],
+    scaling: Optional[float] = None,
+    dropout: float = 0.0,
+    position_bias: Optional[torch.Tensor] = None,
+    **kwargs: Any,
+) -> Tuple[torch.Tensor, None]:
+    """T5 attention with grouped keys/values, through :func:`gqa_tune.scaled_dot_product_gqa` (``"gqa_tune_sdpa"``).
+
+    Args:
+        module: the calling ``T5Attention`` (unused: the grouping comes from the shapes).
+        query: ``[b, n_h, s_q, h_d]``.
+        key, value: ``[b, n_kv, s_k, h_d]`` with ``n_kv`` dividing ``n_h``.
+        attention_mask: additive float ``[b, 1, s_q, s_k]`` or ``None``.
+        scaling: multiplier of the scores (T5: 1.0).
+        dropout: dropout on the weights (T5 passes 0.0 in eval).
+        position_bias: T5's relative position bias, ``[1 or b, n_h, s_q, s_k]``.
+
+    Returns:
+        ``(out [b, s_q, n_h, h_d], None)``: SDPA does not return weights (use
+        ``"gqa_tune_eager"`` for ``output_attentions``).
+    """
+    if kwargs.get("output_attentions"):
+        warnings.warn(
+            "gqa_tune_sdpa cannot return attention weights; set the attention implementation to "
+            "'gqa_tune_eager' for output_attentions",
+            stacklevel=2,
+        )
+    mask = _scores_bias(position_bias, attention_mask)
+    out = scaled_dot_product_gqa(query, key, value, mask, dropout_p=dropout, scale=scaling, backend="sdpa")
+    return out.transpose(1, 2).contiguous(), None
+
+
+def eager_gqa_attention(
     module: nn.Module,
     query: torch.Tensor,
     key: torch.Tensor,
@@ -89,13 +139,15 @@ def eager_gqa_attention_forward(
     position_bias: Optional[torch.Tensor] = None,
     **kwargs: Any,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """T5's eager attention with ``key``/``value`` at fewer heads than ``query``, without expanding them.
+    """T5 attention with grouped keys/values, in plain matmuls, returning the weights (``"gqa_tune_eager"``).
 
-    ``query`` is ``[b, h, s_q, d]``, ``key``/``value`` ``[b, h_kv, s_k, d]`` with
-    ``h_kv`` dividing ``h``. The ``r = h // h_kv`` query heads of a group are
-    folded into the query length, so each kv head is read by one matmul.
-    Returns ``(output [b, s_q, h, d], weights [b, h, s_q, s_k])``; with ``h_kv
-    == h`` the operations are exactly those of transformers' T5 eager path.
+    Arguments as :func:`sdpa_gqa_attention` (``module.training`` switches the
+    dropout). The ``r = n_h // n_kv`` query heads of a group are folded into
+    the query length, so each kv head is read by one matmul and never copied.
+    With ``n_kv == n_h`` the operations are exactly those of T5's eager path.
+
+    Returns:
+        ``(out [b, s_q, n_h, h_d], weights [b, n_h, s_q, s_k])``.
     """
     if scaling is None:
         scaling = query.size(-1) ** -0.5
@@ -107,8 +159,8 @@ def eager_gqa_attention_forward(
     if groups == 1:
         attn_weights = torch.matmul(query, key.transpose(2, 3)) * scaling
     else:
-        folded = query.reshape(batch, num_kv_heads, groups * q_len, head_dim)
-        scores = torch.matmul(folded, key.transpose(2, 3))  # [b, h_kv, r * s_q, s_k]
+        folded = query.reshape(batch, num_kv_heads, groups * q_len, head_dim)  # [b, n_kv, r * s_q, h_d]
+        scores = torch.matmul(folded, key.transpose(2, 3))  # [b, n_kv, r * s_q, s_k]
         attn_weights = scores.view(batch, num_heads, q_len, k_len) * scaling
     if position_bias is not None:
         attn_weights = attn_weights + position_bias
@@ -119,130 +171,40 @@ def eager_gqa_attention_forward(
     if groups == 1:
         attn_output = torch.matmul(attn_weights, value)
     else:
-        probs = attn_weights.reshape(attn_weights.shape[0], num_kv_heads, groups * q_len, k_len)
-        attn_output = torch.matmul(probs, value).view(-1, num_heads, q_len, value.shape[-1])
-    attn_output = attn_output.transpose(1, 2).contiguous()
-    return attn_output, attn_weights
+        probs = attn_weights.reshape(batch, num_kv_heads, groups * q_len, k_len)
+        attn_output = torch.matmul(probs, value).view(batch, num_heads, q_len, value.shape[-1])
+    return attn_output.transpose(1, 2).contiguous(), attn_weights
 
 
-def _gqa_forward(
-    self,
-    hidden_states: torch.Tensor,
-    mask: Optional[torch.Tensor] = None,
-    key_value_states: Optional[torch.Tensor] = None,
-    position_bias: Optional[torch.Tensor] = None,
-    past_key_values=None,
-    **kwargs: Any,
-):
-    """``T5Attention.forward`` (transformers 5.x) with keys/values at ``num_key_value_heads`` heads."""
-    from transformers.cache_utils import EncoderDecoderCache
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+def register_t5_gqa_attention() -> None:
+    """Register ``"gqa_tune_sdpa"`` and ``"gqa_tune_eager"`` with transformers (idempotent).
 
-    input_shape = hidden_states.shape[:-1]
-    hidden_shape = (*input_shape, self.n_heads, self.key_value_proj_dim)
-    past_seen_tokens = past_key_values.get_seq_length(self.layer_idx) if past_key_values is not None else 0
-    # cloned for StaticCache: read before the update, used after it (same reference)
-    past_seen_tokens = past_seen_tokens.clone() if isinstance(past_seen_tokens, torch.Tensor) else past_seen_tokens
-    is_cross_attention = key_value_states is not None
+    Each goes into ``AttentionInterface`` (the attention function) and
+    ``AttentionMaskInterface`` (transformers' ``eager_mask``: the additive float
+    mask our functions add to the position bias). Without the mask entry
+    transformers would build no mask at all for a custom implementation.
+    """
+    _import_t5()
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.masking_utils import eager_mask
 
-    query_states = self.q(hidden_states).view(hidden_shape).transpose(1, 2)
-
-    is_updated = False
-    if isinstance(past_key_values, EncoderDecoderCache):
-        is_updated = past_key_values.is_updated.get(self.layer_idx)
-        if is_cross_attention:
-            curr_past_key_values = past_key_values.cross_attention_cache
-        else:
-            curr_past_key_values = past_key_values.self_attention_cache
-    else:
-        curr_past_key_values = past_key_values
-
-    current_states = key_value_states if is_cross_attention else hidden_states
-    if is_cross_attention and past_key_values is not None and is_updated:
-        # cross-attention k/v were cached (at num_key_value_heads heads) on the first step
-        key_states = curr_past_key_values.layers[self.layer_idx].keys
-        value_states = curr_past_key_values.layers[self.layer_idx].values
-    else:
-        kv_shape = (*current_states.shape[:-1], self.num_key_value_heads, self.key_value_proj_dim)
-        key_states = self.k(current_states).view(kv_shape).transpose(1, 2)
-        value_states = self.v(current_states).view(kv_shape).transpose(1, 2)
-        if past_key_values is not None:
-            key_states, value_states = curr_past_key_values.update(key_states, value_states, self.layer_idx)
-            if is_cross_attention and isinstance(past_key_values, EncoderDecoderCache):
-                past_key_values.is_updated[self.layer_idx] = True
-
-    if position_bias is None:
-        key_length = key_states.shape[-2]
-        if not self.has_relative_attention_bias:
-            position_bias = torch.zeros(
-                (1, self.n_heads, input_shape[1], key_length), device=query_states.device, dtype=query_states.dtype
-            )
-            if self.gradient_checkpointing and self.training:
-                position_bias.requires_grad = True
-        else:
-            position_bias = self.compute_bias(
-                input_shape[1], key_length, device=query_states.device, past_seen_tokens=past_seen_tokens
-            )
-
-    implementation = self.config._attn_implementation
-    if implementation in (None, "eager"):
-        attention_interface: Callable = eager_gqa_attention_forward
-    else:
-        # transformers' sdpa / flex functions handle fewer kv heads through `module.num_key_value_groups`
-        attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_gqa_attention_forward)
-
-    attn_output, attn_weights = attention_interface(
-        self,
-        query_states,
-        key_states,
-        value_states,
-        mask,
-        dropout=0.0 if not self.training else self.dropout,
-        scaling=self.scaling,
-        position_bias=position_bias,
-        **kwargs,
-    )
-    attn_output = attn_output.reshape(*input_shape, -1).contiguous()
-    attn_output = self.o(attn_output)
-    return attn_output, position_bias, attn_weights
+    functions = {"gqa_tune_sdpa": sdpa_gqa_attention, "gqa_tune_eager": eager_gqa_attention}
+    for name, function in functions.items():
+        AttentionInterface.register(name, function)
+        AttentionMaskInterface.register(name, eager_mask)
 
 
-_CLASS_CACHE: Dict[str, type] = {}
-
-
-def _gqa_class() -> type:
-    """``T5GQAAttention``, built on first use so that importing this module does not import transformers."""
-    if "T5GQAAttention" not in _CLASS_CACHE:
-        modeling_t5 = _import_t5()
-        _check_transformers_api(modeling_t5)
-
-        def extra_repr(self) -> str:
-            heads = f"n_heads={self.n_heads}, num_key_value_heads={self.num_key_value_heads}"
-            return f"{heads}, d_kv={self.key_value_proj_dim}"
-
-        cls = type(
-            "T5GQAAttention",
-            (modeling_t5.T5Attention,),
-            {
-                "__doc__": (
-                    "A ``T5Attention`` whose keys/values have ``num_key_value_heads`` heads shared by groups of "
-                    "``num_key_value_groups`` query heads; made by :func:`convert_t5_to_gqa`."
-                ),
-                "__module__": __name__,
-                "forward": _gqa_forward,
-                "extra_repr": extra_repr,
-            },
+def _grouped_implementation(model: nn.Module) -> str:
+    current = model.config._attn_implementation
+    if current in IMPLEMENTATIONS.values():
+        return current
+    if current not in IMPLEMENTATIONS:
+        raise ValueError(
+            f"convert_t5_to_gqa supports models whose attention implementation is one of "
+            f"{', '.join(repr(k) for k in IMPLEMENTATIONS)}, got {current!r}; "
+            f"call model.set_attn_implementation('sdpa') first"
         )
-        cls.__qualname__ = "T5GQAAttention"
-        _CLASS_CACHE["T5GQAAttention"] = cls
-    return _CLASS_CACHE["T5GQAAttention"]
-
-
-def __getattr__(name: str):
-    # `gqa_tune.convert.t5.T5GQAAttention` (and pickling of converted models) without importing transformers eagerly
-    if name == "T5GQAAttention":
-        return _gqa_class()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return IMPLEMENTATIONS[current]
 
 
 def _targets(model: nn.Module, modeling_t5, decoder_self: bool, decoder_cross: bool, encoder: bool) -> List[nn.Module]:
@@ -265,6 +227,11 @@ def _targets(model: nn.Module, modeling_t5, decoder_self: bool, decoder_cross: b
     return targets
 
 
+def kv_heads_of(attn: nn.Module) -> int:
+    """The key/value heads of a ``T5Attention``: its ``k`` projection's width over ``d_kv`` (as T5's forward infers)."""
+    return attn.k.out_features // attn.key_value_proj_dim
+
+
 def convert_t5_to_gqa(
     model: nn.Module,
     kv_heads: int,
@@ -278,17 +245,20 @@ def convert_t5_to_gqa(
 ) -> nn.Module:
     """Convert a Hugging Face T5 model's attention to grouped-query attention with ``kv_heads`` kv heads.
 
-    Each chosen ``T5Attention`` becomes a :class:`T5GQAAttention` (same
-    object, same ``q``/``o``/``relative_attention_bias`` parameters) whose
-    ``k``/``v`` are ``nn.Linear(d_model, kv_heads * d_kv)`` pooled from the
-    current heads: kv head ``j`` is made from heads ``j * r .. (j + 1) * r - 1``
-    with ``r = num_heads // kv_heads``, and query head ``i`` uses kv head
-    ``i // r``. The cache holds ``kv_heads`` heads for converted layers.
-    An already converted module is pooled further from its current kv heads.
+    Each chosen ``T5Attention`` keeps its class and its ``q``/``o``/
+    ``relative_attention_bias`` parameters; its ``k``/``v`` become
+    ``nn.Linear(d_model, kv_heads * d_kv)`` pooled from the current heads: kv
+    head ``j`` is made from heads ``j * r .. (j + 1) * r - 1`` with ``r =
+    num_heads // kv_heads``, and query head ``i`` uses kv head ``i // r``. The
+    model's attention implementation becomes the grouped one matching it
+    (``"sdpa"`` -> ``"gqa_tune_sdpa"``, ``"eager"`` -> ``"gqa_tune_eager"``), for
+    every stack (it serves unconverted layers exactly as before). The cache
+    holds ``kv_heads`` heads for converted layers. An already converted module
+    is pooled further from its current kv heads.
 
     Args:
         model: a transformers T5 model (``T5ForConditionalGeneration``,
-            ``T5Model``, ``T5EncoderModel``, ...).
+            ``T5Model``, ``T5EncoderModel``, ...) using ``"sdpa"`` or ``"eager"`` attention.
         kv_heads: key/value heads; must divide ``num_heads`` (and the current
             kv heads of an already converted module).
         decoder_self / decoder_cross: convert the decoder's self-/cross-attention
@@ -302,13 +272,15 @@ def convert_t5_to_gqa(
         The converted model (``model`` itself when ``inplace``).
 
     Raises:
-        ImportError: transformers is missing or too old for the 5.x T5 interface.
-        ValueError: ``model`` is not a T5 model, ``kv_heads`` does not divide
-            ``num_heads`` or exceeds it, ``method`` is unknown, or no module is
-            selected (e.g. a ``T5EncoderModel`` without ``encoder=True``).
+        ImportError: transformers is missing.
+        gqa_tune._versions.UnsupportedVersionError: the installed transformers is
+            outside the supported range (the message names both).
+        ValueError: ``model`` is not a T5 model or uses another attention
+            implementation, ``kv_heads`` does not divide ``num_heads`` or exceeds
+            it, ``method`` is unknown, or no module is selected (e.g. a
+            ``T5EncoderModel`` without ``encoder=True``).
     """
     modeling_t5 = _import_t5()
-    _check_transformers_api(modeling_t5)
     if method not in METHODS:
         raise ValueError(f"unknown pooling method {method!r}; choose one of {', '.join(METHODS)}")
     if isinstance(kv_heads, bool) or not isinstance(kv_heads, int) or kv_heads < 1:
@@ -319,8 +291,9 @@ def convert_t5_to_gqa(
             f"no attention modules selected in {type(model).__name__} (decoder_self={decoder_self}, "
             f"decoder_cross={decoder_cross}, encoder={encoder}); an encoder-only model needs encoder=True"
         )
+    implementation = _grouped_implementation(model)
     for attn in targets:
-        current = getattr(attn, "num_key_value_heads", attn.n_heads)
+        current = kv_heads_of(attn)
         if kv_heads > attn.n_heads:
             raise ValueError(f"kv_heads ({kv_heads}) cannot exceed num_heads ({attn.n_heads})")
         if attn.n_heads % kv_heads != 0:
@@ -329,18 +302,15 @@ def convert_t5_to_gqa(
             raise ValueError(
                 f"kv_heads ({kv_heads}) must divide the {current} kv heads of an already converted attention module"
             )
+    register_t5_gqa_attention()
     if not inplace:
         model = copy.deepcopy(model)
         targets = _targets(model, modeling_t5, decoder_self, decoder_cross, encoder)
-    cls = _gqa_class()
     for index, attn in enumerate(targets):
         generator = torch.Generator().manual_seed(seed + index)
-        current = getattr(attn, "num_key_value_heads", attn.n_heads)
+        current = kv_heads_of(attn)
         head_dim = attn.key_value_proj_dim
         attn.k = pooled_linear(attn.k, current, kv_heads, head_dim, method, generator)
         attn.v = pooled_linear(attn.v, current, kv_heads, head_dim, method, generator)
-        attn.num_key_value_heads = kv_heads
-        attn.num_key_value_groups = attn.n_heads // kv_heads
-        attn.kv_inner_dim = kv_heads * head_dim
-        attn.__class__ = cls
+    model.set_attn_implementation(implementation)
     return model

@@ -1,4 +1,5 @@
 import io
+import re
 import sys
 
 import pytest
@@ -8,7 +9,8 @@ pytest.importorskip("transformers")
 
 from transformers import T5Config, T5EncoderModel, T5ForConditionalGeneration  # noqa: E402
 
-from gqa_tune.convert.t5 import T5GQAAttention, convert_t5_to_gqa  # noqa: E402
+from gqa_tune._versions import SUPPORTED, UnsupportedVersionError  # noqa: E402
+from gqa_tune.convert.t5 import convert_t5_to_gqa, kv_heads_of  # noqa: E402
 
 NUM_HEADS, D_KV, MAX_NEW = 4, 8, 8
 IMPLEMENTATIONS = ("sdpa", "eager")
@@ -70,6 +72,15 @@ def greedy_without_cache(model):
     return seq
 
 
+def is_grouped(attn):
+    return type(attn).__name__ == "T5Attention" and kv_heads_of(attn) < attn.n_heads
+
+
+def generated_cache(out):
+    """The cache of a dict ``generate()`` output: ``cache`` from transformers 5.24, ``past_key_values`` before."""
+    return out["cache"] if "cache" in out else out["past_key_values"]
+
+
 def attention_modules(model):
     encoder = [block.layer[0].SelfAttention for block in model.encoder.block]
     decoder_self = [block.layer[0].SelfAttention for block in model.decoder.block]
@@ -85,7 +96,8 @@ def test_same_number_of_heads_reproduces_the_model(impl, encoder):
     assert expected_tokens.shape[1] > 3 and len(set(expected_tokens[0].tolist())) > 2  # a non-trivial decode
     converted = convert_t5_to_gqa(model, NUM_HEADS, encoder=encoder)
     assert converted is model
-    assert isinstance(model.decoder.block[0].layer[0].SelfAttention, T5GQAAttention)
+    assert model.config._attn_implementation == f"gqa_tune_{impl}"
+    assert model.decoder.config._attn_implementation == model.encoder.config._attn_implementation == f"gqa_tune_{impl}"
     assert torch.equal(logits(model), expected_logits)
     assert torch.equal(generate(model), expected_tokens)
 
@@ -104,8 +116,8 @@ def test_pooled_weights_and_shared_bias(kv_heads):
     encoder, dec_self, dec_cross = attention_modules(model)
     group = NUM_HEADS // kv_heads
     for attn in dec_self + dec_cross:
-        assert type(attn) is T5GQAAttention
-        assert (attn.num_key_value_heads, attn.num_key_value_groups) == (kv_heads, group)
+        assert type(attn).__name__ == "T5Attention"  # the module keeps its class: only k/v are replaced
+        assert kv_heads_of(attn) == kv_heads
         assert attn.k.weight.shape == attn.v.weight.shape == (kv_heads * D_KV, 32)
         assert attn.q.weight.shape == (NUM_HEADS * D_KV, 32) and attn.o.weight.shape == (32, NUM_HEADS * D_KV)
     # kv head j is the mean of the heads j*group .. (j+1)*group-1, checked for one self- and one cross-attention
@@ -119,32 +131,35 @@ def test_pooled_weights_and_shared_bias(kv_heads):
     assert bias.shape == (8, NUM_HEADS)  # still one bias per query head
     assert not dec_self[1].has_relative_attention_bias
     # the encoder is left as multi-head attention by default
-    assert all(type(attn).__name__ == "T5Attention" for attn in encoder)
+    assert not any(is_grouped(attn) for attn in encoder)
     assert encoder[0].k.weight.shape == (NUM_HEADS * D_KV, 32)
 
     out = logits(model)
     assert out.shape == (2, 6, 64) and torch.isfinite(out).all()
 
 
-def repeated_heads_reference(model, kv_heads):
-    """The converted model expressed as a plain multi-head T5: every query head gets a copy of its group's kv head."""
-    reference = tiny_t5(model.config._attn_implementation)
+def repeated_heads_reference(model, kv_heads, impl):
+    """The converted model as a plain multi-head T5 on transformers' own ``impl``: every query head gets a copy of
+    its group's kv head (the independent oracle: none of gqa_tune's attention code runs in it)."""
+    reference = tiny_t5(impl)
     converted = dict(model.named_modules())
     for name, attn in reference.named_modules():
-        if type(attn).__name__ == "T5Attention" and isinstance(converted[name], T5GQAAttention):
+        if type(attn).__name__ == "T5Attention" and is_grouped(converted[name]):
             for proj in ("k", "v"):
                 pooled = getattr(converted[name], proj).weight.detach().view(kv_heads, D_KV, -1)
                 full = pooled.repeat_interleave(NUM_HEADS // kv_heads, dim=0).reshape(NUM_HEADS * D_KV, -1)
                 getattr(attn, proj).weight.data.copy_(full)
+    assert reference.config._attn_implementation == impl
     return reference
 
 
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 @pytest.mark.parametrize("kv_heads", [2, 1])
 def test_grouped_attention_matches_multi_head_with_shared_heads(impl, kv_heads):
-    # float64, so that only the attention's grouping is compared, not float32 rounding (logits are ~50 here)
+    # float64, so that only the attention's grouping is compared, not float32 rounding (logits are ~50 here);
+    # the inputs hold a padded source row, so the masks reach the registered functions
     model = convert_t5_to_gqa(tiny_t5(impl), kv_heads, encoder=True).double()
-    reference = repeated_heads_reference(model, kv_heads).double()
+    reference = repeated_heads_reference(model, kv_heads, impl).double()
     torch.testing.assert_close(logits(model), logits(reference), rtol=1e-10, atol=1e-10)
 
 
@@ -155,7 +170,7 @@ def test_generate_with_reduced_cache_matches_no_cache_greedy(impl, kv_heads):
     out = generate(model, return_dict_in_generate=True)
     expected = greedy_without_cache(model)
     assert torch.equal(out.sequences, expected)
-    cache = out.past_key_values
+    cache = generated_cache(out)
     batch, steps, src = 2, out.sequences.shape[1] - 1, inputs()[0].shape[1]
     for layer in range(2):
         self_layer, cross_layer = cache.self_attention_cache.layers[layer], cache.cross_attention_cache.layers[layer]
@@ -163,10 +178,26 @@ def test_generate_with_reduced_cache_matches_no_cache_greedy(impl, kv_heads):
         assert cross_layer.keys.shape == cross_layer.values.shape == (batch, kv_heads, src, D_KV)
 
 
+def test_sdpa_gets_grouped_keys_and_values(monkeypatch):
+    # K/V reach torch's SDPA at kv_heads heads with enable_gqa: never repeated to num_heads
+    seen = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(query, key, value, **kwargs):
+        seen.append((query.shape[1], key.shape[1], value.shape[1], kwargs.get("enable_gqa", False)))
+        return sdpa(query, key, value, **kwargs)
+
+    model = convert_t5_to_gqa(tiny_t5("sdpa"), 2, encoder=True)
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    logits(model)
+    assert len(seen) == 6  # 2 encoder + 2 decoder self + 2 cross-attention calls
+    assert all(call == (NUM_HEADS, 2, 2, True) for call in seen)
+
+
 def test_eager_and_sdpa_agree_after_conversion():
     model = convert_t5_to_gqa(tiny_t5("sdpa"), 2, encoder=True).double()
     sdpa = logits(model)
-    model.set_attn_implementation("eager")
+    model.set_attn_implementation("gqa_tune_eager")
     torch.testing.assert_close(logits(model), sdpa, rtol=1e-10, atol=1e-10)
     model.float()
     input_ids, attention_mask, decoder_input_ids = inputs()
@@ -176,17 +207,20 @@ def test_eager_and_sdpa_agree_after_conversion():
         )
     assert out.decoder_attentions[0].shape == (2, NUM_HEADS, 6, 6)
     assert out.cross_attentions[0].shape == (2, NUM_HEADS, 6, 7)
+    assert torch.all(out.cross_attentions[0][1, :, :, 5:] == 0)  # the padded source positions get no weight
+    torch.testing.assert_close(out.cross_attentions[0].sum(-1), torch.ones(2, NUM_HEADS, 6))
 
 
 def test_encoder_flag_and_partial_conversion():
     model = convert_t5_to_gqa(tiny_t5(), 2, encoder=True, decoder_cross=False)
     encoder, dec_self, dec_cross = attention_modules(model)
-    assert all(isinstance(a, T5GQAAttention) and a.k.weight.shape == (16, 32) for a in encoder + dec_self)
-    assert all(type(a).__name__ == "T5Attention" and a.v.weight.shape == (32, 32) for a in dec_cross)
+    assert all(kv_heads_of(a) == 2 and a.k.weight.shape == (16, 32) for a in encoder + dec_self)
+    assert all(not is_grouped(a) and a.v.weight.shape == (32, 32) for a in dec_cross)
     assert torch.isfinite(logits(model)).all()
     # converting again pools further from the current kv heads
     convert_t5_to_gqa(model, 1, encoder=True)
-    assert all(a.num_key_value_heads == 1 for a in encoder + dec_self + dec_cross)
+    assert all(kv_heads_of(a) == 1 for a in encoder + dec_self + dec_cross)
+    assert model.config._attn_implementation == "gqa_tune_sdpa"
 
 
 def test_not_inplace_leaves_the_original():
@@ -194,9 +228,10 @@ def test_not_inplace_leaves_the_original():
     before = logits(model)
     converted = convert_t5_to_gqa(model, 1, inplace=False)
     assert converted is not model
-    assert not any(isinstance(m, T5GQAAttention) for m in model.modules())
+    assert not any(is_grouped(m) for m in model.modules())
+    assert model.config._attn_implementation == "sdpa"
     assert torch.equal(logits(model), before)
-    assert isinstance(converted.decoder.block[0].layer[1].EncDecAttention, T5GQAAttention)
+    assert kv_heads_of(converted.decoder.block[0].layer[1].EncDecAttention) == 1
 
 
 def test_random_method_is_seeded_and_first_picks_heads():
@@ -242,7 +277,7 @@ def test_encoder_only_model():
     with pytest.raises(ValueError, match="encoder=True"):
         convert_t5_to_gqa(model, 2)
     convert_t5_to_gqa(model, 2, encoder=True)
-    assert all(isinstance(b.layer[0].SelfAttention, T5GQAAttention) for b in model.encoder.block)
+    assert all(kv_heads_of(b.layer[0].SelfAttention) == 2 for b in model.encoder.block)
     with torch.no_grad():
         assert model(inputs()[0]).last_hidden_state.shape == (2, 7, 32)
 
@@ -260,7 +295,8 @@ def test_bad_requests(kwargs, match):
     model = tiny_t5()
     with pytest.raises(ValueError, match=match):
         convert_t5_to_gqa(model, **kwargs)
-    assert not any(isinstance(m, T5GQAAttention) for m in model.modules())  # nothing half-converted
+    assert not any(is_grouped(m) for m in model.modules())  # nothing half-converted
+    assert model.config._attn_implementation == "sdpa"
 
 
 def test_rejects_models_that_are_not_t5():
@@ -269,6 +305,14 @@ def test_rejects_models_that_are_not_t5():
     model = convert_t5_to_gqa(tiny_t5(), 2)
     with pytest.raises(ValueError, match=r"kv_heads \(4\) must divide the 2 kv heads"):
         convert_t5_to_gqa(model, 4)
+
+
+def test_rejects_other_attention_implementations():
+    model = tiny_t5()
+    model.config._attn_implementation = "flash_attention_2"  # no kernel here; only the name is read
+    with pytest.raises(ValueError, match="got 'flash_attention_2'"):
+        convert_t5_to_gqa(model, 2)
+    assert not any(is_grouped(m) for m in model.modules())
 
 
 def test_missing_transformers_message(monkeypatch):
@@ -282,9 +326,16 @@ def test_static_cache_generation_matches_dynamic():
     assert torch.equal(generate(model, cache_implementation="static"), generate(model))
 
 
-def test_old_transformers_interface_is_refused(monkeypatch):
-    from transformers.models.t5 import modeling_t5
+@pytest.mark.parametrize("version", ["5.14.1", "5.25.0", "6.0.0"])
+def test_unsupported_transformers_names_the_supported_range(monkeypatch, version):
+    import transformers
 
-    monkeypatch.delattr(modeling_t5, "eager_attention_forward")
-    with pytest.raises(ImportError, match="transformers 5.x"):
-        convert_t5_to_gqa(tiny_t5(), 2)
+    monkeypatch.setattr(transformers, "__version__", version)
+    model = tiny_t5()
+    with pytest.raises(UnsupportedVersionError) as info:
+        convert_t5_to_gqa(model, 2)
+    message = str(info.value)
+    assert re.search(re.escape(f"transformers{SUPPORTED['transformers']}"), message)
+    assert f"found transformers {version}" in message
+    assert "upgrade" not in message.lower()  # a user on a newer release must not be told to upgrade
+    assert not any(is_grouped(m) for m in model.modules())
