@@ -21,9 +21,9 @@ Nothing of transformers' is subclassed or copied. Two public extension points do
   ``"gqa_tune_sdpa"`` (:func:`sdpa_gqa_attention`, through
   :func:`gqa_tune.scaled_dot_product_gqa` and torch's ``enable_gqa``) and
   ``"gqa_tune_eager"`` (:func:`eager_gqa_attention`, which also returns the
-  weights for ``output_attentions``). Both get their masks from
-  ``AttentionMaskInterface`` as T5's eager path does: an additive float mask
-  added to the relative position bias.
+  weights for ``output_attentions``); :func:`set_attn_implementation` switches
+  between them. Both get their masks from ``AttentionMaskInterface`` as T5's
+  eager path does: an additive float mask added to the relative position bias.
 
 The attention math is T5's: no ``1/sqrt(d)`` scaling (T5 folds it into the
 initialization), the relative position bias (per query head, computed by the
@@ -59,6 +59,7 @@ __all__ = [
     "eager_gqa_attention",
     "register_t5_gqa_attention",
     "sdpa_gqa_attention",
+    "set_attn_implementation",
 ]
 
 #: transformers' attention implementation -> the grouped one a converted model is switched to.
@@ -194,6 +195,19 @@ def register_t5_gqa_attention() -> None:
         AttentionMaskInterface.register(name, eager_mask)
 
 
+def set_attn_implementation(model: nn.Module, implementation: str) -> None:
+    """Switch a T5 model and each of its encoder/decoder stacks to ``implementation`` (e.g. ``"gqa_tune_eager"``).
+
+    The stacks hold copies of the config, and before transformers 5.20
+    ``model.set_attn_implementation`` skips sub-models whose config has the
+    top-level config's class; setting each stack through the same public method
+    works across the supported range.
+    """
+    modeling_t5 = _import_t5()
+    for module in (model, *(m for m in model.modules() if isinstance(m, modeling_t5.T5Stack))):
+        module.set_attn_implementation(implementation)
+
+
 def _grouped_implementation(model: nn.Module) -> str:
     current = model.config._attn_implementation
     if current in IMPLEMENTATIONS.values():
@@ -312,5 +326,5 @@ def convert_t5_to_gqa(
         head_dim = attn.key_value_proj_dim
         attn.k = pooled_linear(attn.k, current, kv_heads, head_dim, method, generator)
         attn.v = pooled_linear(attn.v, current, kv_heads, head_dim, method, generator)
-    model.set_attn_implementation(implementation)
+    set_attn_implementation(model, implementation)
     return model

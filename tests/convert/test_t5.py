@@ -10,7 +10,7 @@ pytest.importorskip("transformers")
 from transformers import T5Config, T5EncoderModel, T5ForConditionalGeneration  # noqa: E402
 
 from gqa_tune._versions import SUPPORTED, UnsupportedVersionError  # noqa: E402
-from gqa_tune.convert.t5 import convert_t5_to_gqa, kv_heads_of  # noqa: E402
+from gqa_tune.convert.t5 import convert_t5_to_gqa, kv_heads_of, set_attn_implementation  # noqa: E402
 
 NUM_HEADS, D_KV, MAX_NEW = 4, 8, 8
 IMPLEMENTATIONS = ("sdpa", "eager")
@@ -197,7 +197,8 @@ def test_sdpa_gets_grouped_keys_and_values(monkeypatch):
 def test_eager_and_sdpa_agree_after_conversion():
     model = convert_t5_to_gqa(tiny_t5("sdpa"), 2, encoder=True).double()
     sdpa = logits(model)
-    model.set_attn_implementation("gqa_tune_eager")
+    set_attn_implementation(model, "gqa_tune_eager")
+    assert model.decoder.config._attn_implementation == model.encoder.config._attn_implementation == "gqa_tune_eager"
     torch.testing.assert_close(logits(model), sdpa, rtol=1e-10, atol=1e-10)
     model.float()
     input_ids, attention_mask, decoder_input_ids = inputs()
