@@ -11,9 +11,13 @@ or, without an index, every ``*.safetensors`` file. The destination keeps the
 shard layout (same file names; the index is rewritten with the new total size),
 gets ``config.json`` with ``num_key_value_heads`` (and ``gqa_tune.model.num_kv_heads``
 when present) rewritten, and copies of the other top-level files that are not
-weights (tokenizer, generation config ...). Optimizer state (``recipe_state.pt``),
+weights (tokenizer, ``generation_config.json`` ...). Optimizer state (``recipe_state.pt``),
 other weight formats and subdirectories (e.g. LoRA ``adapter/``) are not copied:
 their k/v shapes would no longer fit. Shards are converted one at a time.
+
+The destination is written with gqa_tune's atomic checkpoint protocol
+(:mod:`gqa_tune.training.checkpoint`): ``dst_dir`` is at every instant absent, the old directory or
+the complete new one, and leftovers of killed conversions into it are removed first.
 """
 
 import json
@@ -26,7 +30,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from gqa_tune.convert.pooling import check_conversion, convert_state_dict
-from gqa_tune.training.checkpoint import CONFIG, WEIGHTS, _write_atomically
+from gqa_tune.training.checkpoint import CONFIG, WEIGHTS, _write_atomically, cleanup_stale
 
 #: Top-level files not copied to the converted directory (weights, optimizer state, run pointers).
 _SKIP_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".index.json")
@@ -216,12 +220,6 @@ def convert_hf_checkpoint(
             if path.is_file() and path.name not in _SKIP_NAMES and not path.name.endswith(_SKIP_SUFFIXES):
                 shutil.copy2(path, tmp / path.name)
 
-    def write_or_clean_up(tmp: Path) -> None:
-        try:
-            write(tmp)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-
-    _write_atomically(dst, write_or_clean_up)
+    cleanup_stale(dst.parent, name=dst.name)
+    _write_atomically(dst, write)
     return dst
