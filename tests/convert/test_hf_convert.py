@@ -1,6 +1,7 @@
 """MHA -> GQA conversion of Hugging Face checkpoint directories (gqa_tune.convert.hf)."""
 
 import json
+import os
 import re
 
 import pytest
@@ -11,7 +12,7 @@ from torchtune.models.llama3_2 import llama3_2
 from torchtune.training import FullModelHFCheckpointer
 
 from gqa_tune.convert import convert_hf_checkpoint, convert_model_, convert_state_dict
-from gqa_tune.models import gqa_decoder
+from gqa_tune.models import gqa_decoder, init_from_scratch
 from gqa_tune.training.checkpoint import load_checkpoint, save_checkpoint
 
 VOCAB, DIM, HEADS, HEAD_DIM, LAYERS, MAX_LEN = 64, 32, 4, 8, 2, 32
@@ -179,6 +180,43 @@ def test_overwrite_and_same_directory(saved, tmp_path):
     assert not (dst / "notes.txt").exists() and (dst / "model.safetensors").is_file()
     with pytest.raises(ValueError, match="is the source checkpoint"):
         convert_hf_checkpoint(src, src, 2, overwrite=True)
+
+
+def test_overwriting_cleans_up_a_killed_conversion(saved, tmp_path):
+    _, src = saved
+    dst = tmp_path / "gqa"
+    convert_hf_checkpoint(src, dst, 2)
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)  # a dead process, as a conversion killed mid-write leaves its directory
+    (tmp_path / f".gqa.tmp-{pid}-ab").mkdir()
+    (tmp_path / f".other.tmp-{pid}-ab").mkdir()  # not this destination's: left alone
+    convert_hf_checkpoint(src, dst, 1, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == [f".other.tmp-{pid}-ab"]
+    assert json.loads((dst / "config.json").read_text())["num_key_value_heads"] == 1
+
+
+def test_a_converted_scaled_rope_checkpoint_reloads_in_transformers(tmp_path, one_thread):
+    """The converted directory keeps RoPE scaling, token ids and generation_config.json: transformers rebuilds it."""
+    transformers = pytest.importorskip("transformers")
+    args = {**model_args(HEADS), "rope_base": 500_000, "rope_scale_factor": 32, "max_seq_len": 16_384}
+    model = init_from_scratch(gqa_decoder(**args), std=0.2).eval()
+    source = tmp_path / "hf_source"
+    source.mkdir()
+    (source / "config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3}))
+    (source / "generation_config.json").write_text('{"bos_token_id": 1, "eos_token_id": 2}\n')
+    src = save_checkpoint(tmp_path / "run", "mha", model, model.state_dict(), source_dir=source)
+    dst = convert_hf_checkpoint(src, tmp_path / "gqa", 2)
+    assert (dst / "generation_config.json").read_text() == (source / "generation_config.json").read_text()
+    convert_model_(model, 2)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(dst, dtype=torch.float32).eval()
+    assert (hf.config.num_key_value_heads, hf.config.rope_parameters["rope_type"]) == (2, "llama3")
+    assert (hf.config.bos_token_id, hf.config.eos_token_id, hf.config.pad_token_id) == (1, 2, 3)
+    assert hf.generation_config.eos_token_id == 2
+    tokens = torch.randint(0, VOCAB, (2, 200))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(tokens).logits, model(tokens), atol=1e-4, rtol=1e-4)
 
 
 def _edit_config(path, **changes):
