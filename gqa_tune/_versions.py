@@ -20,6 +20,8 @@ Internals of each dependency that gqa_tune touches (each has a contract test):
 from importlib import metadata
 from typing import Dict, Optional
 
+from packaging.specifiers import SpecifierSet
+
 #: distribution name -> PEP 440 specifier, exactly as in pyproject.toml.
 #: transformers: 5.15 is the first release whose T5Attention dispatches through
 #: ``ALL_ATTENTION_FUNCTIONS`` (passing the relative position bias as ``position_bias``);
@@ -46,9 +48,15 @@ def installed_version(distribution: str) -> Optional[str]:
 
 def is_supported(distribution: str, version: str) -> bool:
     """Whether ``version`` of ``distribution`` lies in :data:`SUPPORTED` (pre-releases and local builds count)."""
-    from packaging.specifiers import SpecifierSet  # packaging ships with every dependency that is checked
-
     return SpecifierSet(SUPPORTED[distribution]).contains(version, prereleases=True)
+
+
+def lowest_supported(distribution: str) -> str:
+    """The lower end of :data:`SUPPORTED`'s range for ``distribution`` (its ``>=`` or ``==`` version)."""
+    ends = [spec.version for spec in SpecifierSet(SUPPORTED[distribution]) if spec.operator in (">=", "==")]
+    if len(ends) != 1:
+        raise ValueError(f"{distribution}{SUPPORTED[distribution]} has no single lower end")
+    return ends[0]
 
 
 def require(distribution: str, version: Optional[str] = None, *, feature: str = "gqa_tune") -> None:
