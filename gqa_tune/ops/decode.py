@@ -6,13 +6,17 @@ import torch
 import torch.nn.functional as F
 
 from gqa_tune.ops.backends.triton import kernel_problem
+from gqa_tune.ops.functional import check_flag, check_scale
+from gqa_tune.ops.nan_rule import hide_masked_nans
 
 
-def _check(query, k_cache, v_cache, cache_seqlens, mask) -> None:
+def _check(query, k_cache, v_cache, cache_seqlens, mask, scale, causal, max_seqlen) -> None:
     for name, t in (("query", query), ("k_cache", k_cache), ("v_cache", v_cache)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             raise ValueError(f"{name} must be a 4-D tensor, got {getattr(t, 'shape', type(t).__name__)}")
     b, n_h, s_q, head_dim = query.shape
+    if not query.is_floating_point():
+        raise ValueError(f"query must be a floating-point tensor, got {query.dtype}")
     if k_cache.shape != v_cache.shape:
         raise ValueError(f"k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} differ")
     cb, n_kv, max_len, cd = k_cache.shape
@@ -20,19 +24,38 @@ def _check(query, k_cache, v_cache, cache_seqlens, mask) -> None:
         raise ValueError(
             f"query {tuple(query.shape)} and caches {tuple(k_cache.shape)} must agree on batch and head_dim"
         )
+    if head_dim == 0:
+        raise ValueError(f"head_dim must be positive, got query {tuple(query.shape)}")
     if n_kv == 0 or n_kv > n_h or n_h % n_kv:
         raise ValueError(f"query heads ({n_h}) must be a multiple of cache heads ({n_kv})")
     if s_q > max_len:
         raise ValueError(f"{s_q} query positions do not fit a cache of length {max_len}")
     if not (query.dtype == k_cache.dtype == v_cache.dtype):
         raise ValueError(f"dtypes differ: query {query.dtype}, k_cache {k_cache.dtype}, v_cache {v_cache.dtype}")
-    if not isinstance(cache_seqlens, torch.Tensor) or cache_seqlens.shape != (b,) or cache_seqlens.is_floating_point():
+    if not (isinstance(cache_seqlens, torch.Tensor) and cache_seqlens.shape == (b,)) or (
+        cache_seqlens.is_floating_point() or cache_seqlens.is_complex() or cache_seqlens.dtype == torch.bool
+    ):
         raise ValueError(f"cache_seqlens must be an integer tensor of shape ({b},), got {cache_seqlens!r}")
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache), ("cache_seqlens", cache_seqlens), ("mask", mask)):
+        if t is not None and t.device != query.device:
+            raise ValueError(f"{name} is on {t.device}, query on {query.device}")
     if mask is not None and (mask.dtype != torch.bool or mask.dim() != 3 or mask.shape[1:] != (s_q, max_len)
                              or mask.shape[0] not in (1, b)):  # fmt: skip
         raise ValueError(
             f"mask must be bool [b, s_q, max_len] = [{b}, {s_q}, {max_len}], got {mask.dtype} {tuple(mask.shape)}"
         )
+    check_scale(scale)
+    check_flag("causal", causal)
+    if max_seqlen is not None and (isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 0):
+        raise ValueError(f"max_seqlen must be None or a non-negative int, got {max_seqlen!r}")
+    if b == 0:
+        return
+    # One host read: the kernel indexes the cache with these lengths, so they must lie in it.
+    low, high = int(cache_seqlens.min()), int(cache_seqlens.max())
+    if low < 0 or high > max_len:
+        raise ValueError(f"cache_seqlens must lie in [0, max_len={max_len}], got {cache_seqlens.tolist()}")
+    if max_seqlen is not None and max_seqlen < high:
+        raise ValueError(f"max_seqlen ({max_seqlen}) is below the longest cache_seqlens entry ({high})")
 
 
 def decode_visibility(
@@ -89,11 +112,9 @@ def flash_decode_gqa(
     Returns:
         torch.Tensor: ``[b, n_h, s_q, h_d]``; a row that sees no key gives 0.
     """
-    _check(query, k_cache, v_cache, cache_seqlens, mask)
-    if max_seqlen is not None:
-        longest = int(cache_seqlens.max())
-        if max_seqlen < longest:
-            raise ValueError(f"max_seqlen ({max_seqlen}) is below the longest cache_seqlens entry ({longest})")
+    _check(query, k_cache, v_cache, cache_seqlens, mask, scale, causal, max_seqlen)
+    if query.numel() == 0:
+        return query.new_zeros(query.shape)
     return decode_attention(query, k_cache, v_cache, cache_seqlens, scale, causal, mask, max_seqlen)
 
 
@@ -122,5 +143,7 @@ def decode_attention(
     # Pack the group's query heads into rows: [b, n_kv, G * s_q, h_d]; one read of each kv head.
     packed = query.reshape(b, n_kv, (n_h // n_kv) * s_q, head_dim)
     visible = visible.repeat(1, 1, n_h // n_kv, 1)
-    out = F.scaled_dot_product_attention(packed, k_cache, v_cache, attn_mask=visible, scale=scale)
+    # Slots past a row's length may hold anything (torch.empty caches): the NaN rule keeps them out.
+    k_cache, v_cache, restore = hide_masked_nans(packed, k_cache, v_cache, visible, False)
+    out = restore(F.scaled_dot_product_attention(packed, k_cache, v_cache, attn_mask=visible, scale=scale))
     return out.reshape(b, n_h, s_q, head_dim)

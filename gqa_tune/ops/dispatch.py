@@ -26,6 +26,7 @@ from gqa_tune.ops.backends.math import math_backend
 from gqa_tune.ops.backends.sdpa import sdpa_backend, sdpa_limits
 from gqa_tune.ops.backends.triton import triton_backend, triton_limits
 from gqa_tune.ops.masks import MaskType
+from gqa_tune.ops.nan_rule import hide_masked_nans
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,10 @@ class AttentionCall:
     dropout_p: float
     need_weights: bool
     needs_grad: bool
+    #: V's head dim where it differs from ``head_dim`` (``None``: the same).
+    value_head_dim: Optional[int] = None
+    #: Nothing to attend or nothing to compute (``b``, ``n_h`` or ``s_q`` is 0, or ``s_kv`` is 0).
+    empty: bool = False
 
     @property
     def mask_kind(self) -> str:
@@ -94,12 +99,18 @@ def check_backend_name(backend: str) -> None:
 
 def make_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, dropout_p: float, need_weights: bool):
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    return AttentionCall(q.device, q.dtype, q.shape[-1], mask, dropout_p, need_weights, needs_grad)
+    value_head_dim = v.shape[-1] if v.shape[-1] != q.shape[-1] else None
+    empty = q.numel() == 0 or k.shape[2] == 0
+    return AttentionCall(q.device, q.dtype, q.shape[-1], mask, dropout_p, need_weights, needs_grad, value_head_dim, empty)
 
 
 def select_backend(call: AttentionCall, backend: str = "auto") -> Backend:
     """The backend that will run ``call``; ``ValueError`` if ``backend`` cannot."""
     check_backend_name(backend)
+    if call.empty:
+        # Nothing to attend (or nothing asks): the answer is defined (an empty output,
+        # or zeros for s_kv = 0) and the reference computes it for any backend.
+        return BACKENDS["math"]
     if backend != "auto":
         reason = BACKENDS[backend].limits(call)
         if reason is not None:
@@ -124,15 +135,28 @@ def run_attention(
 ) -> torch.Tensor:
     """Dispatch already-validated grouped inputs to a backend (no weights)."""
     call = make_call(q, k, v, mask, dropout_p, False)
-    chosen = select_backend(call, backend)
-    return call_guarded(
-        chosen.name,
-        backend,
-        lambda: chosen.fn(q, k, v, mask=mask, scale=scale, is_causal=is_causal, dropout_p=dropout_p),
-        lambda: select_backend(call, "auto").fn(
-            q, k, v, mask=mask, scale=scale, is_causal=is_causal, dropout_p=dropout_p
-        ),
-    )
+    return run_backend(select_backend(call, backend), call, backend, q, k, v, mask, scale, is_causal, dropout_p)
+
+
+def run_backend(
+    chosen: Backend,
+    call: AttentionCall,
+    requested: str,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: Optional[MaskType],
+    scale: Optional[float],
+    is_causal: bool,
+    dropout_p: float,
+) -> torch.Tensor:
+    """Run ``chosen`` (from :func:`select_backend`) under the NaN rule of :mod:`gqa_tune.ops.nan_rule`."""
+    k, v, restore = hide_masked_nans(q, k, v, mask, is_causal)
+
+    def run(backend: Backend) -> torch.Tensor:
+        return restore(backend.fn(q, k, v, mask=mask, scale=scale, is_causal=is_causal, dropout_p=dropout_p))
+
+    return call_guarded(chosen.name, requested, lambda: run(chosen), lambda: run(select_backend(call, "auto")))
 
 
 def call_guarded(name: str, requested: str, run: Callable, rerun: Callable):

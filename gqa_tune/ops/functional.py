@@ -1,17 +1,44 @@
 """``scaled_dot_product_gqa``: torch's SDPA contract with grouped K/V."""
 
-from typing import Optional, Tuple, Union
+import math
+import numbers
+from typing import Any, Optional, Tuple, Union
 
 import torch
 from torch.nn.attention.flex_attention import BlockMask
 
 from gqa_tune.ops.backends.math import attention_ref
-from gqa_tune.ops.dispatch import call_guarded, make_call, select_backend
+from gqa_tune.ops.dispatch import make_call, run_backend, select_backend
 from gqa_tune.ops.masks import MaskType
+from gqa_tune.ops.nan_rule import hide_masked_nans
 
 
 def _shape(t: torch.Tensor) -> str:
     return "(" + ", ".join(str(d) for d in t.shape) + ")"
+
+
+def check_flag(name: str, value: Any) -> None:
+    """Raise ``ValueError`` unless ``value`` is a Python bool."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+
+
+def check_probability(name: str, value: Any) -> None:
+    """Raise ``ValueError`` unless ``value`` is a real number in [0, 1]."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be in [0, 1], got {value!r}")
+
+
+def check_scale(scale: Any) -> None:
+    """Raise ``ValueError`` unless ``scale`` is ``None`` or a finite positive number.
+
+    A zero, negative, NaN or infinite scale has no attention meaning (softmax over
+    ``-inf * 0`` or reversed scores) and gives NaN on some backends, so it is refused.
+    """
+    if scale is None:
+        return
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"scale must be None or a finite positive number, got {scale!r}")
 
 
 def check_gqa_inputs(
@@ -28,8 +55,12 @@ def check_gqa_inputs(
             raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 4:
             raise ValueError(f"{name} must be 4-D (b, h, s, d), got shape {_shape(t)}")
+        if not t.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
     shapes = f"query {_shape(query)}, key {_shape(key)}, value {_shape(value)}"
     b, n_h, s_q, h_d = query.shape
+    if h_d == 0 or value.shape[-1] == 0:
+        raise ValueError(f"head_dim must be positive: {shapes}")
     if not (key.shape[0] == value.shape[0] == b):
         raise ValueError(f"batch sizes differ: {shapes}")
     if key.shape[-1] != h_d:
@@ -43,8 +74,8 @@ def check_gqa_inputs(
         raise ValueError(f"dtypes differ: query {query.dtype}, key {key.dtype}, value {value.dtype}")
     if not (query.device == key.device == value.device):
         raise ValueError(f"devices differ: query {query.device}, key {key.device}, value {value.device}")
-    if not 0.0 <= dropout_p <= 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1], got {dropout_p}")
+    check_flag("is_causal", is_causal)
+    check_probability("dropout_p", dropout_p)
     if attn_mask is None:
         return
     if is_causal:
@@ -53,6 +84,8 @@ def check_gqa_inputs(
     if isinstance(attn_mask, BlockMask):
         mask_b, mask_h = attn_mask.shape[0], attn_mask.shape[1]
         lens = tuple(attn_mask.seq_lengths)
+        if attn_mask.kv_num_blocks.device != query.device:
+            raise ValueError(f"BlockMask is on {attn_mask.kv_num_blocks.device}, query on {query.device}")
         if lens != (s_q, s_kv) or mask_b not in (1, b) or mask_h not in (1, n_h):
             raise ValueError(
                 f"BlockMask of shape {tuple(attn_mask.shape)} and lengths {lens} does not fit "
@@ -61,6 +94,8 @@ def check_gqa_inputs(
         return
     if not isinstance(attn_mask, torch.Tensor):
         raise ValueError(f"attn_mask must be a tensor or BlockMask, got {type(attn_mask).__name__}")
+    if attn_mask.device != query.device:
+        raise ValueError(f"attn_mask is on {attn_mask.device}, query on {query.device}")
     if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
         raise ValueError(f"attn_mask must be bool (True = attend) or floating (additive), got {attn_mask.dtype}")
     if attn_mask.is_floating_point() and attn_mask.dtype != query.dtype:
@@ -117,13 +152,16 @@ def scaled_dot_product_gqa(
     query/key lengths, ``h_d`` head dim.
     """
     check_gqa_inputs(query, key, value, attn_mask, dropout_p, is_causal)
+    check_scale(scale)
+    check_flag("need_weights", need_weights)
     call = make_call(query, key, value, attn_mask, dropout_p, need_weights)
     chosen = select_backend(call, backend)
     if isinstance(attn_mask, torch.Tensor) and attn_mask.dim() < 4:
         # Broadcasting as torch defines it, made explicit: every backend sees a 4-D mask.
         attn_mask = attn_mask.view((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
     if need_weights:
-        return attention_ref(
+        key, value, restore = hide_masked_nans(query, key, value, attn_mask, is_causal)
+        out, weights = attention_ref(
             query,
             key,
             value,
@@ -133,10 +171,5 @@ def scaled_dot_product_gqa(
             dropout_p=dropout_p,
             return_weights=True,
         )
-    kwargs = dict(mask=attn_mask, scale=scale, is_causal=is_causal, dropout_p=dropout_p)
-    return call_guarded(
-        chosen.name,
-        backend,
-        lambda: chosen.fn(query, key, value, **kwargs),
-        lambda: select_backend(call, "auto").fn(query, key, value, **kwargs),
-    )
+        return restore(out), weights
+    return run_backend(chosen, call, backend, query, key, value, attn_mask, scale, is_causal, dropout_p)

@@ -124,8 +124,6 @@ def test_explicit_sdpa_and_math_serve_any_call_without_weights(kind, block_mask)
 @pytest.mark.parametrize(
     "backend,kwargs,reason",
     [
-        pytest.param("flex", dict(mask="bool"), "it takes a BlockMask, not a dense tensor mask", id="flex-bool"),
-        pytest.param("flex", dict(mask="float"), "it takes a BlockMask, not a dense tensor mask", id="flex-float"),
         pytest.param("flex", dict(mask="block", dropout_p=0.1), "it has no dropout (dropout_p=0.1)", id="flex-dropout"),
         pytest.param("flex", dict(mask="block", grad=True), "no backward on CPU", id="flex-grad"),
         pytest.param("flex", dict(dtype=torch.float64), "does not support float64", id="flex-float64"),

@@ -1,13 +1,18 @@
 """The ``"flex"`` backend: compiled ``flex_attention`` with ``enable_gqa=True``.
 
 ``flex_attention`` is compiled the first time it is used (never at import)
-and the compiled callable is reused. Causal masks become cached
-``BlockMask``s. Limits, all reported by :func:`flex_limits`: no dropout, no
-attention weights, no dense tensor masks (pass a ``BlockMask``), and on CPU
-no backward and no float64 (torch's CPU flex kernel has neither).
+and the compiled callable is reused. It is compiled with automatic dynamic
+shapes, so a decode loop whose key length grows every step compiles once or
+twice, not once per length (``dynamic=False`` recompiled every step and fell
+back to eager flex after 8). Causal masks become cached ``BlockMask``s; a
+dense bool mask becomes a ``BlockMask`` whose ``mask_mod`` reads it, and an
+additive float mask a ``score_mod`` that adds it. Limits, all reported by
+:func:`flex_limits`: no dropout, no attention weights, and on CPU no backward
+and no float64 (torch's CPU flex kernel has neither).
 """
 
 import functools
+from typing import Callable, Optional, Tuple
 
 import torch
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
@@ -15,7 +20,7 @@ from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex
 
 @functools.cache
 def _compiled_flex():
-    return torch.compile(flex_attention, dynamic=False)
+    return torch.compile(flex_attention, dynamic=None)
 
 
 def _top_left_causal_mod(b, h, q_idx, kv_idx):
@@ -27,12 +32,50 @@ def _causal_block_mask(s_q: int, s_kv: int, device: str) -> BlockMask:
     return create_block_mask(_top_left_causal_mod, None, None, s_q, s_kv, device=device)
 
 
+def _indexer(mask: torch.Tensor, s_q: int, s_kv: int) -> Tuple[Callable, Optional[int], Optional[int]]:
+    """``(read(b, h, q_idx, kv_idx), B, H)`` for a mask broadcastable to ``[b, n_h, s_q, s_kv]``."""
+    batch = mask.shape[0] if mask.shape[0] > 1 else None
+    heads = mask.shape[1] if mask.shape[1] > 1 else None
+    full = mask.expand(mask.shape[0], mask.shape[1], s_q, s_kv)
+
+    def read(b, h, q_idx, kv_idx):
+        return full[b if batch else 0, h if heads else 0, q_idx, kv_idx]
+
+    return read, batch, heads
+
+
+def _from_dense(mask: torch.Tensor, s_q: int, s_kv: int) -> Tuple[Optional[BlockMask], Optional[Callable]]:
+    """``(block_mask, score_mod)`` for a 4-D dense mask (bool: which keys; float: added to the scores)."""
+    read, batch, heads = _indexer(mask, s_q, s_kv)
+    if mask.dtype == torch.bool:
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            return read(b, h, q_idx, kv_idx)
+
+        return create_block_mask(mask_mod, batch, heads, s_q, s_kv, device=str(mask.device)), None
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return score + read(b, h, q_idx, kv_idx)
+
+    return None, score_mod
+
+
 @torch.compiler.disable(recursive=False)
 def flex_backend(q, k, v, *, mask, scale, is_causal, dropout_p):
-    block_mask = mask
+    s_q, s_kv = q.shape[2], k.shape[2]
+    block_mask, score_mod = mask, None
+    if isinstance(mask, torch.Tensor):
+        block_mask, score_mod = _from_dense(mask.view((1,) * (4 - mask.dim()) + tuple(mask.shape)), s_q, s_kv)
     if is_causal:
-        block_mask = _causal_block_mask(q.shape[2], k.shape[2], str(q.device))
-    return _compiled_flex()(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+        block_mask = _causal_block_mask(s_q, s_kv, str(q.device))
+    out = _compiled_flex()(
+        q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
+    )
+    if score_mod is not None:
+        # A row whose float mask is -inf everywhere: flex gives NaN, the rule is 0.
+        dead = torch.isneginf(mask).all(-1, keepdim=True)
+        out = torch.where(dead, 0.0, out)
+    return out
 
 
 def flex_limits(call) -> "str | None":
@@ -41,8 +84,6 @@ def flex_limits(call) -> "str | None":
         return "it cannot return attention weights (use backend='math')"
     if call.dropout_p > 0.0:
         return f"it has no dropout (dropout_p={call.dropout_p})"
-    if isinstance(call.mask, torch.Tensor):
-        return "it takes a BlockMask, not a dense tensor mask"
     if call.device.type == "cpu":
         if call.needs_grad:
             return "torch's flex_attention has no backward on CPU"

@@ -70,13 +70,16 @@ def attention_ref(
     if allowed is not None:
         scores = scores.masked_fill(~allowed, float("-inf"))
 
-    # A row with no finite score attends to nothing: weights 0, not NaN.
-    row_max = scores.amax(dim=-1, keepdim=True)
-    dead = torch.isneginf(row_max)
-    scores = scores - torch.where(dead, torch.zeros_like(row_max), row_max)
-    weights = torch.exp(scores)
-    weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(weights.dtype).tiny)
-    weights = torch.where(dead, torch.zeros_like(weights), weights)
+    if s_kv == 0:
+        weights = scores  # [b, n_h, s_q, 0]: nothing to attend, so every row gives 0
+    else:
+        # A row with no finite score attends to nothing: weights 0, not NaN.
+        row_max = scores.amax(dim=-1, keepdim=True)
+        dead = torch.isneginf(row_max)
+        scores = scores - torch.where(dead, torch.zeros_like(row_max), row_max)
+        weights = torch.exp(scores)
+        weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(weights.dtype).tiny)
+        weights = torch.where(dead, torch.zeros_like(weights), weights)
 
     dropped = F.dropout(weights, p=dropout_p) if dropout_p > 0.0 else weights
     out = torch.matmul(dropped, v).to(out_dtype)

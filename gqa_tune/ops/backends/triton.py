@@ -65,6 +65,8 @@ def triton_limits(call) -> Optional[str]:
         return "it cannot return attention weights (use backend='math')"
     if call.dropout_p > 0.0:
         return f"it has no dropout (dropout_p={call.dropout_p})"
+    if call.value_head_dim is not None:
+        return f"value head_dim {call.value_head_dim} differs from the query/key head_dim {call.head_dim}"
     if call.mask_kind not in ("none", "bool"):
         return f"it takes no mask, is_causal or a bool mask, not a {call.mask_kind} mask"
     return kernel_problem(call.device, call.dtype, call.head_dim)

@@ -1,0 +1,81 @@
+"""The one NaN rule every attention backend is held to.
+
+A NaN reaches exactly the output rows that attend to it:
+
+* a NaN in a query row makes that row NaN (torch's SDPA and flex zero such a
+  row when there is no mask; here it stays NaN, as plain arithmetic gives);
+* a NaN in a key or value that a query may attend to makes that query's row NaN;
+* a key or value hidden from a query (by a bool mask, a ``-inf`` entry of a
+  float mask, or the causal mask) never reaches its row, NaN or not (torch's
+  SDPA leaks a hidden NaN key through the scores, and every backend leaks a
+  hidden NaN value through ``0 * NaN``).
+
+A fully masked row still gives 0. With a flex ``BlockMask`` the hidden blocks
+are never read; within its partial blocks flex's own masking applies.
+
+:func:`hide_masked_nans` enforces this around any backend: it zeroes NaN
+keys/values before the call and sets back to NaN the rows that could see one.
+The cost is a few elementwise passes over ``q``/``k``/``v`` (``O(s h_d)``) plus,
+with a dense mask, one pass over the mask (``O(s_q s_kv)``); no host sync.
+"""
+
+from typing import Callable, Optional, Tuple
+
+import torch
+from torch.nn.attention.flex_attention import BlockMask
+
+from gqa_tune.ops.masks import MaskType
+
+Restore = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _propagate_query_nans(q: torch.Tensor) -> Restore:
+    poison = q.sum(-1, keepdim=True) * 0.0  # [b, n_h, s_q, 1]: NaN where a query row holds a NaN or inf
+
+    def restore(out: torch.Tensor) -> torch.Tensor:
+        return out + poison.to(out.dtype)
+
+    return restore
+
+
+def _rows_seeing(
+    nan_keys: torch.Tensor, mask: Optional[torch.Tensor], is_causal: bool, n_h: int, s_q: int
+) -> torch.Tensor:
+    """Bool ``[b, n_h, s_q, 1]``: rows that may attend to a key flagged in ``nan_keys`` ``[b, n_kv, s_kv]``."""
+    group = n_h // nan_keys.shape[1]
+    flagged = nan_keys.repeat_interleave(group, dim=1) if group > 1 else nan_keys  # [b, n_h, s_kv]
+    if mask is None:
+        # Top-left causal: row i sees keys 0..i, so it sees a NaN once one stands at or before i.
+        seen = flagged.cumsum(-1) > 0
+        rows = torch.arange(s_q, device=seen.device).clamp(max=seen.shape[-1] - 1)
+        return seen[..., rows].unsqueeze(-1)
+    visible = mask if mask.dtype == torch.bool else mask != float("-inf")
+    if is_causal:
+        visible = visible & torch.ones(s_q, flagged.shape[-1], dtype=torch.bool, device=mask.device).tril()
+    return (visible & flagged[:, :, None, :]).any(-1, keepdim=True)
+
+
+def hide_masked_nans(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[MaskType], is_causal: bool
+) -> Tuple[torch.Tensor, torch.Tensor, Restore]:
+    """``(k, v, restore)``: K/V with hidden NaNs made harmless, and the function to apply to the output.
+
+    Args:
+        q (torch.Tensor): ``[b, n_h, s_q, h_d]``.
+        k, v (torch.Tensor): ``[b, n_kv, s_kv, h_d]`` / ``[b, n_kv, s_kv, h_dv]``.
+        mask: ``None``, a bool or float tensor broadcastable to ``[b, n_h, s_q, s_kv]``, or a ``BlockMask``.
+        is_causal (bool): top-left causal masking.
+    """
+    restore_q = _propagate_query_nans(q)
+    if isinstance(mask, BlockMask) or (mask is None and not is_causal) or k.shape[2] == 0:
+        return k, v, restore_q  # no key is hidden (or flex reads only the blocks it keeps)
+    k_nan, v_nan = torch.isnan(k), torch.isnan(v)
+    nan_keys = k_nan.any(-1) | v_nan.any(-1)  # [b, n_kv, s_kv]
+    k = torch.where(k_nan, 0.0, k)
+    v = torch.where(v_nan, 0.0, v)
+    sees = _rows_seeing(nan_keys, mask, is_causal, q.shape[1], q.shape[2])
+
+    def restore(out: torch.Tensor) -> torch.Tensor:
+        return restore_q(torch.where(sees, float("nan"), out))
+
+    return k, v, restore
