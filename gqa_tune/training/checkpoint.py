@@ -193,7 +193,10 @@ def _hidden(final: Path, kind: str) -> Path:
 
 def _exchange(a: Path, b: Path) -> bool:
     """Swap two existing paths in one step (Linux ``renameat2(RENAME_EXCHANGE)``); ``False`` where unsupported."""
-    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    try:
+        renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    except (OSError, TypeError):  # no C library to open by that name (Windows)
+        renameat2 = None
     if renameat2 is None:
         return False
     if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
@@ -205,6 +208,8 @@ def _exchange(a: Path, b: Path) -> bool:
 
 
 def _fsync_dir(path: Path) -> None:
+    if os.name == "nt":  # directories cannot be opened for fsync there
+        return
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
