@@ -105,6 +105,11 @@ def sdpa_gqa_attention(
 ) -> Tuple[torch.Tensor, None]:
     """T5 attention with grouped keys/values, through :func:`gqa_tune.scaled_dot_product_gqa` (``"gqa_tune_sdpa"``).
 
+    The op's dispatcher picks the backend (torch's SDPA with ``enable_gqa`` on
+    the CPU). T5's relative position bias makes the mask an arbitrary float
+    tensor; on CUDA torch's SDPA may then run its math kernel, which expands K/V
+    inside the call (transiently: the cache stays at ``n_kv`` heads).
+
     Args:
         module: the calling ``T5Attention`` (unused: the grouping comes from the shapes).
         query: ``[b, n_h, s_q, h_d]``.
@@ -125,7 +130,7 @@ def sdpa_gqa_attention(
             stacklevel=2,
         )
     mask = _scores_bias(position_bias, attention_mask)
-    out = scaled_dot_product_gqa(query, key, value, mask, dropout_p=dropout, scale=scaling, backend="sdpa")
+    out = scaled_dot_product_gqa(query, key, value, mask, dropout_p=dropout, scale=scaling)
     return out.transpose(1, 2).contiguous(), None
 
 
