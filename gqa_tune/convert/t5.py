@@ -79,17 +79,14 @@ def _import_t5():
     return modeling_t5
 
 
-def _scores_bias(
-    position_bias: Optional[torch.Tensor], attention_mask: Optional[torch.Tensor]
-) -> Optional[torch.Tensor]:
-    """T5's additive term: the relative position bias ``[1 or b, n_h, s_q, s_k]`` plus the mask ``[b, 1, s_q, s_k]``."""
-    if attention_mask is not None and attention_mask.dtype == torch.bool:
-        raise ValueError(
-            "the gqa_tune T5 attention expects the additive float mask of its registered mask function, got a bool mask"
-        )
-    if position_bias is None:
+def _additive(attention_mask: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """The mask as an additive float tensor: the registered ``eager_mask`` already gives one; a 4-D bool mask
+    (True = attend) passed by the caller, which transformers hands over as it is, becomes 0 / dtype's minimum."""
+    if attention_mask is None or attention_mask.dtype != torch.bool:
         return attention_mask
-    return position_bias if attention_mask is None else position_bias + attention_mask
+    return torch.zeros(attention_mask.shape, dtype=dtype, device=attention_mask.device).masked_fill(
+        ~attention_mask, torch.finfo(dtype).min
+    )
 
 
 def sdpa_gqa_attention(
@@ -114,7 +111,7 @@ def sdpa_gqa_attention(
         module: the calling ``T5Attention`` (unused: the grouping comes from the shapes).
         query: ``[b, n_h, s_q, h_d]``.
         key, value: ``[b, n_kv, s_k, h_d]`` with ``n_kv`` dividing ``n_h``.
-        attention_mask: additive float ``[b, 1, s_q, s_k]`` or ``None``.
+        attention_mask: additive float ``[b, 1, s_q, s_k]`` (bool, True = attend, is accepted too) or ``None``.
         scaling: multiplier of the scores (T5: 1.0).
         dropout: dropout on the weights (T5 passes 0.0 in eval).
         position_bias: T5's relative position bias, ``[1 or b, n_h, s_q, s_k]``.
@@ -129,7 +126,9 @@ def sdpa_gqa_attention(
             "'gqa_tune_eager' for output_attentions",
             stacklevel=2,
         )
-    mask = _scores_bias(position_bias, attention_mask)
+    mask = _additive(attention_mask, query.dtype)
+    if position_bias is not None:
+        mask = position_bias if mask is None else position_bias + mask  # [b, n_h, s_q, s_k]
     out = scaled_dot_product_gqa(query, key, value, mask, dropout_p=dropout, scale=scaling)
     return out.transpose(1, 2).contiguous(), None
 
@@ -170,6 +169,7 @@ def eager_gqa_attention(
         attn_weights = scores.view(batch, num_heads, q_len, k_len) * scaling
     if position_bias is not None:
         attn_weights = attn_weights + position_bias
+    attention_mask = _additive(attention_mask, attn_weights.dtype)
     if attention_mask is not None:
         attn_weights = attn_weights + attention_mask
     attn_weights = nn.functional.softmax(attn_weights, dim=-1)

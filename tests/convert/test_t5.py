@@ -340,3 +340,14 @@ def test_unsupported_transformers_names_the_supported_range(monkeypatch, version
     assert f"found transformers {version}" in message
     assert "upgrade" not in message.lower()  # a user on a newer release must not be told to upgrade
     assert not any(is_grouped(m) for m in model.modules())
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_a_caller_built_4d_bool_mask_is_honoured(impl):
+    # transformers passes a 4-D mask through unchanged; True = attend, as the 2-D padding mask it stands for
+    model = convert_t5_to_gqa(tiny_t5(impl), 2, encoder=True)
+    input_ids, attention_mask, decoder_input_ids = inputs()
+    bool_mask = attention_mask.bool()[:, None, None, :]  # [b, 1, 1, s]
+    with torch.no_grad():
+        out = model(input_ids=input_ids, attention_mask=bool_mask, decoder_input_ids=decoder_input_ids).logits
+    torch.testing.assert_close(out, logits(model))
