@@ -57,6 +57,7 @@ __all__ = [
     "IMPLEMENTATIONS",
     "convert_t5_to_gqa",
     "eager_gqa_attention",
+    "kv_heads_of",
     "register_t5_gqa_attention",
     "sdpa_gqa_attention",
     "set_attn_implementation",
