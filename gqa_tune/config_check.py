@@ -12,7 +12,14 @@ torch.optim.AdamW (did you mean 'lr'?)``. It checks that
 - for a fine-tuning recipe (one defining a :class:`~gqa_tune.training.finetune.FinetuneRecipe`
   subclass), every top-level key is one the recipe reads
   (``unknown key 'epcohs' (did you mean 'epochs'?)``) and the keys it always
-  reads are there.
+  reads are there;
+- the values of the keys in :data:`KEY_SPECS` have the type and range the recipes need
+  (``gradient_accumulation_steps: expected an int >= 1 (...), got 0``), and the plain
+  mappings of nested keys there (``eval``) hold no other keys.
+
+The recipes run the same check when started with ``tune run`` (:func:`check_config`, before
+anything is built); :class:`ConfigError` is what they raise for input they refuse, and
+:func:`exits_on_config_error` turns it into a message and exit status 1 instead of a traceback.
 
 Recipes are the modules of ``gqa_tune.recipes`` (the repository's ``recipes/``);
 configs are the YAML files under ``gqa_tune.configs`` (``configs/``), named by
@@ -38,8 +45,8 @@ import sys
 import textwrap
 from argparse import Namespace
 from pathlib import Path
-from types import ModuleType
-from typing import Any, Iterable, List, NamedTuple, Optional, Sequence, Tuple, Union
+from types import MappingProxyType, ModuleType
+from typing import Any, Callable, Iterable, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -84,6 +91,160 @@ FINETUNE_REQUIRED_KEYS = frozenset(
 #: Keys (at any depth) whose string values, or lists of strings, name input files that must exist.
 #: Relative paths are taken from the working directory, as the recipes take them.
 INPUT_FILE_KEYS = frozenset({"data_file", "data_files", "accuracy_file"})
+
+
+# ---------------------------------------------------------------- the values
+
+
+class KeySpec(NamedTuple):
+    """What a config key's value must be.
+
+    One of ``types`` (``int`` never accepts a bool; ``float`` also takes an int), at least
+    ``minimum`` (greater than it when ``exclusive``), one of ``choices`` when given, or null
+    when ``nullable``; ``check``, when given, returns why an otherwise fine value is wrong
+    (or None). ``doc`` says what the key does, and is shown with the problem.
+    """
+
+    types: Tuple[type, ...]
+    doc: str
+    minimum: Optional[float] = None
+    exclusive: bool = False
+    choices: Tuple[str, ...] = ()
+    nullable: bool = False
+    check: Optional[Callable[[Any], Optional[str]]] = None
+
+
+def _torch_device(value: str) -> Optional[str]:
+    import torch
+
+    try:
+        torch.device(value)
+    except (RuntimeError, ValueError):
+        return "not a torch device (e.g. cpu, cuda, cuda:1)"
+    return None
+
+
+def _not_empty(value: str) -> Optional[str]:
+    return None if value.strip() else "empty"
+
+
+INT, NUMBER, STRING, BOOL, MAPPING = (int,), (float,), (str,), (bool,), (DictConfig,)
+
+#: The value rules, by dotted key, for every recipe that reads the key. A recipe class may
+#: change a row for itself with a ``CONFIG_SPECS`` attribute (the uptrain recipe wants
+#: ``epochs: null``). Children of a plain mapping listed here (``eval.*``) are its only keys.
+KEY_SPECS: Mapping[str, KeySpec] = MappingProxyType(
+    {
+        "output_dir": KeySpec(STRING, "where checkpoints and logs go; created if missing", check=_not_empty),
+        "batch_size": KeySpec(INT, "examples per micro-batch, per process", minimum=1),
+        "epochs": KeySpec(INT, "passes over the dataset", minimum=1),
+        "max_steps_per_epoch": KeySpec(INT, "optimizer steps per epoch at most; null: all", minimum=1, nullable=True),
+        "gradient_accumulation_steps": KeySpec(INT, "micro-batches per optimizer step", minimum=1),
+        "clip_grad_norm": KeySpec(NUMBER, "gradient norm clip; null: none", minimum=0, exclusive=True, nullable=True),
+        "optimizer.lr": KeySpec(NUMBER, "learning rate", minimum=0, exclusive=True),
+        "lr_scheduler.num_warmup_steps": KeySpec(INT, "warm-up steps of the learning rate", minimum=0),
+        "init_std": KeySpec(NUMBER, "std of the random initialization", minimum=0, exclusive=True),
+        "seed": KeySpec(INT, "seed of data order, initialization and sampling; null: random", minimum=0, nullable=True),
+        "shuffle": KeySpec(BOOL, "shuffle the dataset each epoch"),
+        "dtype": KeySpec(STRING, "parameter and compute precision", choices=("fp32", "bf16", "fp16", "fp64")),
+        "device": KeySpec(STRING, "the torch device", check=_torch_device),
+        "init_from_scratch": KeySpec(BOOL, "random weights when nothing else loads them"),
+        "resume_from_checkpoint": KeySpec(BOOL, "continue from output_dir's LATEST checkpoint"),
+        "enable_activation_checkpointing": KeySpec(BOOL, "recompute activations in the backward pass"),
+        "compile": KeySpec(BOOL, "torch.compile the model"),
+        "save_every_n_steps": KeySpec(INT, "mid-epoch checkpoint interval; null: none", minimum=1, nullable=True),
+        "log_every_n_steps": KeySpec(INT, "metric logging interval, in optimizer steps", minimum=1),
+        "eval": KeySpec(MAPPING, "held-out evaluation after training; null: none", nullable=True),
+        "eval.dataset": KeySpec(MAPPING, "the held-out dataset (a component)"),
+        "eval.accuracy_file": KeySpec(STRING, "task file for the accuracy; null: none", nullable=True),
+        "eval.max_examples": KeySpec(INT, "examples of accuracy_file scored at most", minimum=1),
+        "max_new_tokens": KeySpec(INT, "tokens generated per prompt at most", minimum=1),
+        "temperature": KeySpec(NUMBER, "sampling temperature; 0: greedy", minimum=0),
+        "top_k": KeySpec(INT, "sample from the k most likely tokens; null: all", minimum=1, nullable=True),
+    }
+)
+
+
+def recipe_specs(cls: type) -> Mapping[str, KeySpec]:
+    """:data:`KEY_SPECS` with the rows the class and its bases change (``CONFIG_SPECS``, the nearest wins)."""
+    specs = dict(KEY_SPECS)
+    for base in reversed(cls.__mro__):
+        specs.update(vars(base).get("CONFIG_SPECS", {}))
+    return MappingProxyType(specs)
+
+
+def describe_spec(spec: KeySpec) -> str:
+    """The rule of ``spec`` in words: ``an int >= 1``, ``one of fp32, bf16 or null``, ..."""
+    if spec.choices:
+        text = "one of " + ", ".join(spec.choices)
+    elif not spec.types:
+        return "null"
+    else:
+        names = {int: "an int", float: "a number", str: "a string", bool: "true or false", DictConfig: "a mapping"}
+        text = " or ".join(names.get(t, t.__name__) for t in spec.types)
+    if spec.minimum is not None:
+        text += f" {'>' if spec.exclusive else '>='} {spec.minimum:g}"
+    return text + (" or null" if spec.nullable else "")
+
+
+def value_problem(spec: KeySpec, value: Any) -> Optional[str]:
+    """Why ``value`` breaks ``spec`` (``expected an int >= 1 (...), got 0``), or None when it keeps it."""
+    rule = f"expected {describe_spec(spec)} ({spec.doc}), got {value!r}"
+    if value is None:
+        return None if spec.nullable else rule
+    if isinstance(value, bool):
+        fits = bool in spec.types
+    elif isinstance(value, int):
+        fits = int in spec.types or float in spec.types
+    else:
+        fits = isinstance(value, tuple(t for t in spec.types if t not in (int, bool)))
+    if not fits or (spec.choices and value not in spec.choices):
+        return rule
+    if spec.minimum is not None and not isinstance(value, bool):
+        if value < spec.minimum or (spec.exclusive and value == spec.minimum):
+            return rule
+    reason = spec.check(value) if spec.check is not None else None
+    return f"{rule}: {reason}" if reason else None
+
+
+def _check_values(cfg: DictConfig, specs: Mapping[str, KeySpec], read: Optional[frozenset], problems: List[str]):
+    """Values against ``specs``, and the keys of the plain mappings that ``specs`` lists children of.
+
+    ``read``: the top-level keys the recipe reads (None: unknown, check every key in ``specs``).
+    Unresolvable or ``???`` values are left to :func:`_walk`, which reports them.
+    """
+
+    def applies(key: str) -> bool:
+        return read is None or key.split(".")[0] in read
+
+    for key, spec in specs.items():
+        if not applies(key):
+            continue
+        parent, _, name = key.rpartition(".")
+        node = OmegaConf.select(cfg, parent) if parent else cfg
+        if not isinstance(node, DictConfig) or name not in node or OmegaConf.is_missing(node, name):
+            continue
+        try:
+            value = node[name]
+        except OmegaConfBaseException:
+            continue
+        problem = value_problem(spec, value)
+        if problem:
+            problems.append(f"{key}: {problem}")
+    parents = sorted({k.rpartition(".")[0] for k in specs if "." in k})
+    for parent in parents:
+        if not applies(parent):
+            continue
+        node = OmegaConf.select(cfg, parent, throw_on_resolution_failure=False)
+        if not isinstance(node, DictConfig) or "_component_" in node:
+            continue  # a component's keywords are checked against its signature
+        children = [k for k in specs if k.rpartition(".")[0] == parent]
+        for name in node.keys():
+            key = f"{parent}.{name}"
+            if key not in children:
+                hint = _did_you_mean(key, children) or f" ({parent} takes: {', '.join(children)})"
+                problems.append(f"unknown key {key!r}{hint}")
+
 
 _TUNE_RUN = re.compile(r"\btune\s+run\b.*?\bgqa_tune/recipes/(\w+)\.py\b(.*)")
 _CONFIG_ARG = re.compile(r"--config[=\s]+(\S+)")
@@ -246,6 +407,20 @@ class RecipeKeys(NamedTuple):
     known: frozenset  # the top-level keys the recipe reads
     required: frozenset  # the ones a config must set
     complete: bool  # known is every key it reads (fine-tuning recipes); else only near misses are reported
+    specs: Mapping[str, KeySpec] = KEY_SPECS  # the value rules, with the recipe's CONFIG_SPECS rows
+
+
+def recipe_name(recipe: Union[str, os.PathLike]) -> str:
+    """Our recipe's name for a name or a path to one of ``gqa_tune.recipes``' files (what ``tune run``'s
+    ``__file__`` is), else ``recipe`` as given."""
+    recipe = str(recipe)
+    name = find_recipe(recipe)
+    if name is not None:
+        return name
+    path = Path(recipe)
+    if path.suffix == ".py" and path.is_file() and path.resolve() == recipe_file(path.stem).resolve():
+        return path.stem
+    return recipe
 
 
 def _load_recipe_module(recipe: str) -> ModuleType:
@@ -279,16 +454,19 @@ def recipe_keys(recipe: str) -> Optional[RecipeKeys]:
     finetune = [c for c in classes if issubclass(c, FinetuneRecipe)]
     known = set(FINETUNE_KEYS) if finetune else set()
     sources = {module.__name__: inspect.getsource(module)}
+    specs = dict(KEY_SPECS)
     for cls in finetune or classes:
         known.update(getattr(cls, "CONFIG_KEYS", ()))
+        specs.update(recipe_specs(cls))
         for base in cls.__mro__[1:]:
             if base.__module__.split(".")[0] == "gqa_tune" and base.__module__ not in sources:
                 sources[base.__module__] = inspect.getsource(base)
     for source in sources.values():
         known.update(config_reads(source)[0])
+    specs = MappingProxyType(specs)
     if finetune:
-        return RecipeKeys(frozenset(known), FINETUNE_REQUIRED_KEYS, complete=True)
-    return RecipeKeys(frozenset(known), frozenset(), complete=False) if known else None
+        return RecipeKeys(frozenset(known), FINETUNE_REQUIRED_KEYS, complete=True, specs=specs)
+    return RecipeKeys(frozenset(known), frozenset(), complete=False, specs=specs) if known else None
 
 
 # ---------------------------------------------------------------- components
@@ -449,7 +627,8 @@ def validate_config(
         sys.path.append(os.getcwd())
     problems: List[str] = []
 
-    recipes = [str(recipe)] if isinstance(recipe, (str, os.PathLike)) else [str(r) for r in recipe or []]
+    recipes = [recipe] if isinstance(recipe, (str, os.PathLike)) else list(recipe or [])
+    recipes = [recipe_name(r) for r in recipes]
     keys: List[RecipeKeys] = []
     for name in recipes:
         try:
@@ -473,9 +652,80 @@ def validate_config(
         required = frozenset.intersection(*(k.required for k in keys))
         for name in sorted(required - set(cfg.keys())):
             problems.append(f"missing key {name!r} (the recipe reads cfg.{name})")
+        specs = {key: spec for k in keys for key, spec in k.specs.items()}
+        _check_values(cfg, specs, known, problems)
+    else:
+        _check_values(cfg, KEY_SPECS, None, problems)
 
     _walk(cfg, "", problems, check_files)
     return problems
+
+
+class ConfigError(ValueError):
+    """Input a recipe refuses before it trains: ``problems`` lists them, each led by its key."""
+
+    def __init__(self, problems: Union[str, Sequence[str]], what: str = "the config") -> None:
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        count = f"{len(self.problems)} problem{'s' if len(self.problems) != 1 else ''}"
+        lines = "\n".join(f"  {p}" for p in self.problems)
+        super().__init__(f"{count} with {what}; not starting:\n{lines}")
+
+
+def check_config(cfg: Any, recipe: Union[str, Sequence[str], None] = None, check_files: bool = True) -> None:
+    """:func:`validate_config`, raising instead of returning the problems.
+
+    Raises:
+        ConfigError: listing every problem (a ``ValueError``).
+    """
+    problems = validate_config(cfg, recipe=recipe, check_files=check_files)
+    if problems:
+        raise ConfigError(problems)
+
+
+def check_values(cfg: DictConfig, specs: Mapping[str, KeySpec] = KEY_SPECS) -> None:
+    """Only the value rules of :func:`validate_config` (no imports, no files): cheap enough for any constructor.
+
+    Raises:
+        ConfigError: listing every value that breaks ``specs``.
+    """
+    problems: List[str] = []
+    _check_values(cfg, specs, None, problems)
+    if problems:
+        raise ConfigError(problems)
+
+
+def exits_on_config_error(recipe_main: Callable[..., Any]) -> Callable[..., Any]:
+    """Decorate a recipe's main so that a :class:`ConfigError` ends the process with its message on
+    stderr and exit status 1, not a traceback. Put it under ``@config.parse``."""
+
+    @functools.wraps(recipe_main)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return recipe_main(*args, **kwargs)
+        except ConfigError as e:
+            sys.stdout.flush()
+            sys.exit(f"gqa_tune: {e}")
+
+    return wrapper
+
+
+def check_writable_dir(path: Union[str, Path], key: str = "output_dir") -> Path:
+    """Create directory ``path`` (and its parents) if missing, and write and remove a probe file in it.
+
+    Raises:
+        ConfigError: naming ``key`` and the path, when either fails.
+    """
+    path = Path(path).expanduser()
+    probe = path / f".gqa_tune_write_probe_{os.getpid()}"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        reason = e.strerror or str(e)
+        problem = f"{key}: cannot create and write to the directory {str(path)!r}: {reason}"
+        raise ConfigError(problem, what=key) from None
+    return path
 
 
 def load_config(path: Union[str, Path], overrides: Sequence[str] = ()) -> DictConfig:
