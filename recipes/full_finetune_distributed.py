@@ -34,6 +34,7 @@ from torch.distributed.tensor import DTensor
 from torchtune import config
 from torchtune.modules import TransformerSelfAttentionLayer
 
+from gqa_tune.config_check import check_config, exits_on_config_error
 from gqa_tune.training.finetune import FinetuneRecipe
 
 #: Prefixes that wrappers (activation checkpointing, torch.compile) add to parameter names.
@@ -209,7 +210,9 @@ class FullFinetuneRecipeDistributed(FinetuneRecipe):
 
 
 @config.parse
+@exits_on_config_error
 def recipe_main(cfg: DictConfig) -> None:
+    check_config(cfg, recipe=__file__)  # before anything is built
     recipe = FullFinetuneRecipeDistributed(cfg)
     recipe.setup(cfg)
     recipe.train()

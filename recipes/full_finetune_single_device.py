@@ -10,6 +10,7 @@ import sys
 from omegaconf import DictConfig
 from torchtune import config
 
+from gqa_tune.config_check import check_config, exits_on_config_error
 from gqa_tune.training.finetune import FinetuneRecipe
 
 
@@ -18,7 +19,9 @@ class FullFinetuneRecipeSingleDevice(FinetuneRecipe):
 
 
 @config.parse
+@exits_on_config_error
 def recipe_main(cfg: DictConfig) -> None:
+    check_config(cfg, recipe=__file__)  # before anything is built
     recipe = FullFinetuneRecipeSingleDevice(cfg)
     recipe.setup(cfg)
     recipe.train()

@@ -33,6 +33,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torchtune import config, training
 
+from gqa_tune.config_check import check_config, exits_on_config_error
 from gqa_tune.training.checkpoint import load_checkpoint, model_shape, resolve_checkpoint_dir, stored_builder
 from gqa_tune.training.generation import GenerationResult, generate
 
@@ -253,7 +254,9 @@ def _attention_shape(model: torch.nn.Module) -> Optional[Dict[str, int]]:
 
 
 @config.parse
+@exits_on_config_error
 def recipe_main(cfg: DictConfig) -> None:
+    check_config(cfg, recipe=__file__)  # before anything is built
     recipe = GenerateRecipe(cfg)
     recipe.setup(cfg)
     recipe.generate(cfg)

@@ -42,6 +42,7 @@ from torchtune import config, training
 from torchtune.models.convert_weights import tune_to_peft_adapter_config, tune_to_peft_adapter_weights
 from torchtune.modules.peft import LoRALinear, get_adapter_params, get_merged_lora_ckpt, set_trainable_params
 
+from gqa_tune.config_check import check_config, exits_on_config_error
 from gqa_tune.models import init_from_scratch
 from gqa_tune.training.checkpoint import latest_checkpoint, load_checkpoint, model_shape
 from gqa_tune.training.finetune import FinetuneRecipe
@@ -297,7 +298,9 @@ class LoRAFinetuneRecipeSingleDevice(FinetuneRecipe):
 
 
 @config.parse
+@exits_on_config_error
 def recipe_main(cfg: DictConfig) -> None:
+    check_config(cfg, recipe=__file__)  # before anything is built
     recipe = LoRAFinetuneRecipeSingleDevice(cfg)
     recipe.setup(cfg)
     recipe.train()

@@ -39,6 +39,7 @@ from omegaconf import DictConfig, OmegaConf
 from torchtune import config, training
 from torchtune.config._utils import _get_component_from_path
 
+from gqa_tune.config_check import KeySpec, check_config, exits_on_config_error
 from gqa_tune.convert.pooling import METHODS, check_conversion, convert_model_
 from gqa_tune.training.checkpoint import load_checkpoint, resolve_checkpoint_dir, stored_builder
 from gqa_tune.training.finetune import FinetuneRecipe
@@ -51,8 +52,14 @@ def builder_accepts_num_kv_heads(component: str) -> bool:
     return "num_kv_heads" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
+#: ``epochs`` and ``max_steps_per_epoch`` come from the step budget, so the config leaves them null.
+_DERIVED = "the uptraining length comes from uptrain_steps / uptrain_fraction: leave {} null"
+
+
 class UptrainRecipe(FinetuneRecipe):
     """Load an MHA (or grouped) checkpoint, pool its kv heads, uptrain, evaluate, save."""
+
+    CONFIG_SPECS = {key: KeySpec((), _DERIVED.format(key), nullable=True) for key in ("epochs", "max_steps_per_epoch")}
 
     def __init__(self, cfg: DictConfig) -> None:
         super().__init__(cfg)
@@ -74,12 +81,6 @@ class UptrainRecipe(FinetuneRecipe):
             raise ValueError(f"uptrain_steps must be a positive int, got {steps!r}")
         if fraction is not None and (not isinstance(fraction, (int, float)) or not 0 < fraction):
             raise ValueError(f"uptrain_fraction must be a positive number, got {fraction!r}")
-        for key in ("epochs", "max_steps_per_epoch"):
-            if cfg.get(key) is not None:
-                raise ValueError(
-                    f"{key}={cfg.get(key)!r}: the uptraining length comes from uptrain_steps / uptrain_fraction; "
-                    f"leave {key} null"
-                )
         self.builder: Optional[Dict[str, Any]] = None
         self.source_global_step: Optional[int] = None
         self.source_kv_heads: Optional[int] = None
@@ -193,7 +194,9 @@ class UptrainRecipe(FinetuneRecipe):
 
 
 @config.parse
+@exits_on_config_error
 def recipe_main(cfg: DictConfig) -> None:
+    check_config(cfg, recipe=__file__)  # before anything is built
     recipe = UptrainRecipe(cfg)
     recipe.setup(cfg)
     recipe.train()

@@ -15,6 +15,7 @@ import math
 import os
 import random
 import time
+import warnings
 from functools import partial
 from pathlib import Path
 from typing import Any, Dict, Iterable, Optional
@@ -29,11 +30,66 @@ from torchtune.modules import TransformerSelfAttentionLayer
 from torchtune.recipe_interfaces import FTRecipeInterface
 from tqdm import tqdm
 
+from gqa_tune.config_check import ConfigError, check_values, check_writable_dir, recipe_specs
 from gqa_tune.models import init_from_scratch
-from gqa_tune.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from gqa_tune.training.checkpoint import STATE, latest_checkpoint, load_checkpoint, save_checkpoint
 from gqa_tune.training.evaluate import IGNORE, heldout_loss, shift_labels, task_accuracy
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # datasets come from local files only
+
+#: What :meth:`FinetuneRecipe.load_recipe_state` reads from ``recipe_state.pt``.
+RECIPE_STATE_KEYS = ("epoch", "global_step", "epoch_step", "seed", "optimizer", "lr_scheduler", "rng")
+
+#: The ``recipe_state.pt`` entry holding :meth:`FinetuneRecipe.resume_settings`.
+RESUME_SETTINGS = "resume_settings"
+
+
+def check_recipe_state(state: Any, path: Path) -> None:
+    """Raise unless ``state`` (read from ``path``) holds everything resuming reads.
+
+    Raises:
+        ConfigError: naming the file and the missing keys.
+    """
+    if not isinstance(state, dict):
+        problem = f"resume_from_checkpoint: {str(path)!r} holds a {type(state).__name__}, not a recipe state"
+        raise ConfigError(problem, what="resume_from_checkpoint")
+    missing = [key for key in RECIPE_STATE_KEYS if key not in state]
+    rng = state.get("rng")
+    if isinstance(rng, dict):
+        missing += [f"rng.{key}" for key in ("torch", "python") if key not in rng]
+    if missing:
+        raise ConfigError(
+            f"resume_from_checkpoint: {str(path)!r} lacks {', '.join(repr(k) for k in missing)}, so the run "
+            "cannot be resumed from it (resume from an earlier checkpoint, or start a fresh output_dir)",
+            what="resume_from_checkpoint",
+        )
+
+
+def check_resume_settings(saved: Optional[Dict[str, Any]], current: Dict[str, Any], path: Path) -> None:
+    """Raise unless a resumed run has the settings the checkpoint at ``path`` was trained with.
+
+    ``saved`` is None for checkpoints written before gqa_tune stored the settings: a warning, then.
+
+    Raises:
+        ConfigError: one problem per differing key, with the saved and the new value.
+    """
+    if saved is None:
+        warnings.warn(
+            f"{str(path / STATE)!r} has no {RESUME_SETTINGS!r} (written by an older gqa_tune): "
+            f"not checking that {', '.join(current)} are the ones it was trained with",
+            stacklevel=2,
+        )
+        return
+    problems = []
+    for key, value in current.items():
+        if key in saved and saved[key] != value:
+            note = " (counting all processes' examples)" if key == "batch_size" else ""
+            problems.append(
+                f"{key}: the checkpoint {str(path)!r} was trained with {key}={saved[key]!r}, this run has "
+                f"{key}={value!r}{note}; resume with the checkpoint's value, or start a fresh output_dir"
+            )
+    if problems:
+        raise ConfigError(problems, what="resume_from_checkpoint")
 
 
 class FinetuneRecipe(FTRecipeInterface):
@@ -46,10 +102,19 @@ class FinetuneRecipe(FTRecipeInterface):
     ``gradient_accumulation_steps``, ``clip_grad_norm``, ``dtype``, ``device``,
     ``seed``, ``shuffle``, ``enable_activation_checkpointing``, ``compile``,
     ``save_every_n_steps``, ``resume_from_checkpoint``, ``metric_logger``,
-    ``log_every_n_steps``, ``eval``.
+    ``log_every_n_steps``, ``eval``. Their value rules are
+    :data:`gqa_tune.config_check.KEY_SPECS` (a subclass may change rows for itself:
+    :func:`~gqa_tune.config_check.recipe_specs`). The constructor checks them; the
+    recipes' main functions check the whole config first
+    (:func:`~gqa_tune.config_check.check_config`).
+
+    :meth:`setup` refuses bad inputs before building anything: an ``output_dir`` it
+    cannot create and write, and, when resuming, a ``recipe_state.pt`` lacking
+    :data:`RECIPE_STATE_KEYS` or trained with other :meth:`resume_settings`.
     """
 
     def __init__(self, cfg: DictConfig) -> None:
+        check_values(cfg, recipe_specs(type(self)))  # also when built in-process, without recipe_main's check_config
         self.cfg = cfg
         self.device = torch.device(cfg.get("device", "cpu"))
         self.dtype = training.get_dtype(cfg.get("dtype", "fp32"), device=self.device)
@@ -100,24 +165,22 @@ class FinetuneRecipe(FTRecipeInterface):
     # ------------------------------------------------------------ setup
 
     def setup(self, cfg: DictConfig) -> None:
+        check_writable_dir(self.output_dir, "output_dir")
+        self.settings = self.resume_settings(cfg)  # saved in recipe_state.pt
+        resume_state = None
+        if cfg.get("resume_from_checkpoint", False):
+            resume_path, resume_weights, resume_state = self.read_resume_checkpoint(self.settings)
+            self.seed = resume_state["seed"]  # the data order's (the same as cfg.seed, or drawn when that is null)
+
         self.metric_logger = config.instantiate(cfg.metric_logger) if self.is_rank_zero else None
         if self.metric_logger is not None:
             self.metric_logger.log_config(cfg)
         self.tokenizer = config.instantiate(cfg.tokenizer)
 
-        resume_state = None
         model = self.build_model(cfg)
-        if cfg.get("resume_from_checkpoint", False):
-            path = latest_checkpoint(self.output_dir)
-            if path is None:
-                raise ValueError(
-                    f"resume_from_checkpoint=True but {str(self.output_dir / 'LATEST')!r} does not exist: "
-                    "nothing to resume in output_dir"
-                )
-            state_dict, _, resume_state = load_checkpoint(path)
-            if resume_state is None:
-                raise ValueError(f"checkpoint {str(path)!r} has no recipe_state.pt, so it cannot be resumed")
-            self.load_weights(model, state_dict, str(path))
+        if resume_state is not None:
+            self.load_weights(model, resume_weights, str(resume_path))
+            del resume_weights
         elif cfg.get("checkpointer") is not None:
             checkpointer = config.instantiate(cfg.checkpointer)
             self.load_weights(model, checkpointer.load_checkpoint()[training.MODEL_KEY], "checkpointer")
@@ -132,7 +195,7 @@ class FinetuneRecipe(FTRecipeInterface):
         self.optimizer = config.instantiate(cfg.optimizer, self.trainable_parameters())
         self.dataset = config.instantiate(cfg.dataset, self.tokenizer)
         self.sampler = DistributedSampler(
-            self.dataset, shuffle=cfg.get("shuffle", True), seed=cfg.get("seed", 0), **self.sampler_args()
+            self.dataset, shuffle=cfg.get("shuffle", True), seed=self.seed, **self.sampler_args()
         )
         self.dataloader = DataLoader(
             self.dataset,
@@ -146,7 +209,7 @@ class FinetuneRecipe(FTRecipeInterface):
         if cfg.get("max_steps_per_epoch") is not None:
             self.steps_per_epoch = min(self.steps_per_epoch, cfg.max_steps_per_epoch)
         if self.steps_per_epoch < 1:
-            raise ValueError(
+            raise ConfigError(
                 f"no optimizer step fits in an epoch: {len(self.dataset)} examples, batch_size {cfg.batch_size}, "
                 f"gradient_accumulation_steps {self.grad_accum}, {self.world_size} process(es)"
             )
@@ -158,6 +221,43 @@ class FinetuneRecipe(FTRecipeInterface):
         )
         if resume_state is not None:
             self.load_recipe_state(resume_state)
+
+    def read_resume_checkpoint(self, settings: Dict[str, Any]):
+        """``(path, weights, recipe state)`` of ``output_dir``'s newest checkpoint, checked to be resumable
+        by a run with :meth:`resume_settings` ``settings``.
+
+        Raises:
+            ConfigError: no checkpoint, no or an incomplete ``recipe_state.pt``, or other :meth:`resume_settings`.
+        """
+        path = latest_checkpoint(self.output_dir)
+        if path is None:
+            raise ConfigError(
+                f"resume_from_checkpoint=True but {str(self.output_dir / 'LATEST')!r} does not exist: "
+                "nothing to resume in output_dir",
+                what="resume_from_checkpoint",
+            )
+        state_dict, _, state = load_checkpoint(path)
+        if state is None:
+            problem = f"resume_from_checkpoint: checkpoint {str(path)!r} has no {STATE}, so it cannot be resumed"
+            raise ConfigError(problem, what="resume_from_checkpoint")
+        check_recipe_state(state, path / STATE)
+        check_resume_settings(state.get(RESUME_SETTINGS), settings, path)
+        return path, state_dict, state
+
+    def resume_settings(self, cfg: DictConfig) -> Dict[str, Any]:
+        """What decides which examples each step sees: a resumed run must have the checkpoint's.
+
+        ``batch_size`` counts all processes' examples (1 process x 8 resumes as 2 x 4).
+        """
+        return {
+            "batch_size": cfg.batch_size * self.world_size,
+            "gradient_accumulation_steps": cfg.get("gradient_accumulation_steps", 1),
+            "seed": cfg.get("seed", 0),
+            "shuffle": cfg.get("shuffle", True),
+            "max_steps_per_epoch": cfg.get("max_steps_per_epoch"),
+            "dataset": OmegaConf.to_container(cfg.dataset, resolve=True),
+            "tokenizer": OmegaConf.to_container(cfg.tokenizer, resolve=True),
+        }
 
     def load_weights(self, model: torch.nn.Module, state_dict: Dict[str, torch.Tensor], source: str) -> None:
         missing, unexpected = model.load_state_dict(state_dict, strict=False)
@@ -178,6 +278,7 @@ class FinetuneRecipe(FTRecipeInterface):
             "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
             "loss_history": list(self.loss_history),
             "config": OmegaConf.to_container(self.cfg, resolve=True),
+            RESUME_SETTINGS: dict(self.settings),
         }
 
     def load_recipe_state(self, state: Dict[str, Any]) -> None:
