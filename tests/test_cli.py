@@ -106,6 +106,13 @@ def test_validate_problems(capsys):
     assert "model._component_: cannot import 'gqa_tune.models.gqa_tinyy'" in err
 
 
+def test_validate_values(capsys):
+    code, _, err = run_cli(capsys, "validate", CONFIG, "epochs=three", "gradient_accumulation_steps=0")
+    assert code == 1 and "2 problems" in err
+    assert "epochs: expected an int >= 1 (passes over the dataset), got 'three'" in err
+    assert "gradient_accumulation_steps: expected an int >= 1 (micro-batches per optimizer step), got 0" in err
+
+
 def test_validate_copied_config_and_explicit_recipe(capsys, tmp_path):
     copy = tmp_path / "mine.yaml"
     copy.write_text(CONFIG_FILE.read_text())
@@ -162,6 +169,15 @@ def test_run_aborts_on_invalid_config(capsys, tmp_path, no_subprocess):
     code, _, err = run_cli(capsys, "run", RECIPE, "--config", CONFIG, *TINY, "epcohs=1", f"output_dir={out_dir}")
     assert code == 1
     assert "unknown key 'epcohs' (did you mean 'epochs'?)" in err and "not starting the recipe" in err
+    assert not out_dir.exists()
+
+
+def test_run_aborts_on_a_bad_value(capsys, tmp_path, no_subprocess):
+    out_dir = tmp_path / "out"
+    code, _, err = run_cli(
+        capsys, "run", RECIPE, "--config", CONFIG, *TINY, "log_every_n_steps=0", f"output_dir={out_dir}"
+    )
+    assert code == 1 and "log_every_n_steps: expected an int >= 1" in err and "not starting the recipe" in err
     assert not out_dir.exists()
 
 
