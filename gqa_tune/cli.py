@@ -10,7 +10,8 @@
 ``run`` resolves a recipe name to ``gqa_tune/recipes/<name>.py`` and a config
 name (``gqa_tiny/full``) to its file, validates the config with its overrides
 (:mod:`gqa_tune.config_check`), and then runs torchtune's ``tune run`` with
-the same arguments, torchrun options (``--nproc_per_node 2``) included.
+the same arguments, torchrun options (``--nproc_per_node 2``) included. The
+recipes run the same check themselves when started with plain ``tune run``.
 """
 
 from __future__ import annotations
