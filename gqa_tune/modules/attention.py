@@ -6,11 +6,19 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask
 
 from gqa_tune.modules.kv_cache import KVCache
 from gqa_tune.ops.backends.triton import kernel_problem
 from gqa_tune.ops.decode import decode_attention
-from gqa_tune.ops.dispatch import AUTO_DISABLED, call_guarded, check_backend_name, run_attention
+from gqa_tune.ops.dispatch import (
+    AUTO_DISABLED,
+    call_guarded,
+    check_backend_name,
+    make_call,
+    run_backend,
+    select_backend,
+)
 from gqa_tune.ops.masks import MaskType, bottom_right_causal
 
 logger = logging.getLogger(__name__)
@@ -163,13 +171,42 @@ class MultiHeadAttention(nn.Module):
             raise RuntimeError("Key value caches are not setup. Call ``setup_caches()`` first.")
         self.kv_cache.reset()
 
-    def _check_mask(self, mask: MaskType, b: int, s_x: int, kv_lens: tuple) -> None:
+    def _check_mask(self, mask: MaskType, x: torch.Tensor, b: int, s_x: int, kv_lens: tuple, cached: bool) -> None:
+        if isinstance(mask, BlockMask):
+            if cached:
+                raise ValueError("a BlockMask cannot be used with an enabled KV cache; pass a bool mask")
+            return  # the functional layer's rules check its shape
         if not isinstance(mask, torch.Tensor):
-            return  # a BlockMask is checked by the functional layer's rules
+            raise ValueError(f"mask must be a bool tensor or a BlockMask, got {type(mask).__name__}")
+        if mask.dtype != torch.bool and mask.dtype != x.dtype:
+            raise ValueError(
+                f"mask must be bool (True = attend) or additive in the input's dtype {x.dtype}, got {mask.dtype}"
+            )
+        if mask.device != x.device:
+            raise ValueError(f"mask is on {mask.device}, x on {x.device}")
         if mask.dim() != 3 or mask.shape[0] not in (1, b) or mask.shape[1] != s_x or mask.shape[2] not in kv_lens:
             raise ValueError(
                 f"mask of shape {tuple(mask.shape)} does not fit: expected [b={b}, s_x={s_x}, s_kv] "
                 f"with s_kv in {sorted(set(kv_lens))}"
+            )
+
+    def _check_input_pos(self, input_pos: torch.Tensor, b: int, s_x: int) -> None:
+        if not isinstance(input_pos, torch.Tensor) or input_pos.is_floating_point() or input_pos.dtype == torch.bool:
+            raise ValueError(f"input_pos must be an integer tensor [b, s_x], got {input_pos!r}")
+        if (
+            input_pos.dim() not in (1, 2)
+            or input_pos.shape[-1] != s_x
+            or input_pos.dim() == 2
+            and input_pos.shape[0] not in (1, b)
+        ):
+            raise ValueError(f"input_pos of shape {tuple(input_pos.shape)} does not fit [b={b}, s_x={s_x}] or [s_x]")
+        if input_pos.numel() == 0 or torch.compiler.is_compiling():
+            return
+        limit = getattr(self.pos_embeddings, "max_seq_len", self.max_seq_len)
+        low, high = int(input_pos.min()), int(input_pos.max())
+        if low < 0 or high >= limit:
+            raise ValueError(
+                f"input_pos must lie in [0, {limit}) (the position embedding's max_seq_len), got {low}..{high}"
             )
 
     def _decode_with_kernel(self, q: torch.Tensor, mask: Optional[MaskType], dropout_p: float) -> bool:
@@ -201,13 +238,13 @@ class MultiHeadAttention(nn.Module):
         bound = None if torch.compiler.is_compiling() else cache.size
         return decode_attention(q, k, v, seqlens, None, causal, mask, bound)
 
-    def _cache_mask_on_device(self, cache: KVCache, s_x: int, new_tokens: bool) -> torch.Tensor:
-        """Bool ``[s_x, max_seq_len]`` from ``cache_pos`` (compiled path, after the update)."""
+    def _cache_mask_on_device(self, cache: KVCache, s_x: int, s_new: int) -> torch.Tensor:
+        """Bool ``[s_x, max_seq_len]`` from ``cache_pos`` (compiled path, before the ``s_new`` new positions are written)."""
         keys = torch.arange(cache.max_seq_len, device=cache.cache_pos.device)
-        if new_tokens and self.is_causal:
-            query_pos = cache.cache_pos[:s_x] - s_x
+        if s_new and self.is_causal:
+            query_pos = cache.cache_pos[:s_x]  # the new tokens' positions
             return keys[None, :] <= query_pos[:, None]
-        return (keys < cache.cache_pos[0]).expand(s_x, -1)
+        return (keys < cache.cache_pos[0] + s_new).expand(s_x, -1)
 
     def forward(
         self,
@@ -239,32 +276,42 @@ class MultiHeadAttention(nn.Module):
                 a mask of the wrong shape, a batch larger than the cache or a
                 write past its end. The cache is left unchanged.
         """
-        if x.dim() != 3:
-            raise ValueError(f"x must be [b, s_x, d], got shape {tuple(x.shape)}")
+        if not isinstance(x, torch.Tensor) or x.dim() != 3 or not x.is_floating_point():
+            raise ValueError(f"x must be a floating-point tensor [b, s_x, d], got {getattr(x, 'shape', x)!r}")
+        if x.shape[-1] != self.embed_dim:
+            raise ValueError(f"x has {x.shape[-1]} features, embed_dim is {self.embed_dim}")
         b, s_x, _ = x.shape
         cache = self.kv_cache if self.cache_enabled and self.kv_cache is not None else None
         compiling = torch.compiler.is_compiling()
 
-        # Validate everything before any state changes.
+        # Validate and plan everything before any state changes: a rejected call leaves the cache as it was.
         if y is None:
             if cache is None:
                 raise ValueError("Must provide y input or use kv_cache to enable streaming decoding")
             if b > cache.batch_size:
                 raise ValueError(f"batch size {b} is larger than the cache's batch_size {cache.batch_size}")
-            kv_lens = (cache.max_seq_len, cache.size)
+            if not compiling and cache.filled_rows and b != cache.filled_rows:
+                raise ValueError(f"batch size {b} differs from the {cache.filled_rows} row(s) the cache holds")
+            s_new = 0
         else:
-            if y.dim() != 3 or y.shape[0] != b:
-                raise ValueError(f"y must be [b={b}, s_y, d], got shape {tuple(y.shape)}")
+            if not isinstance(y, torch.Tensor) or y.dim() != 3 or y.shape[0] != b:
+                raise ValueError(f"y must be [b={b}, s_y, d], got shape {tuple(getattr(y, 'shape', ()))}")
+            if y.dtype != x.dtype:
+                raise ValueError(f"y's dtype {y.dtype} differs from x's {x.dtype}")
+            s_new = y.shape[1]
             if cache is not None:
-                cache.check_update(b, y.shape[1])
-                kv_lens = (cache.max_seq_len, cache.size + y.shape[1])
-            else:
-                kv_lens = (y.shape[1],)
+                cache.check_update(b, s_new)
+        start = cache.size if cache is not None and not compiling else 0
+        filled = start + s_new
+        if cache is not None and cache.k_cache.dtype != x.dtype:
+            raise ValueError(f"the KV cache holds {cache.k_cache.dtype}, the input is {x.dtype}: set up caches in it")
+        kv_lens = (cache.max_seq_len, filled) if cache is not None else (s_new,)
         if mask is not None:
-            self._check_mask(mask, b, s_x, kv_lens)
-        start = cache.size if cache is not None else 0
+            self._check_mask(mask, x, b, s_x, kv_lens, cache is not None)
+        if input_pos is not None and self.pos_embeddings is not None:
+            self._check_input_pos(input_pos, b, s_x)
         if input_pos is None and cache is not None and y is not None and self.pos_embeddings is not None:
-            input_pos = cache.cache_pos[:s_x].clone()  # positions of the new tokens
+            input_pos = cache.next_positions(b, s_x)  # the new tokens' positions (checked, compiled too)
 
         q = self.q_proj(x).view(b, s_x, self.num_heads, self.head_dim)
         if self.pos_embeddings is not None:
@@ -273,39 +320,29 @@ class MultiHeadAttention(nn.Module):
         if self.q_norm is not None:
             q = self.q_norm(q)
 
-        if y is None:
-            k, v = cache.k_cache[:b], cache.v_cache[:b]  # [b, n_kv, max_seq_len, h_d]
-        else:
-            s_y = y.shape[1]
-            k = self.k_proj(y).view(b, s_y, self.num_kv_heads, self.head_dim)
-            v = self.v_proj(y).view(b, s_y, self.num_kv_heads, self.head_dim)
+        k = v = None
+        if y is not None:
+            k = self.k_proj(y).view(b, s_new, self.num_kv_heads, self.head_dim)
+            v = self.v_proj(y).view(b, s_new, self.num_kv_heads, self.head_dim)
             if self.pos_embeddings is not None:
                 k = self.pos_embeddings(k, input_pos=input_pos)
             k = k.transpose(1, 2)  # [b, n_kv, s_y, h_d]
             v = v.transpose(1, 2)
             if self.k_norm is not None:
                 k = self.k_norm(k)
-            if cache is not None:
-                k, v = cache.update(k, v)  # [b, n_kv, max_seq_len, h_d]
 
-        dropout_p = self.attn_dropout if self.training else 0.0
-        if cache is not None and self._decode_with_kernel(q, mask, dropout_p):
-            out = call_guarded(
-                "triton", self.backend, lambda: self._kernel_decode(q, k, v, cache, mask, y is not None), lambda: None
-            )
-            if out is not None:  # None: the kernel failed to build under "auto"; take the path below
-                return self.output_proj(out.transpose(1, 2).reshape(b, s_x, -1))
-
+        # What attention will see: the filled prefix eagerly, the fixed-size buffer compiled.
         attn_mask = mask[:, None] if isinstance(mask, torch.Tensor) else mask
         is_causal = False
         if cache is None:
             is_causal = mask is None and self.is_causal
+            k_seen, v_seen = k, v
         elif compiling:
+            k_seen, v_seen = cache.k_cache[:b], cache.v_cache[:b]
             if mask is None:
-                attn_mask = self._cache_mask_on_device(cache, s_x, y is not None)
+                attn_mask = self._cache_mask_on_device(cache, s_x, s_new)
         else:
-            filled = cache.size
-            k, v = k[:, :, :filled], v[:, :, :filled]  # [b, n_kv, filled, h_d]
+            k_seen, v_seen = cache.k_cache[:b, :, :filled], cache.v_cache[:b, :, :filled]
             if attn_mask is not None:
                 attn_mask = attn_mask[..., :filled]
             elif y is not None and self.is_causal and s_x > 1:
@@ -314,14 +351,28 @@ class MultiHeadAttention(nn.Module):
                 else:
                     attn_mask = bottom_right_causal(s_x, filled, x.device)
 
-        out = run_attention(
-            q,
-            k,
-            v,
-            mask=attn_mask,
-            is_causal=is_causal,
-            dropout_p=dropout_p,
-            backend=self.backend,
-        )
+        dropout_p = self.attn_dropout if self.training else 0.0
+        use_kernel = cache is not None and self._decode_with_kernel(q, mask, dropout_p)
+        if not use_kernel:
+            call = make_call(q, k_seen, v_seen, attn_mask, dropout_p, False)
+            chosen = select_backend(call, self.backend)  # raises before the cache is written
+
+        if cache is not None and y is not None:
+            cache.update(k, v)
+            if not compiling:
+                k_seen, v_seen = cache.k_cache[:b, :, :filled], cache.v_cache[:b, :, :filled]
+
+        if use_kernel:
+            out = call_guarded(
+                "triton",
+                self.backend,
+                lambda: self._kernel_decode(q, cache.k_cache[:b], cache.v_cache[:b], cache, mask, y is not None),
+                lambda: None,
+            )
+            if out is None:  # the kernel failed to build under "auto"; take the table's next backend
+                call = make_call(q, k_seen, v_seen, attn_mask, dropout_p, False)
+                chosen = select_backend(call, self.backend)
+        if not use_kernel or out is None:
+            out = run_backend(chosen, call, self.backend, q, k_seen, v_seen, attn_mask, None, is_causal, dropout_p)
         out = out.transpose(1, 2).reshape(b, s_x, -1)  # [b, s_x, n_h * h_d]
         return self.output_proj(out)

@@ -6,6 +6,68 @@ import torch
 from torch import nn
 
 
+def _append_problem(filled: int, rows: int, max_seq_len: int, batch: int, seq_len: int) -> Optional[str]:
+    """Why writing ``[batch, ., seq_len, .]`` after ``filled`` positions of ``rows`` rows cannot be done, or ``None``."""
+    if batch == 0:
+        return "cannot write a batch of 0 rows"
+    if rows and batch != rows:
+        return (
+            f"the cache holds {rows} row(s) written since reset(), got a batch of {batch}; "
+            "call reset() before changing the batch"
+        )
+    if filled + seq_len > max_seq_len:
+        return (
+            f"cannot write {seq_len} positions: {filled} of max_seq_len {max_seq_len} are filled "
+            f"({max_seq_len - filled} free)"
+        )
+    return None
+
+
+@torch.library.custom_op("gqa_tune::kv_cache_append", mutates_args=("k_cache", "v_cache", "cache_pos", "rows"))
+def _kv_cache_append(
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_pos: torch.Tensor,
+    rows: torch.Tensor,
+    k_val: torch.Tensor,
+    v_val: torch.Tensor,
+) -> None:
+    """The compiled write: checks against the fill kept on the device, then writes by index.
+
+    An opaque op, so a compiled step raises the same ``ValueError`` as an eager one
+    (and leaves the cache as it was) instead of indexing past the buffer inside the graph.
+    It reads the fill on the host: one small device sync per write.
+    """
+    batch, _, seq_len, _ = k_val.shape
+    filled = int(cache_pos[0])
+    problem = _append_problem(filled, int(rows[0]), k_cache.shape[2], batch, seq_len)
+    if problem is not None:
+        raise ValueError(problem)
+    k_cache[:batch, :, filled : filled + seq_len].copy_(k_val)
+    v_cache[:batch, :, filled : filled + seq_len].copy_(v_val)
+    cache_pos.add_(seq_len)
+    rows.fill_(batch)
+
+
+@_kv_cache_append.register_fake
+def _(k_cache, v_cache, cache_pos, rows, k_val, v_val) -> None:
+    return None
+
+
+@torch.library.custom_op("gqa_tune::kv_cache_positions", mutates_args=())
+def _kv_cache_positions(cache_pos: torch.Tensor, rows: torch.Tensor, batch: int, seq_len: int) -> torch.Tensor:
+    """The positions the next ``seq_len`` writes will take, after the same checks as the write (compiled path)."""
+    problem = _append_problem(int(cache_pos[0]), int(rows[0]), cache_pos.shape[0], batch, seq_len)
+    if problem is not None:
+        raise ValueError(problem)
+    return cache_pos[:seq_len].clone()
+
+
+@_kv_cache_positions.register_fake
+def _(cache_pos, rows, batch, seq_len):
+    return cache_pos.new_empty(seq_len)
+
+
 class KVCache(nn.Module):
     """Key/value buffers ``[b, n_kv, max_seq_len, h_d]`` filled left to right.
 
@@ -14,12 +76,16 @@ class KVCache(nn.Module):
     with two differences: bad writes raise ``ValueError`` and leave the cache
     untouched, and a batch smaller than ``batch_size`` uses the first rows.
 
-    ``cache_pos`` (a device tensor, ``arange(max_seq_len) + size``) is what a
-    compiled step reads, so ``torch.compile`` sees fixed shapes and does not
-    recompile between decode steps. Eager code reads the host-side ``size``,
-    so the eager hot path never waits on the device. Drive one cache either
-    eagerly or with a compiled step between two ``reset()`` calls: compiled
-    writes advance ``cache_pos`` only (:meth:`sync_size` re-reads it).
+    The filled length lives on the device (``cache_pos``, ``arange(max_seq_len) + size``),
+    which is what a compiled step reads and advances, so ``torch.compile`` sees
+    fixed shapes and does not recompile between decode steps. Eager code keeps a
+    host-side copy, so the eager hot path never waits on the device; after
+    compiled writes the next eager read of :attr:`size` re-reads the device
+    count by itself, so eager and compiled steps can be mixed freely.
+
+    Every write is checked first, eagerly or compiled: a batch of 0, a batch other
+    than the one written since :meth:`reset` (its rows would attend over zeros),
+    or more positions than are free raise ``ValueError`` and leave the cache as it was.
 
     Args:
         batch_size (int): largest batch the cache will hold.
@@ -52,42 +118,75 @@ class KVCache(nn.Module):
         self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("cache_pos", torch.arange(max_seq_len, device=device), persistent=False)
+        # Rows written since reset() (0: none yet), on the device for compiled writes.
+        self.register_buffer("rows", torch.zeros(1, dtype=torch.long, device=device), persistent=False)
         self.batch_size = batch_size
         self.max_seq_len = max_seq_len
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self._size = 0
+        self._rows = 0
+        self._device_ahead = False  # set by compiled writes: the host copies are stale
+
+    def _sync_from_device(self) -> None:
+        if self._device_ahead:
+            self._size = int(self.cache_pos[0])
+            self._rows = int(self.rows[0])
+            self._device_ahead = False
 
     @property
     def size(self) -> int:
-        """Positions filled so far (host-side count)."""
+        """Positions filled so far (eager: the host-side count, refreshed after compiled writes)."""
+        self._sync_from_device()
         return self._size
 
+    @property
+    def filled_rows(self) -> int:
+        """Batch rows written since :meth:`reset` (0 before the first write)."""
+        self._sync_from_device()
+        return self._rows
+
     def sync_size(self) -> int:
-        """Re-read the fill level from ``cache_pos`` (after compiled writes)."""
-        self._size = int(self.cache_pos[0])
-        return self._size
+        """Re-read the fill level from the device (kept for callers of earlier versions; never needed)."""
+        self._device_ahead = True
+        return self.size
 
     def reset(self) -> None:
         """Empty the cache: zero the buffers and rewind the position."""
         self.k_cache.zero_()
         self.v_cache.zero_()
         torch.arange(self.max_seq_len, out=self.cache_pos)
+        self.rows.zero_()
         self._size = 0
+        self._rows = 0
+        self._device_ahead = False
 
     def check_update(self, batch: int, seq_len: int, heads: int = None, head_dim: int = None) -> None:
-        """Raise ``ValueError`` if writing ``[batch, heads, seq_len, head_dim]`` would not fit."""
+        """Raise ``ValueError`` if writing ``[batch, heads, seq_len, head_dim]`` would not fit.
+
+        Under ``torch.compile`` the fill is on the device, so the write itself checks it.
+        """
         if batch > self.batch_size:
             raise ValueError(f"batch size {batch} is larger than the cache's batch_size {self.batch_size}")
         if heads is not None and heads != self.num_kv_heads:
             raise ValueError(f"got {heads} key/value heads, the cache holds {self.num_kv_heads}")
         if head_dim is not None and head_dim != self.head_dim:
             raise ValueError(f"got head_dim {head_dim}, the cache holds {self.head_dim}")
-        if not torch.compiler.is_compiling() and self._size + seq_len > self.max_seq_len:
-            raise ValueError(
-                f"cannot write {seq_len} positions: {self._size} of max_seq_len "
-                f"{self.max_seq_len} are filled ({self.max_seq_len - self._size} free)"
-            )
+        if not torch.compiler.is_compiling():
+            problem = _append_problem(self.size, self._rows, self.max_seq_len, batch, seq_len)
+            if problem is not None:
+                raise ValueError(problem)
+
+    def next_positions(self, batch: int, seq_len: int) -> torch.Tensor:
+        """Positions ``[seq_len]`` that writing ``batch`` rows of ``seq_len`` would fill.
+
+        Raises ``ValueError`` (eagerly and compiled alike) if that write would not fit,
+        so a caller can check before it computes anything from the positions.
+        """
+        self.check_update(batch, seq_len)
+        if torch.compiler.is_compiling():
+            return _kv_cache_positions(self.cache_pos, self.rows, batch, seq_len)
+        return self.cache_pos[:seq_len].clone()
 
     def update(self, k_val: torch.Tensor, v_val: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Append ``k_val``/``v_val`` ``[b, n_kv, s, h_d]`` after the filled positions.
@@ -97,10 +196,12 @@ class KVCache(nn.Module):
             ``b`` rows); positions ``< size`` hold everything written so far.
 
         Raises:
-            ValueError: different k/v shapes, wrong head count or head_dim, a
-                batch larger than the cache, or more positions than are free.
-                The cache is unchanged.
+            ValueError: different k/v shapes, wrong head count or head_dim, a batch
+                of 0, larger than the cache or other than the rows already written,
+                or more positions than are free. The cache is unchanged.
         """
+        if not isinstance(k_val, torch.Tensor) or not isinstance(v_val, torch.Tensor):
+            raise ValueError(f"k_val and v_val must be tensors, got {type(k_val).__name__}, {type(v_val).__name__}")
         if k_val.dim() != 4 or k_val.shape != v_val.shape:
             raise ValueError(
                 f"k_val and v_val must be [b, n_kv, s, h_d] of one shape, got {tuple(k_val.shape)} "
@@ -108,16 +209,17 @@ class KVCache(nn.Module):
             )
         b, heads, seq_len, head_dim = k_val.shape
         self.check_update(b, seq_len, heads, head_dim)
-        k_out, v_out = self.k_cache[:b], self.v_cache[:b]
+        k_val, v_val = k_val.to(self.k_cache.dtype), v_val.to(self.v_cache.dtype)
         if torch.compiler.is_compiling():
-            # Fixed-shape write by index: no host-side length, no recompiles.
-            positions = self.cache_pos[:seq_len]
-            k_out.index_copy_(2, positions, k_val.to(k_out.dtype))
-            v_out.index_copy_(2, positions, v_val.to(v_out.dtype))
+            _kv_cache_append(self.k_cache, self.v_cache, self.cache_pos, self.rows, k_val, v_val)
+            self._device_ahead = True  # a Python side effect, replayed after the graph: no guard, no recompile
         else:
             start = self._size
-            k_out[:, :, start : start + seq_len].copy_(k_val)
-            v_out[:, :, start : start + seq_len].copy_(v_val)
+            self.k_cache[:b, :, start : start + seq_len].copy_(k_val)
+            self.v_cache[:b, :, start : start + seq_len].copy_(v_val)
+            self.cache_pos.add_(seq_len)
+            if self._rows != b:
+                self.rows.fill_(b)
             self._size = start + seq_len
-        self.cache_pos.add_(seq_len)
-        return k_out, v_out
+            self._rows = b
+        return self.k_cache[:b], self.v_cache[:b]
