@@ -1,6 +1,7 @@
 """Grouped-query ``MultiHeadAttention`` with torchtune 0.6.1's constructor."""
 
 import logging
+import numbers
 from typing import Optional
 
 import torch
@@ -102,14 +103,18 @@ class MultiHeadAttention(nn.Module):
             ("head_dim", head_dim),
             ("max_seq_len", max_seq_len),
         ):
-            if not isinstance(value, int) or value < 1:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if num_heads % num_kv_heads != 0:
             raise ValueError(f"num_heads ({num_heads}) must be divisible by num_kv_heads ({num_kv_heads})")
         if embed_dim % num_heads != 0:
             raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
-        if not 0.0 <= attn_dropout <= 1.0:
-            raise ValueError(f"attn_dropout ({attn_dropout}) must be between 0.0 and 1.0")
+        if (
+            isinstance(attn_dropout, bool)
+            or not isinstance(attn_dropout, numbers.Real)
+            or not 0.0 <= attn_dropout <= 1.0
+        ):
+            raise ValueError(f"attn_dropout ({attn_dropout!r}) must be between 0.0 and 1.0")
         if (q_norm is None) != (k_norm is None):
             raise ValueError(
                 f"q_norm and k_norm must be set together, got q_norm={type(q_norm).__name__}, "
@@ -124,6 +129,8 @@ class MultiHeadAttention(nn.Module):
             if got is not None and got != width:
                 raise ValueError(f"{name} outputs {got} features, expected {width} (heads x head_dim {head_dim})")
         check_backend_name(backend)
+        if not isinstance(is_causal, bool):
+            raise ValueError(f"is_causal must be True or False, got {is_causal!r}")
 
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
@@ -239,7 +246,7 @@ class MultiHeadAttention(nn.Module):
         return decode_attention(q, k, v, seqlens, None, causal, mask, bound)
 
     def _cache_mask_on_device(self, cache: KVCache, s_x: int, s_new: int) -> torch.Tensor:
-        """Bool ``[s_x, max_seq_len]`` from ``cache_pos`` (compiled path, before the ``s_new`` new positions are written)."""
+        """Bool ``[s_x, max_seq_len]`` from ``cache_pos`` (compiled path, before ``s_new`` positions are written)."""
         keys = torch.arange(cache.max_seq_len, device=cache.cache_pos.device)
         if s_new and self.is_causal:
             query_pos = cache.cache_pos[:s_x]  # the new tokens' positions

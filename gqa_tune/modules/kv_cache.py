@@ -7,7 +7,7 @@ from torch import nn
 
 
 def _append_problem(filled: int, rows: int, max_seq_len: int, batch: int, seq_len: int) -> Optional[str]:
-    """Why writing ``[batch, ., seq_len, .]`` after ``filled`` positions of ``rows`` rows cannot be done, or ``None``."""
+    """Why ``[batch, ., seq_len, .]`` cannot be written after ``filled`` positions of ``rows`` rows, or ``None``."""
     if batch == 0:
         return "cannot write a batch of 0 rows"
     if rows and batch != rows:
@@ -112,7 +112,7 @@ class KVCache(nn.Module):
             ("num_kv_heads", num_kv_heads),
             ("head_dim", head_dim),
         ):
-            if not isinstance(value, int) or value < 1:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         shape = (batch_size, num_kv_heads, max_seq_len, head_dim)
         self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)

@@ -101,7 +101,9 @@ def make_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, dropout_p
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     value_head_dim = v.shape[-1] if v.shape[-1] != q.shape[-1] else None
     empty = q.numel() == 0 or k.shape[2] == 0
-    return AttentionCall(q.device, q.dtype, q.shape[-1], mask, dropout_p, need_weights, needs_grad, value_head_dim, empty)
+    return AttentionCall(
+        q.device, q.dtype, q.shape[-1], mask, dropout_p, need_weights, needs_grad, value_head_dim, empty
+    )
 
 
 def select_backend(call: AttentionCall, backend: str = "auto") -> Backend:
