@@ -32,7 +32,13 @@ from tqdm import tqdm
 
 from gqa_tune.config_check import ConfigError, check_values, check_writable_dir, recipe_specs
 from gqa_tune.models import init_from_scratch
-from gqa_tune.training.checkpoint import STATE, latest_checkpoint, load_checkpoint, save_checkpoint
+from gqa_tune.training.checkpoint import (
+    STATE,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    tokenizer_token_ids,
+)
 from gqa_tune.training.evaluate import IGNORE, heldout_loss, shift_labels, task_accuracy
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # datasets come from local files only
@@ -123,6 +129,7 @@ class FinetuneRecipe(FTRecipeInterface):
         self.world_size, self.rank = 1, 0
         self.epoch, self.global_step, self.epoch_step = 0, 0, 0
         self.loss_history: list = []
+        self.weights_dir: Optional[Path] = None  # where the loaded weights came from (set by load_weights)
 
     # ------------------------------------------------------------ hooks
 
@@ -266,6 +273,16 @@ class FinetuneRecipe(FTRecipeInterface):
             raise ValueError(
                 f"weights from {source} do not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
             )
+        self.weights_dir = self._weights_directory(source)
+
+    def _weights_directory(self, source: str) -> Optional[Path]:
+        """The directory weights loaded from ``source`` came from (a checkpoint, or a checkpointer's), if any."""
+        if Path(source).is_dir():
+            return Path(source)
+        checkpointer = self.cfg.get("checkpointer")
+        if source.startswith("checkpointer") and checkpointer is not None and checkpointer.get("checkpoint_dir"):
+            return Path(checkpointer.checkpoint_dir)
+        return None
 
     def recipe_state(self) -> Dict[str, Any]:
         return {
@@ -396,6 +413,10 @@ class FinetuneRecipe(FTRecipeInterface):
             builder=self.checkpoint_builder(),
             recipe_state=self.recipe_state(),
             extra=self.extra_checkpoint_files,
+            # Token ids for config.json (transformers' defaults would be wrong for our tokenizers), and the
+            # source's generation_config.json carried over.
+            token_ids=tokenizer_token_ids(self.tokenizer),
+            source_dir=self.weights_dir,
         )
         tqdm.write(f"saved checkpoint {path}")
         return path

@@ -43,6 +43,19 @@ def test_trains_saves_and_both_libraries_load_the_checkpoint(tune, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(ours(tokens), theirs(tokens), rtol=1e-4, atol=1e-4)
 
+    # transformers rebuilds the same function from config.json, with the byte tokenizer's ids
+    from transformers import AutoModelForCausalLM
+
+    from gqa_tune.data.tokenizer import ByteTokenizer
+
+    tokenizer = ByteTokenizer()
+    assert (config["bos_token_id"], config["eos_token_id"], config["pad_token_id"]) == (
+        tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id
+    )  # fmt: skip
+    hf = AutoModelForCausalLM.from_pretrained(str(path)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(hf(tokens).logits, ours(tokens), rtol=1e-4, atol=1e-4)
+
 
 @pytest.mark.parametrize("cut", ["epoch", "mid_epoch"])
 def test_resume_logs_the_same_losses_as_an_uninterrupted_run(tune, tmp_path, cut):
