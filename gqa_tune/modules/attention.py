@@ -34,6 +34,10 @@ def _out_features(module: nn.Module) -> Optional[int]:
     return None
 
 
+class CacheNotSetUpError(RuntimeError, ValueError):
+    """``reset_cache()`` before ``setup_cache()``: a ``RuntimeError`` as in torchtune, and a ``ValueError``."""
+
+
 class MultiHeadAttention(nn.Module):
     """Multi-head attention for MHA, GQA and MQA, chosen by ``num_kv_heads``.
 
@@ -175,7 +179,7 @@ class MultiHeadAttention(nn.Module):
     def reset_cache(self) -> None:
         """Empty the KV cache."""
         if self.kv_cache is None:
-            raise RuntimeError("Key value caches are not setup. Call ``setup_caches()`` first.")
+            raise CacheNotSetUpError("Key value caches are not setup. Call ``setup_caches()`` first.")
         self.kv_cache.reset()
 
     def _check_mask(self, mask: MaskType, x: torch.Tensor, b: int, s_x: int, kv_lens: tuple, cached: bool) -> None:

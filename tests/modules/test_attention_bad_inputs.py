@@ -202,3 +202,11 @@ def test_bad_constructor_values_are_refused(change, message):
 def test_kv_cache_refuses_bool_sizes():
     with pytest.raises(ValueError, match="batch_size must be a positive int, got True"):
         KVCache(True, 8, 2, 4, torch.float32)
+
+
+def test_reset_before_setup_raises_a_value_error_that_is_also_torchtunes_runtime_error():
+    attn = gqa_attention(embed_dim=E, num_heads=4, num_kv_heads=2, max_seq_len=MAX_LEN)
+    with pytest.raises(ValueError, match="caches are not setup"):
+        attn.reset_cache()
+    with pytest.raises(RuntimeError, match="caches are not setup"):
+        attn.reset_cache()
