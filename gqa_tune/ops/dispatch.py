@@ -59,6 +59,8 @@ class Backend:
     name: str
     fn: Callable[..., torch.Tensor]
     limits: Callable[[AttentionCall], Optional[str]]
+    #: Whether its kernel returns 0 for a query row holding a NaN (the NaN rule then puts the NaN back).
+    zeroes_nan_query_rows: bool = False
 
 
 def _no_limits(call: AttentionCall) -> Optional[str]:
@@ -66,8 +68,8 @@ def _no_limits(call: AttentionCall) -> Optional[str]:
 
 
 BACKENDS = {
-    "sdpa": Backend("sdpa", sdpa_backend, sdpa_limits),
-    "flex": Backend("flex", flex_backend, flex_limits),
+    "sdpa": Backend("sdpa", sdpa_backend, sdpa_limits, zeroes_nan_query_rows=True),
+    "flex": Backend("flex", flex_backend, flex_limits, zeroes_nan_query_rows=True),
     "math": Backend("math", math_backend, _no_limits),
     "triton": Backend("triton", triton_backend, triton_limits),
 }
@@ -153,10 +155,10 @@ def run_backend(
     dropout_p: float,
 ) -> torch.Tensor:
     """Run ``chosen`` (from :func:`select_backend`) under the NaN rule of :mod:`gqa_tune.ops.nan_rule`."""
-    k, v, restore = hide_masked_nans(q, k, v, mask, is_causal)
 
     def run(backend: Backend) -> torch.Tensor:
-        return restore(backend.fn(q, k, v, mask=mask, scale=scale, is_causal=is_causal, dropout_p=dropout_p))
+        k_in, v_in, restore = hide_masked_nans(q, k, v, mask, is_causal, backend.zeroes_nan_query_rows)
+        return restore(backend.fn(q, k_in, v_in, mask=mask, scale=scale, is_causal=is_causal, dropout_p=dropout_p))
 
     return call_guarded(chosen.name, requested, lambda: run(chosen), lambda: run(select_backend(call, "auto")))
 

@@ -160,7 +160,7 @@ def scaled_dot_product_gqa(
         # Broadcasting as torch defines it, made explicit: every backend sees a 4-D mask.
         attn_mask = attn_mask.view((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
     if need_weights:
-        key, value, restore = hide_masked_nans(query, key, value, attn_mask, is_causal)
+        key, value, restore = hide_masked_nans(query, key, value, attn_mask, is_causal, fix_query_rows=False)
         out, weights = attention_ref(
             query,
             key,

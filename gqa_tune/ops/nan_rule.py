@@ -16,7 +16,9 @@ are never read; within its partial blocks flex's own masking applies.
 :func:`hide_masked_nans` enforces this around any backend: it zeroes NaN
 keys/values before the call and sets back to NaN the rows that could see one.
 The cost is a few elementwise passes over ``q``/``k``/``v`` (``O(s h_d)``) plus,
-with a dense mask, one pass over the mask (``O(s_q s_kv)``); no host sync.
+with a dense mask, one pass over the mask (``O(s_q s_kv)``), with no host sync. On
+CPU, in eager mode, K/V are first looked at (a host read is free there) and
+the work is skipped when they hold no NaN, which is the usual case.
 """
 
 from typing import Callable, Optional, Tuple
@@ -55,8 +57,29 @@ def _rows_seeing(
     return (visible & flagged[:, :, None, :]).any(-1, keepdim=True)
 
 
+def _surely_no_nans(*tensors: Optional[torch.Tensor]) -> bool:
+    """On CPU, eagerly: look (one pass over each tensor, a host read that costs nothing there) so the
+    rule's work is skipped when there is no NaN, the usual case. On an accelerator or under
+    ``torch.compile`` a host read would stall the device or break the graph: there the sync-free
+    path always runs."""
+    present = [t for t in tensors if t is not None]
+    if not present or present[0].device.type != "cpu" or torch.compiler.is_compiling():
+        return False
+    with torch.no_grad():
+        return not any(bool(torch.isnan(t).any()) for t in present)
+
+
+def _keep(out: torch.Tensor) -> torch.Tensor:
+    return out
+
+
 def hide_masked_nans(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[MaskType], is_causal: bool
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: Optional[MaskType],
+    is_causal: bool,
+    fix_query_rows: bool = True,
 ) -> Tuple[torch.Tensor, torch.Tensor, Restore]:
     """``(k, v, restore)``: K/V with hidden NaNs made harmless, and the function to apply to the output.
 
@@ -65,9 +88,16 @@ def hide_masked_nans(
         k, v (torch.Tensor): ``[b, n_kv, s_kv, h_d]`` / ``[b, n_kv, s_kv, h_dv]``.
         mask: ``None``, a bool or float tensor broadcastable to ``[b, n_h, s_q, s_kv]``, or a ``BlockMask``.
         is_causal (bool): top-left causal masking.
+        fix_query_rows (bool): whether the backend may zero a NaN query row (torch's SDPA and flex do;
+            a plain softmax, as in the math and Triton backends, keeps it NaN by itself).
     """
-    restore_q = _propagate_query_nans(q)
-    if isinstance(mask, BlockMask) or (mask is None and not is_causal) or k.shape[2] == 0:
+    hidden = not (isinstance(mask, BlockMask) or (mask is None and not is_causal) or k.shape[2] == 0)
+    if not (hidden or fix_query_rows):
+        return k, v, _keep
+    if _surely_no_nans(q if fix_query_rows else None, *((k, v) if hidden else ())):
+        return k, v, _keep
+    restore_q = _propagate_query_nans(q) if fix_query_rows else _keep
+    if not hidden:
         return k, v, restore_q  # no key is hidden (or flex reads only the blocks it keeps)
     k_nan, v_nan = torch.isnan(k), torch.isnan(v)
     nan_keys = k_nan.any(-1) | v_nan.any(-1)  # [b, n_kv, s_kv]
