@@ -44,6 +44,10 @@ class AttentionCall:
     value_head_dim: Optional[int] = None
     #: Nothing to attend or nothing to compute (``b``, ``n_h`` or ``s_q`` is 0, or ``s_kv`` is 0).
     empty: bool = False
+    #: Logit soft-cap (``None``: none).
+    softcap: Optional[float] = None
+    #: Whether per-head attention sinks join the softmax.
+    sinks: bool = False
 
     @property
     def mask_kind(self) -> str:
@@ -99,13 +103,25 @@ def check_backend_name(backend: str) -> None:
         raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKEND_NAMES)}")
 
 
-def make_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, dropout_p: float, need_weights: bool):
-    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+def make_call(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask,
+    dropout_p: float,
+    need_weights: bool,
+    softcap: Optional[float] = None,
+    sinks: Optional[torch.Tensor] = None,
+):
+    grads = (q.requires_grad or k.requires_grad or v.requires_grad) or (sinks is not None and sinks.requires_grad)
+    needs_grad = torch.is_grad_enabled() and grads
     value_head_dim = v.shape[-1] if v.shape[-1] != q.shape[-1] else None
+    # With sinks and no keys every row still gives 0, so the reference answers that too.
     empty = q.numel() == 0 or k.shape[2] == 0
     return AttentionCall(
-        q.device, q.dtype, q.shape[-1], mask, dropout_p, need_weights, needs_grad, value_head_dim, empty
-    )
+        q.device, q.dtype, q.shape[-1], mask, dropout_p, need_weights, needs_grad, value_head_dim, empty,
+        softcap, sinks is not None,
+    )  # fmt: skip
 
 
 def select_backend(call: AttentionCall, backend: str = "auto") -> Backend:
@@ -136,10 +152,13 @@ def run_attention(
     is_causal: bool = False,
     dropout_p: float = 0.0,
     backend: str = "auto",
+    softcap: Optional[float] = None,
+    sinks: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Dispatch already-validated grouped inputs to a backend (no weights)."""
-    call = make_call(q, k, v, mask, dropout_p, False)
-    return run_backend(select_backend(call, backend), call, backend, q, k, v, mask, scale, is_causal, dropout_p)
+    call = make_call(q, k, v, mask, dropout_p, False, softcap, sinks)
+    chosen = select_backend(call, backend)
+    return run_backend(chosen, call, backend, q, k, v, mask, scale, is_causal, dropout_p, softcap, sinks)
 
 
 def run_backend(
@@ -153,12 +172,17 @@ def run_backend(
     scale: Optional[float],
     is_causal: bool,
     dropout_p: float,
+    softcap: Optional[float] = None,
+    sinks: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Run ``chosen`` (from :func:`select_backend`) under the NaN rule of :mod:`gqa_tune.ops.nan_rule`."""
+    extra = {} if softcap is None and sinks is None else {"softcap": softcap, "sinks": sinks}
 
     def run(backend: Backend) -> torch.Tensor:
         k_in, v_in, restore = hide_masked_nans(q, k, v, mask, is_causal, backend.zeroes_nan_query_rows)
-        return restore(backend.fn(q, k_in, v_in, mask=mask, scale=scale, is_causal=is_causal, dropout_p=dropout_p))
+        return restore(
+            backend.fn(q, k_in, v_in, mask=mask, scale=scale, is_causal=is_causal, dropout_p=dropout_p, **extra)
+        )
 
     return call_guarded(chosen.name, requested, lambda: run(chosen), lambda: run(select_backend(call, "auto")))
 

@@ -9,7 +9,7 @@ from torch.nn.attention.flex_attention import BlockMask
 
 from gqa_tune.ops.backends.math import attention_ref
 from gqa_tune.ops.dispatch import make_call, run_backend, select_backend
-from gqa_tune.ops.masks import MaskType
+from gqa_tune.ops.masks import MaskType, fold_window
 from gqa_tune.ops.nan_rule import hide_masked_nans
 
 
@@ -39,6 +39,26 @@ def check_scale(scale: Any) -> None:
         return
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale) or scale <= 0:
         raise ValueError(f"scale must be None or a finite positive number, got {scale!r}")
+
+
+def check_features(query: torch.Tensor, sliding_window: Any, softcap: Any, sinks: Optional[torch.Tensor]) -> None:
+    """Raise ``ValueError`` unless the window, soft-cap and sinks are usable with ``query`` ``[b, n_h, s_q, h_d]``."""
+    if sliding_window is not None and (
+        isinstance(sliding_window, bool) or not isinstance(sliding_window, int) or sliding_window < 1
+    ):
+        raise ValueError(f"sliding_window must be None or a positive int, got {sliding_window!r}")
+    if softcap is not None and (
+        isinstance(softcap, bool) or not isinstance(softcap, numbers.Real) or not math.isfinite(softcap) or softcap <= 0
+    ):
+        raise ValueError(f"softcap must be None or a finite positive number, got {softcap!r}")
+    if sinks is None:
+        return
+    n_h = query.shape[1]
+    if not isinstance(sinks, torch.Tensor) or not sinks.is_floating_point() or tuple(sinks.shape) != (n_h,):
+        got = tuple(sinks.shape) if isinstance(sinks, torch.Tensor) else type(sinks).__name__
+        raise ValueError(f"sinks must be a floating-point tensor of shape [n_h] = [{n_h}], got {got}")
+    if sinks.device != query.device:
+        raise ValueError(f"sinks are on {sinks.device}, query on {query.device}")
 
 
 def check_gqa_inputs(
@@ -115,6 +135,9 @@ def scaled_dot_product_gqa(
     is_causal: bool = False,
     scale: Optional[float] = None,
     *,
+    sliding_window: Optional[int] = None,
+    softcap: Optional[float] = None,
+    sinks: Optional[torch.Tensor] = None,
     need_weights: bool = False,
     backend: str = "auto",
 ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
@@ -137,6 +160,13 @@ def scaled_dot_product_gqa(
         is_causal (bool): causal mask aligned top-left, as in torch
             (``ones(s_q, s_kv).tril()``: with ``s_q=1`` the query sees key 0).
         scale (Optional[float]): multiplier of the scores; default ``h_d ** -0.5``.
+        sliding_window (Optional[int]): query ``i`` sees key ``j`` only when ``|i - j| < sliding_window``
+            (positions aligned as ``is_causal`` aligns them, top-left; with ``is_causal`` that is
+            ``i - w < j <= i``). Combines with ``is_causal`` and ``attn_mask``.
+        softcap (Optional[float]): the scaled scores ``s`` become ``softcap * tanh(s / softcap)`` before
+            masking (Gemma 2).
+        sinks (Optional[torch.Tensor]): ``[n_h]`` per-head logits; each joins its rows' softmax as an extra
+            key with a zero value (gpt-oss), with gradients.
         need_weights (bool): also return the weights ``[b, n_h, s_q, s_kv]``
             (computed by the ``math`` backend).
         backend (str): ``"auto"``, ``"sdpa"``, ``"flex"``, ``"math"`` or ``"triton"``.
@@ -154,11 +184,18 @@ def scaled_dot_product_gqa(
     check_gqa_inputs(query, key, value, attn_mask, dropout_p, is_causal)
     check_scale(scale)
     check_flag("need_weights", need_weights)
-    call = make_call(query, key, value, attn_mask, dropout_p, need_weights)
-    chosen = select_backend(call, backend)
+    check_features(query, sliding_window, softcap, sinks)
     if isinstance(attn_mask, torch.Tensor) and attn_mask.dim() < 4:
         # Broadcasting as torch defines it, made explicit: every backend sees a 4-D mask.
         attn_mask = attn_mask.view((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
+    if sliding_window is not None:
+        # The window, the causal mask and attn_mask become one mask, which every backend can read.
+        b, n_h, s_q, _ = query.shape
+        attn_mask = fold_window(attn_mask, is_causal, sliding_window, b, n_h, s_q, key.shape[2], query.device)
+        attn_mask = attn_mask.view((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
+        is_causal = False
+    call = make_call(query, key, value, attn_mask, dropout_p, need_weights, softcap, sinks)
+    chosen = select_backend(call, backend)
     if need_weights:
         key, value, restore = hide_masked_nans(query, key, value, attn_mask, is_causal, fix_query_rows=False)
         out, weights = attention_ref(
@@ -170,6 +207,8 @@ def scaled_dot_product_gqa(
             is_causal=is_causal,
             dropout_p=dropout_p,
             return_weights=True,
+            softcap=softcap,
+            sinks=sinks,
         )
         return restore(out), weights
-    return run_backend(chosen, call, backend, query, key, value, attn_mask, scale, is_causal, dropout_p)
+    return run_backend(chosen, call, backend, query, key, value, attn_mask, scale, is_causal, dropout_p, softcap, sinks)

@@ -60,18 +60,44 @@ def _from_dense(mask: torch.Tensor, s_q: int, s_kv: int) -> Tuple[Optional[Block
     return None, score_mod
 
 
+def _with_softcap(score_mod: Optional[Callable], softcap: float, device: torch.device) -> Callable:
+    # A captured tensor, not a Python float: compiled flex turns a float into a graph input that it cannot lower.
+    cap = torch.tensor(softcap, dtype=torch.float32, device=device)
+
+    def capped(score, b, h, q_idx, kv_idx):
+        score = cap * torch.tanh(score / cap)
+        return score if score_mod is None else score_mod(score, b, h, q_idx, kv_idx)
+
+    return capped
+
+
 @torch.compiler.disable(recursive=False)
-def flex_backend(q, k, v, *, mask, scale, is_causal, dropout_p):
+def flex_backend(q, k, v, *, mask, scale, is_causal, dropout_p, softcap=None, sinks=None):
     s_q, s_kv = q.shape[2], k.shape[2]
     block_mask, score_mod = mask, None
     if isinstance(mask, torch.Tensor):
         block_mask, score_mod = _from_dense(mask.view((1,) * (4 - mask.dim()) + tuple(mask.shape)), s_q, s_kv)
     if is_causal:
         block_mask = _causal_block_mask(s_q, s_kv, str(q.device))
-    out = _compiled_flex()(
-        q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
+    if softcap is not None:
+        score_mod = _with_softcap(score_mod, softcap, q.device)  # on the scaled scores, before the mask
+    result = _compiled_flex()(
+        q,
+        k,
+        v,
+        score_mod=score_mod,
+        block_mask=block_mask,
+        scale=scale,
+        enable_gqa=q.shape[1] != k.shape[1],
+        return_lse=sinks is not None,
     )
-    if score_mod is not None:
+    out = result
+    if sinks is not None:
+        # softmax over the keys and a zero-valued sink = (softmax over the keys) * Z / (Z + e^sink).
+        out, lse = result  # lse [b, n_h, s_q], natural log; -inf for a row that sees no key
+        keep = torch.sigmoid(lse.float() - sinks.float().view(1, -1, 1))
+        out = out * keep.unsqueeze(-1).to(out.dtype)
+    if isinstance(mask, torch.Tensor) and mask.dtype != torch.bool:
         # A row whose float mask is -inf everywhere: flex gives NaN, the rule is 0.
         dead = torch.isneginf(mask).all(-1, keepdim=True)
         out = torch.where(dead, 0.0, out)
@@ -89,4 +115,6 @@ def flex_limits(call) -> "str | None":
             return "torch's flex_attention has no backward on CPU"
         if call.dtype == torch.float64:
             return "torch's CPU flex_attention does not support float64"
+        if call.sinks:
+            return "torch's compiled CPU flex_attention cannot return the log-sum-exp that sinks need"
     return None

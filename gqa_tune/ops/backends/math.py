@@ -24,6 +24,8 @@ def attention_ref(
     dropout_p: float = 0.0,
     upcast: bool = True,
     return_weights: bool = False,
+    softcap: Optional[float] = None,
+    sinks: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Plain attention with grouped K/V.
 
@@ -40,6 +42,10 @@ def attention_ref(
             ``upcast=False`` the computation runs in the input dtype, which is
             the "plain PyTorch in low precision" baseline of the kernel tests.
         return_weights (bool): also return the weights ``[b, n_h, s_q, s_kv]``.
+        softcap (Optional[float]): the scaled scores ``s`` become ``softcap * tanh(s / softcap)``
+            before masking (Gemma 2's logit soft-capping).
+        sinks (Optional[torch.Tensor]): ``[n_h]`` per-head logits, each joining its rows' softmax as an
+            extra key with a zero value (gpt-oss style); the weights then sum to less than 1.
 
     Returns:
         ``(out, weights)``: ``out`` ``[b, n_h, s_q, h_dv]`` in ``q``'s dtype;
@@ -57,6 +63,8 @@ def attention_ref(
     s_q, s_kv = q.shape[2], k.shape[2]
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     scores = torch.matmul(q, k.transpose(-2, -1)) * scale  # [b, n_h, s_q, s_kv]
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
 
     allowed = None
     mask = dense_mask(mask, q.shape[0], q.shape[1], s_q, s_kv, q.device)
@@ -70,7 +78,11 @@ def attention_ref(
     if allowed is not None:
         scores = scores.masked_fill(~allowed, float("-inf"))
 
-    if s_kv == 0:
+    if sinks is not None:
+        # The sink is one more logit per row whose value is zero: [b, n_h, s_q, s_kv + 1], dropped after the softmax.
+        sink = sinks.to(scores.dtype).view(1, -1, 1, 1).expand(scores.shape[0], -1, s_q, 1)
+        scores = torch.cat([scores, sink], dim=-1)
+    if scores.shape[-1] == 0:
         weights = scores  # [b, n_h, s_q, 0]: nothing to attend, so every row gives 0
     else:
         # A row with no finite score attends to nothing: weights 0, not NaN.
@@ -80,12 +92,16 @@ def attention_ref(
         weights = torch.exp(scores)
         weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(weights.dtype).tiny)
         weights = torch.where(dead, torch.zeros_like(weights), weights)
+    if sinks is not None:
+        weights = weights[..., :s_kv]
 
     dropped = F.dropout(weights, p=dropout_p) if dropout_p > 0.0 else weights
     out = torch.matmul(dropped, v).to(out_dtype)
     return out, (weights.to(out_dtype) if return_weights else None)
 
 
-def math_backend(q, k, v, *, mask, scale, is_causal, dropout_p):
+def math_backend(q, k, v, *, mask, scale, is_causal, dropout_p, softcap=None, sinks=None):
     """The ``"math"`` backend: :func:`attention_ref` without weights."""
-    return attention_ref(q, k, v, mask=mask, scale=scale, is_causal=is_causal, dropout_p=dropout_p)[0]
+    return attention_ref(
+        q, k, v, mask=mask, scale=scale, is_causal=is_causal, dropout_p=dropout_p, softcap=softcap, sinks=sinks
+    )[0]

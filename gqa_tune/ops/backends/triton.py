@@ -51,7 +51,7 @@ def kernel_problem(device: torch.device, dtype: torch.dtype, head_dim: int) -> O
     return device_problem(device)
 
 
-def triton_backend(q, k, v, *, mask, scale, is_causal, dropout_p):
+def triton_backend(q, k, v, *, mask, scale, is_causal, dropout_p, softcap=None, sinks=None):
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if mask is not None and mask.dim() < 4:
         mask = mask.view((1,) * (4 - mask.dim()) + tuple(mask.shape))
@@ -67,6 +67,10 @@ def triton_limits(call) -> Optional[str]:
         return f"it has no dropout (dropout_p={call.dropout_p})"
     if call.value_head_dim is not None:
         return f"value head_dim {call.value_head_dim} differs from the query/key head_dim {call.head_dim}"
+    if call.softcap is not None:
+        return "its kernels have no logit soft-capping (softcap) yet"
+    if call.sinks:
+        return "its kernels have no attention sinks yet"
     if call.mask_kind not in ("none", "bool"):
         return f"it takes no mask, is_causal or a bool mask, not a {call.mask_kind} mask"
     return kernel_problem(call.device, call.dtype, call.head_dim)
