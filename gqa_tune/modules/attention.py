@@ -1,6 +1,7 @@
 """Grouped-query ``MultiHeadAttention`` with torchtune 0.6.1's constructor."""
 
 import logging
+import math
 import numbers
 from typing import Optional
 
@@ -20,7 +21,7 @@ from gqa_tune.ops.dispatch import (
     run_backend,
     select_backend,
 )
-from gqa_tune.ops.masks import MaskType, bottom_right_causal
+from gqa_tune.ops.masks import MaskType, bottom_right_causal, fold_window, window_band
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +74,13 @@ class MultiHeadAttention(nn.Module):
         max_seq_len (int): longest sequence the model runs with.
         is_causal (bool): causal attention when no mask is given.
         attn_dropout (float): dropout on attention weights while training.
+        sliding_window_size (Optional[int]): query ``i`` sees key ``j`` only when ``|i - j| <
+            sliding_window_size`` (positions: the token indices without a cache, the cache positions with
+            one), as torchtune's ``Gemma2Attention``. ``None``: no window.
+        softcapping (Optional[float]): the scaled scores ``s`` become ``c * tanh(s / c)`` before masking
+            (Gemma 2). ``None`` (the default here, unlike ``Gemma2Attention``'s 50.0): no capping.
+        query_pre_attn_scalar (Optional[float]): scores are scaled by ``query_pre_attn_scalar ** -0.5``
+            instead of ``head_dim ** -0.5`` (Gemma 2).
         backend (str): ``"auto"``, ``"sdpa"``, ``"flex"``, ``"math"`` or ``"triton"``.
 
     Notation: ``b`` batch, ``s_x``/``s_y`` query/key lengths, ``n_h`` query heads,
@@ -97,6 +105,9 @@ class MultiHeadAttention(nn.Module):
         max_seq_len: int = 4096,
         is_causal: bool = True,
         attn_dropout: float = 0.0,
+        sliding_window_size: Optional[int] = None,
+        softcapping: Optional[float] = None,
+        query_pre_attn_scalar: Optional[float] = None,
         backend: str = "auto",
     ) -> None:
         super().__init__()
@@ -133,6 +144,15 @@ class MultiHeadAttention(nn.Module):
             if got is not None and got != width:
                 raise ValueError(f"{name} outputs {got} features, expected {width} (heads x head_dim {head_dim})")
         check_backend_name(backend)
+        if sliding_window_size is not None and (
+            isinstance(sliding_window_size, bool) or not isinstance(sliding_window_size, int) or sliding_window_size < 1
+        ):
+            raise ValueError(f"sliding_window_size must be None or a positive int, got {sliding_window_size!r}")
+        for name, value in (("softcapping", softcapping), ("query_pre_attn_scalar", query_pre_attn_scalar)):
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0
+            ):
+                raise ValueError(f"{name} must be None or a finite positive number, got {value!r}")
         if not isinstance(is_causal, bool):
             raise ValueError(f"is_causal must be True or False, got {is_causal!r}")
 
@@ -144,6 +164,10 @@ class MultiHeadAttention(nn.Module):
         self.max_seq_len = max_seq_len
         self.is_causal = is_causal
         self.backend = backend
+        self.sliding_window_size = sliding_window_size
+        self.softcapping = softcapping
+        #: Multiplier of the scores (``None``: ``head_dim ** -0.5``).
+        self.scale = None if query_pre_attn_scalar is None else float(query_pre_attn_scalar) ** -0.5
 
         self.kv_cache = kv_cache
         self.q_proj = q_proj
@@ -229,6 +253,8 @@ class MultiHeadAttention(nn.Module):
             return False
         if dropout_p > 0.0 or (torch.is_grad_enabled() and q.requires_grad):
             return False
+        if self.sliding_window_size is not None or self.softcapping is not None:
+            return False  # the split-K kernel has neither yet
         if mask is not None and not (isinstance(mask, torch.Tensor) and mask.dtype == torch.bool):
             return False
         return kernel_problem(q.device, q.dtype, q.shape[-1]) is None
@@ -247,7 +273,41 @@ class MultiHeadAttention(nn.Module):
         causal = mask is None and new_tokens and self.is_causal
         # Eager: the host-side fill sizes the splits; compiled: the whole buffer (no recompiles).
         bound = None if torch.compiler.is_compiling() else cache.size
-        return decode_attention(q, k, v, seqlens, None, causal, mask, bound)
+        return decode_attention(q, k, v, seqlens, self.scale, causal, mask, bound)
+
+    def _windowed(
+        self,
+        attn_mask: Optional[MaskType],
+        is_causal: bool,
+        cache: Optional[KVCache],
+        b: int,
+        s_x: int,
+        s_kv: int,
+        filled: int,
+        device: torch.device,
+    ) -> torch.Tensor:
+        """``attn_mask`` (and ``is_causal``) restricted to the sliding window, as one dense mask.
+
+        Without a cache, positions are the token indices (as ``Gemma2Attention``'s mask rows and
+        columns); with one, the queries sit at the last ``s_x`` filled positions (eager) or at
+        ``cache_pos`` (compiled), so decoding past the window stays right.
+        """
+        window = self.sliding_window_size
+        if cache is None:
+            return fold_window(attn_mask, is_causal, window, b, self.num_heads, s_x, s_kv, device)
+        if torch.compiler.is_compiling():
+            keys = torch.arange(cache.max_seq_len, device=device)
+            query_pos = cache.cache_pos[:s_x] + (filled - s_x)  # before the write; filled is s_new when compiling
+            band = (query_pos[:, None] - keys[None, :]).abs() < window
+        else:
+            band = window_band(s_x, s_kv, window, device, offset=filled - s_x)
+        if is_causal:
+            band = band & torch.ones(s_x, s_kv, dtype=torch.bool, device=device).tril()
+        if attn_mask is None:
+            return band
+        if attn_mask.dtype == torch.bool:
+            return attn_mask & band
+        return attn_mask.masked_fill(~band, float("-inf"))
 
     def _cache_mask_on_device(self, cache: KVCache, s_x: int, s_new: int) -> torch.Tensor:
         """Bool ``[s_x, max_seq_len]`` from ``cache_pos`` (compiled path, before ``s_new`` positions are written)."""
@@ -362,10 +422,15 @@ class MultiHeadAttention(nn.Module):
                 else:
                     attn_mask = bottom_right_causal(s_x, filled, x.device)
 
+        if self.sliding_window_size is not None:
+            attn_mask = self._windowed(attn_mask, is_causal, cache, b, s_x, k_seen.shape[2], filled, x.device)
+            is_causal = False
+
         dropout_p = self.attn_dropout if self.training else 0.0
+        softcap = self.softcapping
         use_kernel = cache is not None and self._decode_with_kernel(q, mask, dropout_p)
         if not use_kernel:
-            call = make_call(q, k_seen, v_seen, attn_mask, dropout_p, False)
+            call = make_call(q, k_seen, v_seen, attn_mask, dropout_p, False, softcap)
             chosen = select_backend(call, self.backend)  # raises before the cache is written
 
         if cache is not None and y is not None:
@@ -381,9 +446,11 @@ class MultiHeadAttention(nn.Module):
                 lambda: None,
             )
             if out is None:  # the kernel failed to build under "auto"; take the table's next backend
-                call = make_call(q, k_seen, v_seen, attn_mask, dropout_p, False)
+                call = make_call(q, k_seen, v_seen, attn_mask, dropout_p, False, softcap)
                 chosen = select_backend(call, self.backend)
         if not use_kernel or out is None:
-            out = run_backend(chosen, call, self.backend, q, k_seen, v_seen, attn_mask, None, is_causal, dropout_p)
+            out = run_backend(
+                chosen, call, self.backend, q, k_seen, v_seen, attn_mask, self.scale, is_causal, dropout_p, softcap
+            )
         out = out.transpose(1, 2).reshape(b, s_x, -1)  # [b, s_x, n_h * h_d]
         return self.output_proj(out)

@@ -1,0 +1,135 @@
+"""``swap_attention`` on a tiny model of every torchtune 0.6.1 decoder family: the same logits as torchtune's,
+cached decoding equal to the model's own full forward, and torchtune's ``generate`` giving the same greedy
+tokens (within Gemma 2's window, where torchtune's own cache is right)."""
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torchtune.generation import generate
+from torchtune.models.gemma import gemma
+from torchtune.models.gemma2 import gemma2
+from torchtune.models.gemma2._attention import Gemma2Attention
+from torchtune.models.llama2 import llama2
+from torchtune.models.llama3 import llama3
+from torchtune.models.llama3_1 import llama3_1
+from torchtune.models.llama3_2 import llama3_2
+from torchtune.models.mistral import mistral
+from torchtune.models.phi3 import phi3
+from torchtune.models.qwen2 import qwen2
+from torchtune.modules import MultiHeadAttention as TorchtuneMHA
+
+from gqa_tune import swap_attention
+from gqa_tune.modules import MultiHeadAttention
+
+VOCAB, MAX_LEN = 64, 48
+COMMON = dict(vocab_size=VOCAB, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=64, max_seq_len=MAX_LEN)
+
+# code_llama2 is built by llama2's builder, llama3_3 by llama3_1's, qwen2_5 by qwen2's and phi4 by phi3's.
+FAMILIES = {
+    "llama2 / code_llama2": lambda: llama2(**COMMON, intermediate_dim=128),
+    "llama3": lambda: llama3(**COMMON, intermediate_dim=128),
+    "llama3_1 / llama3_3": lambda: llama3_1(**COMMON, intermediate_dim=128, scale_factor=8),
+    "llama3_2": lambda: llama3_2(**COMMON, intermediate_dim=128),
+    "mistral": lambda: mistral(**COMMON, intermediate_dim=128),
+    "gemma": lambda: gemma(**COMMON, head_dim=16, intermediate_dim=128),
+    "gemma2": lambda: gemma2(
+        **COMMON,
+        head_dim=16,
+        intermediate_dim=128,
+        sliding_window_size=8,
+        query_pre_attn_scalar=16,
+        hidden_capping_value=5.0,
+        final_capping_value=3.0,
+    ),  # fmt: skip
+    "qwen2 / qwen2_5": lambda: qwen2(**COMMON, intermediate_dim=128),
+    "phi3 / phi4": lambda: phi3(**COMMON, intermediate_dim=128),
+}
+
+
+def build(name):
+    torch.manual_seed(0)
+    model = FAMILIES[name]().eval()
+    for param in model.parameters():  # some builders leave weights at zero or one: make every layer matter
+        nn.init.normal_(param, std=0.2)
+    return model
+
+
+def swapped(model):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing attention-like may be left behind silently
+        report = swap_attention(model)
+    assert report == 2 and report.replaced == ["layers.0.attn", "layers.1.attn"] and report.skipped == []
+    assert not any(isinstance(m, (TorchtuneMHA, Gemma2Attention)) for m in model.modules())
+    return model
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_logits_equal_torchtunes(name):
+    model = build(name)
+    tokens = torch.randint(0, VOCAB, (2, 20))
+    with torch.no_grad():
+        expected = model(tokens)
+        got = swapped(model)(tokens)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def _causal(s, length=MAX_LEN, start=0):
+    return torch.ones(s, length, dtype=torch.bool).tril(start)[None]
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_cached_decoding_equals_the_full_forward(name):
+    model = swapped(build(name))
+    tokens = torch.randint(0, VOCAB, (1, 20))  # past gemma2's window of 8
+    with torch.no_grad():
+        full = model(tokens)
+        model.setup_caches(batch_size=1, dtype=torch.float32, decoder_max_seq_len=MAX_LEN)
+        steps = [model(tokens[:, :6], mask=_causal(6), input_pos=torch.arange(6)[None])]
+        for i in range(6, 20):
+            steps.append(model(tokens[:, i : i + 1], mask=_causal(1, start=i), input_pos=torch.tensor([[i]])))
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-4, rtol=1e-4)
+    assert model.layers[0].attn.kv_cache.k_cache.shape[1] == 2  # n_kv heads, gemma2 included
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_generate_gives_torchtunes_greedy_tokens(name):
+    model = build(name)
+    prompt = torch.randint(0, VOCAB, (1, 3))
+    with torch.no_grad():
+        model.setup_caches(batch_size=1, dtype=torch.float32, decoder_max_seq_len=MAX_LEN)
+        expected, _ = generate(model, prompt, max_generated_tokens=4, pad_id=-1, temperature=0.0)  # inside the window
+        model.reset_caches()
+        swapped(model)
+        got, _ = generate(model, prompt, max_generated_tokens=4, pad_id=-1, temperature=0.0)
+    assert torch.equal(got, expected)
+
+
+def test_gemma2_decoding_past_the_window_is_right_where_torchtunes_is_not():
+    model = build("gemma2")
+    tokens = torch.randint(0, VOCAB, (1, 16))
+    with torch.no_grad():
+        full = model(tokens)
+        model.setup_caches(batch_size=1, dtype=torch.float32, decoder_max_seq_len=MAX_LEN)
+        model(tokens[:, :12], mask=_causal(12), input_pos=torch.arange(12)[None])
+        theirs = model(tokens[:, 12:13], mask=_causal(1, start=12), input_pos=torch.tensor([[12]]))
+        model.reset_caches()
+        swapped(model)
+        model(tokens[:, :12], mask=_causal(12), input_pos=torch.arange(12)[None])
+        ours = model(tokens[:, 12:13], mask=_causal(1, start=12), input_pos=torch.tensor([[12]]))
+    torch.testing.assert_close(ours[:, 0], full[:, 12], atol=1e-4, rtol=1e-4)
+    assert (theirs[:, 0] - full[:, 12]).abs().max() > 1e-2  # torchtune 0.6.1's windowed cache bug
+
+
+def test_swap_warns_about_attention_it_leaves_alone():
+    class OtherAttention(nn.Module):
+        def forward(self, x):
+            return x
+
+    model = build("llama3_2")
+    model.extra = OtherAttention()
+    with pytest.warns(UserWarning, match=r"left these attention modules as they are: extra \(OtherAttention\)"):
+        report = swap_attention(model)
+    assert report == 2 and report.skipped == ["extra (OtherAttention)"]
+    assert isinstance(model.layers[0].attn, MultiHeadAttention)
