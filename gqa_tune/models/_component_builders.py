@@ -38,6 +38,9 @@ def gqa_attention(
     bias: bool = False,
     is_causal: bool = True,
     attn_dropout: float = 0.0,
+    sliding_window_size: Optional[int] = None,
+    softcapping: Optional[float] = None,
+    query_pre_attn_scalar: Optional[float] = None,
     backend: str = "auto",
 ) -> MultiHeadAttention:
     """A grouped-query self-attention block with RoPE and optional q/k RMSNorm.
@@ -57,6 +60,9 @@ def gqa_attention(
         bias (bool): biases on the q/k/v projections.
         is_causal (bool): causal when no mask is given.
         attn_dropout (float): attention dropout while training.
+        sliding_window_size (Optional[int]): local attention over the last ``sliding_window_size`` positions.
+        softcapping (Optional[float]): logit soft-capping ``c * tanh(s / c)`` (Gemma 2).
+        query_pre_attn_scalar (Optional[float]): scores scaled by ``query_pre_attn_scalar ** -0.5``.
         backend (str): attention backend.
     """
     if not isinstance(num_heads, int) or num_heads < 1:
@@ -79,6 +85,9 @@ def gqa_attention(
         max_seq_len=max_seq_len,
         is_causal=is_causal,
         attn_dropout=attn_dropout,
+        sliding_window_size=sliding_window_size,
+        softcapping=softcapping,
+        query_pre_attn_scalar=query_pre_attn_scalar,
         backend=backend,
     )
 
@@ -125,6 +134,7 @@ def gqa_decoder(
     qk_norm: bool = False,
     attn_bias: bool = False,
     tie_word_embeddings: bool = True,
+    sliding_window_size: Optional[int] = None,
     backend: str = "auto",
 ) -> TransformerDecoder:
     """A Llama-style decoder-only LM with grouped-query attention.
@@ -149,6 +159,8 @@ def gqa_decoder(
         qk_norm (bool): RMSNorm on queries and keys.
         attn_bias (bool): biases on the q/k/v projections.
         tie_word_embeddings (bool): output projection shares the embedding.
+        sliding_window_size (Optional[int]): every layer attends to the last ``sliding_window_size``
+            positions only (Mistral's local attention); ``None``: global attention.
         backend (str): attention backend for every layer.
     """
     for name, value in (("vocab_size", vocab_size), ("num_layers", num_layers), ("intermediate_dim", intermediate_dim)):
@@ -171,6 +183,7 @@ def gqa_decoder(
                 norm_eps=norm_eps,
                 bias=attn_bias,
                 attn_dropout=attn_dropout,
+                sliding_window_size=sliding_window_size,
                 backend=backend,
             ),
             mlp=gqa_mlp(embed_dim, intermediate_dim),
@@ -190,3 +203,55 @@ def gqa_decoder(
         norm=RMSNorm(embed_dim, eps=norm_eps),
         output=output,
     )
+
+
+def gqa_gemma2_decoder(
+    *,
+    vocab_size: int,
+    num_layers: int,
+    num_heads: int,
+    head_dim: int,
+    num_kv_heads: int,
+    embed_dim: int,
+    intermediate_dim: int,
+    max_seq_len: int,
+    attn_dropout: float = 0.0,
+    norm_eps: float = 1e-6,
+    rope_base: float = 10_000,
+    hidden_capping_value: float = 50.0,
+    final_capping_value: float = 30.0,
+    sliding_window_size: int = 4096,
+    query_pre_attn_scalar: Optional[int] = None,
+    backend: str = "auto",
+) -> TransformerDecoder:
+    """A Gemma 2-shaped decoder: local (sliding-window) and global layers alternating, soft-capped logits.
+
+    torchtune's own ``gemma2`` component builder (GeGLU MLP, Gemma's RMSNorm, the extra post-attention
+    and post-MLP norms, scaled embeddings, final logit soft-capping, even layers local), with gqa_tune's
+    attention in every layer (:func:`gqa_tune.swap_attention`). Arguments and parameter names are
+    torchtune's, so its checkpoints load. Unlike torchtune's, cached decoding stays right past the window
+    and the caches hold ``num_kv_heads`` heads.
+    """
+    from torchtune.models.gemma2 import gemma2
+
+    from gqa_tune.convert.swap import swap_attention
+
+    model = gemma2(
+        vocab_size=vocab_size,
+        num_layers=num_layers,
+        num_heads=num_heads,
+        head_dim=head_dim,
+        num_kv_heads=num_kv_heads,
+        embed_dim=embed_dim,
+        intermediate_dim=intermediate_dim,
+        max_seq_len=max_seq_len,
+        attn_dropout=attn_dropout,
+        norm_eps=norm_eps,
+        rope_base=rope_base,
+        hidden_capping_value=hidden_capping_value,
+        final_capping_value=final_capping_value,
+        sliding_window_size=sliding_window_size,
+        query_pre_attn_scalar=query_pre_attn_scalar,
+    )
+    swap_attention(model, backend=backend)
+    return model
