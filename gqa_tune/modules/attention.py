@@ -190,6 +190,7 @@ class MultiHeadAttention(nn.Module):
             logger.warning("Key value caches are already setup. You cannot call ``setup_caches()`` twice. Skipping.")
             return
         param = next(self.parameters(), None)
+        window = self.sliding_window_size
         self.kv_cache = KVCache(
             batch_size=batch_size,
             max_seq_len=max_seq_len,
@@ -197,6 +198,7 @@ class MultiHeadAttention(nn.Module):
             head_dim=self.head_dim,
             dtype=dtype,
             device=param.device if param is not None else None,
+            window=window if window is not None and window < max_seq_len else None,  # a ring of the window
         )
         self.cache_enabled = True
 
@@ -274,6 +276,30 @@ class MultiHeadAttention(nn.Module):
         # Eager: the host-side fill sizes the splits; compiled: the whole buffer (no recompiles).
         bound = None if torch.compiler.is_compiling() else cache.size
         return decode_attention(q, k, v, seqlens, self.scale, causal, mask, bound)
+
+    def _ring_mask(
+        self, mask: Optional[torch.Tensor], cache: KVCache, key_pos: torch.Tensor, s_x: int, s_new: int, start: int
+    ) -> torch.Tensor:
+        """Which of a ring cache's keys (positions ``key_pos``, -1 = empty) each query sees: ``[b or 1, 1, s_x, n]``.
+
+        The queries are the last ``s_x`` of the positions written so far plus the ``s_new`` new ones.
+        A torchtune mask ``[b, s_x, max_seq_len]`` (or ``[b, s_x, filled]``) is read at the keys' positions.
+        """
+        if torch.compiler.is_compiling():
+            query_pos = cache.cache_pos[:s_x] + (s_new - s_x)  # before the write
+        else:
+            query_pos = torch.arange(start + s_new - s_x, start + s_new, device=key_pos.device)
+        gap = query_pos[:, None] - key_pos[None, :]  # [s_x, n]
+        visible = (key_pos[None, :] >= 0) & (gap.abs() < self.sliding_window_size)
+        if self.is_causal:
+            visible = visible & (gap >= 0)
+        visible = visible[None, None]
+        if mask is None:
+            return visible
+        picked = mask[:, None][..., key_pos.clamp(min=0)]  # [b, 1, s_x, n]
+        if picked.dtype == torch.bool:
+            return picked & visible
+        return picked.masked_fill(~visible, float("-inf"))
 
     def _windowed(
         self,
@@ -405,7 +431,11 @@ class MultiHeadAttention(nn.Module):
         # What attention will see: the filled prefix eagerly, the fixed-size buffer compiled.
         attn_mask = mask[:, None] if isinstance(mask, torch.Tensor) else mask
         is_causal = False
-        if cache is None:
+        ring = cache is not None and cache.window is not None
+        if ring:
+            k_seen, v_seen, key_pos = cache.window_keys(b, k, v)
+            attn_mask = self._ring_mask(mask, cache, key_pos, s_x, s_new, start)
+        elif cache is None:
             is_causal = mask is None and self.is_causal
             k_seen, v_seen = k, v
         elif compiling:
@@ -422,7 +452,7 @@ class MultiHeadAttention(nn.Module):
                 else:
                     attn_mask = bottom_right_causal(s_x, filled, x.device)
 
-        if self.sliding_window_size is not None:
+        if self.sliding_window_size is not None and not ring:
             attn_mask = self._windowed(attn_mask, is_causal, cache, b, s_x, k_seen.shape[2], filled, x.device)
             is_causal = False
 
@@ -435,7 +465,7 @@ class MultiHeadAttention(nn.Module):
 
         if cache is not None and y is not None:
             cache.update(k, v)
-            if not compiling:
+            if not compiling and not ring:
                 k_seen, v_seen = cache.k_cache[:b, :, :filled], cache.v_cache[:b, :, :filled]
 
         if use_kernel:

@@ -23,12 +23,38 @@ def _append_problem(filled: int, rows: int, max_seq_len: int, batch: int, seq_le
     return None
 
 
-@torch.library.custom_op("gqa_tune::kv_cache_append", mutates_args=("k_cache", "v_cache", "cache_pos", "rows"))
+def _write(
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_pos: torch.Tensor,
+    start: int,
+    k_val: torch.Tensor,
+    v_val: torch.Tensor,
+) -> None:
+    """Write positions ``start .. start + s - 1``: in order, or (a ring: ``slot_pos`` non-empty) at slot
+    ``position % slots``, keeping the last ``slots`` of them and recording their positions in ``slot_pos``."""
+    batch, _, seq_len, _ = k_val.shape
+    if slot_pos.numel() == 0:
+        k_cache[:batch, :, start : start + seq_len].copy_(k_val)
+        v_cache[:batch, :, start : start + seq_len].copy_(v_val)
+        return
+    keep = min(seq_len, k_cache.shape[2])
+    positions = torch.arange(start + seq_len - keep, start + seq_len, device=slot_pos.device)
+    slots = positions % k_cache.shape[2]
+    k_cache[:batch].index_copy_(2, slots, k_val[:, :, seq_len - keep :])
+    v_cache[:batch].index_copy_(2, slots, v_val[:, :, seq_len - keep :])
+    slot_pos.index_copy_(0, slots, positions)
+
+
+@torch.library.custom_op(
+    "gqa_tune::kv_cache_append", mutates_args=("k_cache", "v_cache", "cache_pos", "rows", "slot_pos")
+)
 def _kv_cache_append(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     cache_pos: torch.Tensor,
     rows: torch.Tensor,
+    slot_pos: torch.Tensor,
     k_val: torch.Tensor,
     v_val: torch.Tensor,
 ) -> None:
@@ -40,17 +66,16 @@ def _kv_cache_append(
     """
     batch, _, seq_len, _ = k_val.shape
     filled = int(cache_pos[0])
-    problem = _append_problem(filled, int(rows[0]), k_cache.shape[2], batch, seq_len)
+    problem = _append_problem(filled, int(rows[0]), cache_pos.shape[0], batch, seq_len)
     if problem is not None:
         raise ValueError(problem)
-    k_cache[:batch, :, filled : filled + seq_len].copy_(k_val)
-    v_cache[:batch, :, filled : filled + seq_len].copy_(v_val)
+    _write(k_cache, v_cache, slot_pos, filled, k_val, v_val)
     cache_pos.add_(seq_len)
     rows.fill_(batch)
 
 
 @_kv_cache_append.register_fake
-def _(k_cache, v_cache, cache_pos, rows, k_val, v_val) -> None:
+def _(k_cache, v_cache, cache_pos, rows, slot_pos, k_val, v_val) -> None:
     return None
 
 
@@ -94,6 +119,10 @@ class KVCache(nn.Module):
         head_dim (int): per-head dimension.
         dtype (torch.dtype): buffer dtype.
         device (Optional[torch.device]): buffer device (default: torch's default).
+        window (Optional[int]): for a sliding-window layer: keep only the last ``window`` positions,
+            in a ring buffer of ``min(window, max_seq_len)`` slots (``slot_pos`` records the position
+            each slot holds, -1 if none); positions still run up to ``max_seq_len``. Attention over it
+            goes through :meth:`window_keys`, which sees the ring before the new positions overwrite it.
     """
 
     def __init__(
@@ -104,6 +133,7 @@ class KVCache(nn.Module):
         head_dim: int,
         dtype: torch.dtype,
         device: Optional[torch.device] = None,
+        window: Optional[int] = None,
     ) -> None:
         super().__init__()
         for name, value in (
@@ -114,12 +144,19 @@ class KVCache(nn.Module):
         ):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        shape = (batch_size, num_kv_heads, max_seq_len, head_dim)
+        if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+            raise ValueError(f"window must be None or a positive int, got {window!r}")
+        self.window = window
+        slots = max_seq_len if window is None else min(window, max_seq_len)
+        shape = (batch_size, num_kv_heads, slots, head_dim)
         self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("cache_pos", torch.arange(max_seq_len, device=device), persistent=False)
         # Rows written since reset() (0: none yet), on the device for compiled writes.
         self.register_buffer("rows", torch.zeros(1, dtype=torch.long, device=device), persistent=False)
+        ring = torch.full((slots,), -1, dtype=torch.long, device=device) if window is not None else None
+        self.register_buffer("slot_pos", ring if ring is not None else torch.empty(0, dtype=torch.long, device=device),
+                             persistent=False)  # fmt: skip
         self.batch_size = batch_size
         self.max_seq_len = max_seq_len
         self.num_kv_heads = num_kv_heads
@@ -157,6 +194,7 @@ class KVCache(nn.Module):
         self.v_cache.zero_()
         torch.arange(self.max_seq_len, out=self.cache_pos)
         self.rows.zero_()
+        self.slot_pos.fill_(-1)
         self._size = 0
         self._rows = 0
         self._device_ahead = False
@@ -211,15 +249,37 @@ class KVCache(nn.Module):
         self.check_update(b, seq_len, heads, head_dim)
         k_val, v_val = k_val.to(self.k_cache.dtype), v_val.to(self.v_cache.dtype)
         if torch.compiler.is_compiling():
-            _kv_cache_append(self.k_cache, self.v_cache, self.cache_pos, self.rows, k_val, v_val)
+            _kv_cache_append(self.k_cache, self.v_cache, self.cache_pos, self.rows, self.slot_pos, k_val, v_val)
             self._device_ahead = True  # a Python side effect, replayed after the graph: no guard, no recompile
         else:
             start = self._size
-            self.k_cache[:b, :, start : start + seq_len].copy_(k_val)
-            self.v_cache[:b, :, start : start + seq_len].copy_(v_val)
+            _write(self.k_cache, self.v_cache, self.slot_pos, start, k_val, v_val)
             self.cache_pos.add_(seq_len)
             if self._rows != b:
                 self.rows.fill_(b)
             self._size = start + seq_len
             self._rows = b
         return self.k_cache[:b], self.v_cache[:b]
+
+    def window_keys(
+        self, batch: int, k_val: Optional[torch.Tensor] = None, v_val: Optional[torch.Tensor] = None
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A ring cache's keys for attention, before ``k_val``/``v_val`` are written.
+
+        Returns:
+            ``(k, v, key_pos)``: the ring's slots followed by the new positions,
+            ``[batch, n_kv, slots + s, h_d]`` (a copy), and the position each key
+            stands for ``[slots + s]`` (-1: an empty slot). Attention is over a set
+            of keys, so their order does not matter; masks are built from ``key_pos``.
+        """
+        k, v, key_pos = self.k_cache[:batch], self.v_cache[:batch], self.slot_pos
+        if k_val is None:
+            return k, v, key_pos
+        seq_len = k_val.shape[2]
+        if torch.compiler.is_compiling():
+            new_pos = self.cache_pos[:seq_len]
+        else:
+            new_pos = torch.arange(self.size, self.size + seq_len, device=self.slot_pos.device)
+        k = torch.cat([k, k_val.to(k.dtype)], dim=2)
+        v = torch.cat([v, v_val.to(v.dtype)], dim=2)
+        return k, v, torch.cat([key_pos, new_pos])

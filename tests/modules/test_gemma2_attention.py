@@ -69,8 +69,9 @@ def test_cached_decoding_past_the_window_equals_the_full_forward():
     with torch.no_grad():
         full = ours(x, x)
         ours.setup_cache(2, torch.float32, 32)
-        assert ours.kv_cache.k_cache.shape == (2, KV, 32, D)  # n_kv heads, where Gemma2Attention caches n_h
-        outs = [ours(x[:, :3], x[:, :3]), ours(x[:, 3:8], x[:, 3:8])]  # a prefill, then a chunk after it
+        # n_kv heads (Gemma2Attention caches n_h), and only the window: a ring of WINDOW slots, not 32
+        assert ours.kv_cache.k_cache.shape == (2, KV, WINDOW, D)
+        outs = [ours(x[:, :3], x[:, :3]), ours(x[:, 3:8], x[:, 3:8])]  # a prefill, then a chunk longer than the ring
         outs += [ours(x[:, i : i + 1], x[:, i : i + 1]) for i in range(8, 14)]
     torch.testing.assert_close(torch.cat(outs, dim=1), full, atol=1e-5, rtol=1e-5)
 
@@ -101,3 +102,15 @@ def test_bad_gemma_arguments_raise(kwargs, message):
     with pytest.raises(ValueError) as info:
         pair(**kwargs)
     assert message in str(info.value)
+
+
+def test_ring_cache_wraps_around_and_keeps_the_window_only():
+    _, ours = pair(**GEMMA)
+    x = torch.randn(1, 30, E)
+    with torch.no_grad():
+        full = ours(x, x)
+        ours.setup_cache(1, torch.float32, 64)
+        outs = [ours(x[:, i : i + 1], x[:, i : i + 1]) for i in range(30)]  # wraps around a 4-slot ring 7 times
+        assert sorted(ours.kv_cache.slot_pos.tolist()) == [26, 27, 28, 29]
+    torch.testing.assert_close(torch.cat(outs, dim=1), full, atol=1e-5, rtol=1e-5)
+    assert ours.kv_cache.k_cache.numel() * 4 == 1 * KV * WINDOW * D * 4  # bytes: the window, not max_seq_len
