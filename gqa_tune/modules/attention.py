@@ -11,7 +11,7 @@ from torch import nn
 from torch.nn.attention.flex_attention import BlockMask
 
 from gqa_tune.modules.kv_cache import KVCache
-from gqa_tune.ops.backends.triton import kernel_problem
+from gqa_tune.ops.backends.triton import auto_validated, kernel_problem
 from gqa_tune.ops.decode import decode_attention
 from gqa_tune.ops.dispatch import (
     AUTO_DISABLED,
@@ -249,7 +249,7 @@ class MultiHeadAttention(nn.Module):
     def _decode_with_kernel(self, q: torch.Tensor, mask: Optional[MaskType], dropout_p: float) -> bool:
         """Whether the cached step runs the split-K decode kernel (inference with the Triton backend)."""
         if self.backend == "auto":
-            if q.device.type != "cuda" or "triton" in AUTO_DISABLED:
+            if not auto_validated(q.device) or "triton" in AUTO_DISABLED:
                 return False
         elif self.backend != "triton":
             return False

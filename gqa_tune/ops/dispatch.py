@@ -24,7 +24,7 @@ from torch.nn.attention.flex_attention import BlockMask
 from gqa_tune.ops.backends.flex import flex_backend, flex_limits
 from gqa_tune.ops.backends.math import math_backend
 from gqa_tune.ops.backends.sdpa import sdpa_backend, sdpa_limits
-from gqa_tune.ops.backends.triton import triton_backend, triton_limits
+from gqa_tune.ops.backends.triton import auto_validated, triton_backend, triton_limits
 from gqa_tune.ops.masks import MaskType
 from gqa_tune.ops.nan_rule import hide_masked_nans
 
@@ -92,8 +92,9 @@ def auto_order(call: AttentionCall) -> tuple:
         # flex reads the BlockMask natively; where it cannot (CPU training),
         # SDPA takes the mask materialized from its mask_mod.
         return ("flex", "sdpa", "math")
-    if call.device.type == "cuda":
-        # Our kernels where they serve the call (no mask, causal, bool masks).
+    if call.device.type == "cuda" and auto_validated(call.device):
+        # Our kernels where they serve the call (no mask, causal, bool masks), on GPUs where they were
+        # measured correct and faster (kernels/triton/validated.json); elsewhere SDPA's flash / cuDNN.
         return ("triton", "sdpa", "math")
     return ("sdpa", "math")
 

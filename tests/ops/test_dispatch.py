@@ -165,11 +165,34 @@ def test_triton_without_triton_installed_says_how_to_install(monkeypatch):
         scaled_dot_product_gqa(q, k, v, backend="triton")
 
 
-def test_auto_prefers_triton_on_cuda_only():
+def test_auto_prefers_triton_on_cuda_only_where_the_record_validates_it(monkeypatch):
+    from gqa_tune.ops import dispatch
+
     cuda_call = AttentionCall(torch.device("cuda"), torch.bfloat16, 64, None, 0.0, False, True)
+    monkeypatch.setattr(dispatch, "auto_validated", lambda device: True)
     assert auto_order(cuda_call) == ("triton", "sdpa", "math")
+    monkeypatch.setattr(dispatch, "auto_validated", lambda device: False)
+    assert auto_order(cuda_call) == ("sdpa", "math")
     q, k, v = qkv()
     assert "triton" not in auto_order(make_call(q, k, v, None, 0.0, False))
+
+
+def test_the_validation_record_decides_per_architecture(monkeypatch):
+    import json
+
+    import gqa_tune.ops.backends.triton as triton_backend
+
+    record = json.loads(triton_backend._RECORD.read_text())  # committed, and installed with the package
+    assert "architectures" in record
+    entries = {
+        "sm_90": {"correct": True, "faster_than_sdpa": True},
+        "sm_80": {"correct": True, "faster_than_sdpa": False},
+    }
+    monkeypatch.setattr(triton_backend, "_validated_architectures", lambda: entries)
+    for capability, expected in (((9, 0), True), ((8, 0), False), ((8, 9), False)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device, c=capability: c)
+        assert triton_backend.auto_validated(torch.device("cuda")) is expected
+    assert triton_backend.auto_validated(torch.device("cpu")) is False
 
 
 @pytest.mark.parametrize("name", ["cuda", "SDPA", "", "flash"])
@@ -215,6 +238,7 @@ def test_auto_drops_a_triton_kernel_that_fails_to_build(monkeypatch):
     with pytest.warns(UserWarning, match="failed to build"):
         assert dispatch.call_guarded("triton", "auto", _fail(_FakeTritonBuildError("out of resources")), lambda: 7) == 7
     assert dispatch.AUTO_DISABLED == {"triton"}
+    monkeypatch.setattr(dispatch, "auto_validated", lambda device: True)
     cuda_call = AttentionCall(torch.device("cuda"), torch.bfloat16, 64, None, 0.0, False, False)
     assert dispatch.select_backend(cuda_call, "auto").name == "sdpa"
 

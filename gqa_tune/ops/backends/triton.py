@@ -7,8 +7,11 @@ devices where the kernels cannot run (CPU needs ``TRITON_INTERPRET=1`` set
 before gqa_tune's kernels are first imported). Triton is imported on first use.
 """
 
+import functools
 import importlib.util
-from typing import Optional
+import json
+from pathlib import Path
+from typing import Any, Dict, Optional
 
 import torch
 
@@ -31,6 +34,28 @@ def triton_available() -> bool:
     if _TRITON_INSTALLED is None:
         _TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
     return _TRITON_INSTALLED
+
+
+_RECORD = Path(__file__).resolve().parents[2] / "kernels" / "triton" / "validated.json"
+
+
+@functools.cache
+def _validated_architectures() -> Dict[str, Any]:
+    try:
+        return json.loads(_RECORD.read_text()).get("architectures", {})
+    except (OSError, ValueError):
+        return {}
+
+
+def auto_validated(device: torch.device) -> bool:
+    """Whether ``"auto"`` may pick the Triton kernels on ``device``: only where the committed record
+    (``gqa_tune/kernels/triton/validated.json``) says, for this GPU architecture, that the correctness
+    suite passed and the kernels were faster than SDPA's best backend. CPU (the interpreter): never."""
+    if device.type != "cuda":
+        return False
+    major, minor = torch.cuda.get_device_capability(device)
+    entry = _validated_architectures().get(f"sm_{major}{minor}", {})
+    return bool(entry.get("correct")) and bool(entry.get("faster_than_sdpa"))
 
 
 def device_problem(device: torch.device) -> Optional[str]:
