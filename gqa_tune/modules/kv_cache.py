@@ -264,13 +264,17 @@ class KVCache(nn.Module):
     def window_keys(
         self, batch: int, k_val: Optional[torch.Tensor] = None, v_val: Optional[torch.Tensor] = None
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """A ring cache's keys for attention, before ``k_val``/``v_val`` are written.
+        """A ring cache's keys for attention over ``k_val``/``v_val`` ``[batch, n_kv, s, h_d]`` and what it holds.
+
+        One new position (a decode step) overwrites only the position ``window`` before it, which its
+        query no longer sees: then the keys are the ring itself, as it will be once :meth:`update` has
+        written the step (call it before attending). Longer chunks would overwrite keys their first
+        queries still see: then the keys are the ring as it is, followed by the chunk (a copy).
 
         Returns:
-            ``(k, v, key_pos)``: the ring's slots followed by the new positions,
-            ``[batch, n_kv, slots + s, h_d]`` (a copy), and the position each key
-            stands for ``[slots + s]`` (-1: an empty slot). Attention is over a set
-            of keys, so their order does not matter; masks are built from ``key_pos``.
+            ``(k, v, key_pos)``: keys and values ``[batch, n_kv, n, h_d]`` and the position each stands
+            for ``[n]`` (-1: an empty slot). Attention is over a set of keys, so their order does not
+            matter; masks are built from ``key_pos``.
         """
         k, v, key_pos = self.k_cache[:batch], self.v_cache[:batch], self.slot_pos
         if k_val is None:
@@ -280,6 +284,8 @@ class KVCache(nn.Module):
             new_pos = self.cache_pos[:seq_len]
         else:
             new_pos = torch.arange(self.size, self.size + seq_len, device=self.slot_pos.device)
+        if seq_len == 1 and self.k_cache.shape[2] >= self.window:
+            return k, v, key_pos.index_put((new_pos % self.k_cache.shape[2],), new_pos)  # written in place
         k = torch.cat([k, k_val.to(k.dtype)], dim=2)
         v = torch.cat([v, v_val.to(v.dtype)], dim=2)
         return k, v, torch.cat([key_pos, new_pos])

@@ -1,6 +1,6 @@
 """Float32 reference attention (the ``"math"`` backend and the test oracle).
 
-It expands K/V to every query head (it is the reference, not a fast path),
+It folds each group's query heads into rows (so K/V are never copied, nor expanded),
 upcasts to float32 (float64 stays float64), and returns the attention weights
 on request. Fully masked rows give zeros, as torch's SDPA does.
 """
@@ -56,13 +56,14 @@ def attention_ref(
     out_dtype = q.dtype
     if upcast and q.dtype != torch.float64:
         q, k, v = q.float(), k.float(), v.float()
-    group = q.shape[1] // k.shape[1]
-    # [b, n_kv, s, h_d] -> [b, n_h, s, h_d]
-    k = k.repeat_interleave(group, dim=1)
-    v = v.repeat_interleave(group, dim=1)
-    s_q, s_kv = q.shape[2], k.shape[2]
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    scores = torch.matmul(q, k.transpose(-2, -1)) * scale  # [b, n_h, s_q, s_kv]
+    b, n_h, s_q, h_d = q.shape
+    n_kv, s_kv = k.shape[1], k.shape[2]
+    group = n_h // n_kv
+    scale = h_d**-0.5 if scale is None else scale
+    # The group's query heads fold into rows, so K/V are read per kv head and never copied:
+    # [b, n_kv, G * s_q, h_d] @ [b, n_kv, h_d, s_kv] -> [b, n_h, s_q, s_kv] (query head i uses kv head i // G).
+    scores = torch.matmul(q.reshape(b, n_kv, group * s_q, h_d), k.transpose(-2, -1)).view(b, n_h, s_q, s_kv)
+    scores = scores * scale
     if softcap is not None:
         scores = softcap * torch.tanh(scores / softcap)
 
@@ -96,7 +97,8 @@ def attention_ref(
         weights = weights[..., :s_kv]
 
     dropped = F.dropout(weights, p=dropout_p) if dropout_p > 0.0 else weights
-    out = torch.matmul(dropped, v).to(out_dtype)
+    out = torch.matmul(dropped.reshape(b, n_kv, group * s_q, s_kv), v)  # [b, n_kv, G * s_q, h_dv]
+    out = out.view(b, n_h, s_q, v.shape[-1]).to(out_dtype)
     return out, (weights.to(out_dtype) if return_weights else None)
 
 
