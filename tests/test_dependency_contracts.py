@@ -168,6 +168,28 @@ def test_torchtune_llama3_scaled_rope():
         pytest.fail(moved("torchtune", "Llama3ScaledRoPE.forward changed its layout or positions", used_by))
 
 
+def test_torchtune_gemma2_attention_fields():
+    used_by = "gqa_tune/convert/swap.py (from_torchtune_attention, swap_attention on Gemma 2 models)"
+    cls = import_internal("torchtune", "torchtune.models.gemma2._attention", "Gemma2Attention", used_by)
+    require_parameters(
+        "torchtune", cls.__init__, ["sliding_window_size", "softcapping", "query_pre_attn_scalar", "kv_cache"], used_by
+    )
+    linear = torch.nn.Linear
+    attn = cls(embed_dim=16, num_heads=4, num_kv_heads=2, head_dim=4, q_proj=linear(16, 16), k_proj=linear(16, 8),
+               v_proj=linear(16, 8), output_proj=linear(16, 16), sliding_window_size=3, softcapping=7.0,
+               query_pre_attn_scalar=9)  # fmt: skip
+    read = ("sliding_window_size", "softcapping", "scaling", "num_heads", "num_kv_heads", "head_dim", "embed_dim",
+            "max_seq_len", "is_causal", "attn_dropout", "kv_cache", "cache_enabled", "pos_embeddings", "q_norm",
+            "k_norm")  # fmt: skip
+    missing = [name for name in read if not hasattr(attn, name)]
+    if missing or attn.scaling != 9**-0.5 or attn.sliding_window_size != 3 or attn.softcapping != 7.0:
+        pytest.fail(moved("torchtune", f"Gemma2Attention no longer keeps {missing or 'its scaling/window/cap'}",
+                          used_by))  # fmt: skip
+    attn.setup_cache(1, torch.float32, 8)
+    if tuple(attn.kv_cache.k_cache.shape) != (1, 4, 8, 4):  # it caches n_h heads; swap keeps one per group
+        pytest.fail(moved("torchtune", "Gemma2Attention's cache layout changed", used_by))
+
+
 # ---- torch -------------------------------------------------------------------------------------------------------
 
 
@@ -266,6 +288,7 @@ def test_no_gqa_tune_module_imports_an_internal_not_listed_here():
         "torchtune.config._utils._merge_yaml_and_cli_args",
         "torchtune.config._utils._get_component_from_path",
         "torchtune.models.llama3_1._position_embeddings.Llama3ScaledRoPE",
+        "torchtune.models.gemma2._attention.Gemma2Attention",
     }
     pattern = re.compile(r"^\s*from ((?:torch|torchtune|torchao|transformers)(?:\.\w+)*) import \(?([\w, ]+)", re.M)
     found = set()

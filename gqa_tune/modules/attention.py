@@ -6,22 +6,12 @@ import numbers
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention.flex_attention import BlockMask
 
 from gqa_tune.modules.kv_cache import KVCache
-from gqa_tune.ops.backends.triton import auto_validated, kernel_problem
-from gqa_tune.ops.decode import decode_attention
-from gqa_tune.ops.dispatch import (
-    AUTO_DISABLED,
-    call_guarded,
-    check_backend_name,
-    make_call,
-    run_backend,
-    select_backend,
-)
-from gqa_tune.ops.masks import MaskType, bottom_right_causal, fold_window, window_band
+from gqa_tune.ops.dispatch import AttentionSpec, check_backend_name, execute, plan_attention
+from gqa_tune.ops.masks import MaskType
 
 logger = logging.getLogger(__name__)
 
@@ -246,37 +236,6 @@ class MultiHeadAttention(nn.Module):
                 f"input_pos must lie in [0, {limit}) (the position embedding's max_seq_len), got {low}..{high}"
             )
 
-    def _decode_with_kernel(self, q: torch.Tensor, mask: Optional[MaskType], dropout_p: float) -> bool:
-        """Whether the cached step runs the split-K decode kernel (inference with the Triton backend)."""
-        if self.backend == "auto":
-            if not auto_validated(q.device) or "triton" in AUTO_DISABLED:
-                return False
-        elif self.backend != "triton":
-            return False
-        if dropout_p > 0.0 or (torch.is_grad_enabled() and q.requires_grad):
-            return False
-        if self.sliding_window_size is not None or self.softcapping is not None:
-            return False  # the split-K kernel has neither yet
-        if mask is not None and not (isinstance(mask, torch.Tensor) and mask.dtype == torch.bool):
-            return False
-        return kernel_problem(q.device, q.dtype, q.shape[-1]) is None
-
-    def _kernel_decode(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache, mask, new_tokens: bool
-    ) -> torch.Tensor:
-        """Split-K Triton decode over the fixed-size buffers ``[b, n_kv, max_seq_len, h_d]``.
-
-        The filled length comes from ``cache_pos[0]`` on the device: no host
-        sync, and the cost follows the filled length.
-        """
-        if mask is not None and mask.shape[-1] != cache.max_seq_len:
-            mask = F.pad(mask, (0, cache.max_seq_len - mask.shape[-1]), value=False)
-        seqlens = cache.cache_pos[:1].expand(q.shape[0])
-        causal = mask is None and new_tokens and self.is_causal
-        # Eager: the host-side fill sizes the splits; compiled: the whole buffer (no recompiles).
-        bound = None if torch.compiler.is_compiling() else cache.size
-        return decode_attention(q, k, v, seqlens, self.scale, causal, mask, bound)
-
     def _ring_mask(
         self, mask: Optional[torch.Tensor], cache: KVCache, key_pos: torch.Tensor, s_x: int, s_new: int, start: int
     ) -> torch.Tensor:
@@ -300,48 +259,6 @@ class MultiHeadAttention(nn.Module):
         if picked.dtype == torch.bool:
             return picked & visible
         return picked.masked_fill(~visible, float("-inf"))
-
-    def _windowed(
-        self,
-        attn_mask: Optional[MaskType],
-        is_causal: bool,
-        cache: Optional[KVCache],
-        b: int,
-        s_x: int,
-        s_kv: int,
-        filled: int,
-        device: torch.device,
-    ) -> torch.Tensor:
-        """``attn_mask`` (and ``is_causal``) restricted to the sliding window, as one dense mask.
-
-        Without a cache, positions are the token indices (as ``Gemma2Attention``'s mask rows and
-        columns); with one, the queries sit at the last ``s_x`` filled positions (eager) or at
-        ``cache_pos`` (compiled), so decoding past the window stays right.
-        """
-        window = self.sliding_window_size
-        if cache is None:
-            return fold_window(attn_mask, is_causal, window, b, self.num_heads, s_x, s_kv, device)
-        if torch.compiler.is_compiling():
-            keys = torch.arange(cache.max_seq_len, device=device)
-            query_pos = cache.cache_pos[:s_x] + (filled - s_x)  # before the write; filled is s_new when compiling
-            band = (query_pos[:, None] - keys[None, :]).abs() < window
-        else:
-            band = window_band(s_x, s_kv, window, device, offset=filled - s_x)
-        if is_causal:
-            band = band & torch.ones(s_x, s_kv, dtype=torch.bool, device=device).tril()
-        if attn_mask is None:
-            return band
-        if attn_mask.dtype == torch.bool:
-            return attn_mask & band
-        return attn_mask.masked_fill(~band, float("-inf"))
-
-    def _cache_mask_on_device(self, cache: KVCache, s_x: int, s_new: int) -> torch.Tensor:
-        """Bool ``[s_x, max_seq_len]`` from ``cache_pos`` (compiled path, before ``s_new`` positions are written)."""
-        keys = torch.arange(cache.max_seq_len, device=cache.cache_pos.device)
-        if s_new and self.is_causal:
-            query_pos = cache.cache_pos[:s_x]  # the new tokens' positions
-            return keys[None, :] <= query_pos[:, None]
-        return (keys < cache.cache_pos[0] + s_new).expand(s_x, -1)
 
     def forward(
         self,
@@ -428,59 +345,34 @@ class MultiHeadAttention(nn.Module):
             if self.k_norm is not None:
                 k = self.k_norm(k)
 
-        # What attention will see: the filled prefix eagerly, the fixed-size buffer compiled.
-        attn_mask = mask[:, None] if isinstance(mask, torch.Tensor) else mask
-        is_causal = False
-        ring = cache is not None and cache.window is not None
-        if ring:
-            k_seen, v_seen, key_pos = cache.window_keys(b, k, v)
-            attn_mask = self._ring_mask(mask, cache, key_pos, s_x, s_new, start)
-        elif cache is None:
-            is_causal = mask is None and self.is_causal
+        # Describe the call once. The dispatcher plans it (choosing the backend, shaping the masks, or
+        # refusing it) before the cache is written; it reads the cache's keys when it runs.
+        attn_mask = mask[:, None] if isinstance(mask, torch.Tensor) else mask  # [b, 1, s_x, s_kv]
+        features = dict(
+            softcap=self.softcapping,
+            scale=self.scale,
+            dropout_p=self.attn_dropout if self.training else 0.0,
+        )
+        if cache is None:
             k_seen, v_seen = k, v
-        elif compiling:
-            k_seen, v_seen = cache.k_cache[:b], cache.v_cache[:b]
-            if mask is None:
-                attn_mask = self._cache_mask_on_device(cache, s_x, s_new)
+            causal = mask is None and self.is_causal
+            spec = AttentionSpec(mask=attn_mask, causal=causal, window=self.sliding_window_size, **features)
+        elif cache.window is not None:  # a ring of the window: its keys, with the positions they stand for
+            k_seen, v_seen, key_pos = cache.window_keys(b, k, v)
+            spec = AttentionSpec(mask=self._ring_mask(mask, cache, key_pos, s_x, s_new, start), **features)
         else:
-            k_seen, v_seen = cache.k_cache[:b, :, :filled], cache.v_cache[:b, :, :filled]
-            if attn_mask is not None:
-                attn_mask = attn_mask[..., :filled]
-            elif y is not None and self.is_causal and s_x > 1:
-                if start == 0 and s_x == filled:
-                    is_causal = True
-                else:
-                    attn_mask = bottom_right_causal(s_x, filled, x.device)
-
-        if self.sliding_window_size is not None and not ring:
-            attn_mask = self._windowed(attn_mask, is_causal, cache, b, s_x, k_seen.shape[2], filled, x.device)
-            is_causal = False
-
-        dropout_p = self.attn_dropout if self.training else 0.0
-        softcap = self.softcapping
-        use_kernel = cache is not None and self._decode_with_kernel(q, mask, dropout_p)
-        if not use_kernel:
-            call = make_call(q, k_seen, v_seen, attn_mask, dropout_p, False, softcap)
-            chosen = select_backend(call, self.backend)  # raises before the cache is written
+            # The whole buffers; the queries are the last s_x of the positions filled after the write.
+            k_seen, v_seen = cache.k_cache[:b], cache.v_cache[:b]
+            causal = mask is None and y is not None and self.is_causal
+            if compiling:  # the fill lives on the device
+                fill = dict(seqlens=cache.cache_pos[:1].expand(b) + s_new)
+            else:
+                fill = dict(max_seqlen=filled, causal_offset=filled - s_x)
+            spec = AttentionSpec(mask=attn_mask, causal=causal, window=self.sliding_window_size, **fill, **features)
+        plan = plan_attention(q, k_seen, v_seen, spec, self.backend)  # raises before the cache is written
 
         if cache is not None and y is not None:
             cache.update(k, v)
-            if not compiling and not ring:
-                k_seen, v_seen = cache.k_cache[:b, :, :filled], cache.v_cache[:b, :, :filled]
-
-        if use_kernel:
-            out = call_guarded(
-                "triton",
-                self.backend,
-                lambda: self._kernel_decode(q, cache.k_cache[:b], cache.v_cache[:b], cache, mask, y is not None),
-                lambda: None,
-            )
-            if out is None:  # the kernel failed to build under "auto"; take the table's next backend
-                call = make_call(q, k_seen, v_seen, attn_mask, dropout_p, False, softcap)
-                chosen = select_backend(call, self.backend)
-        if not use_kernel or out is None:
-            out = run_backend(
-                chosen, call, self.backend, q, k_seen, v_seen, attn_mask, self.scale, is_causal, dropout_p, softcap
-            )
+        out = execute(plan, q)
         out = out.transpose(1, 2).reshape(b, s_x, -1)  # [b, s_x, n_h * h_d]
         return self.output_proj(out)

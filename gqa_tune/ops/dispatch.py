@@ -1,4 +1,4 @@
-"""Backend table and the per-call choice of ``backend="auto"``.
+"""The one door to attention: the backend table, the choice of ``backend="auto"``, and the lowering of a call.
 
 =========  ===========================================================
 backend    what it is
@@ -6,17 +6,22 @@ backend    what it is
 sdpa       ``F.scaled_dot_product_attention(..., enable_gqa=True)``
 flex       compiled ``flex_attention`` (``BlockMask`` or causal)
 math       float32 reference, the only one that returns weights
-triton     gqa_tune's flash attention kernels (GQA-native, fwd + bwd)
+triton     gqa_tune's flash attention kernels (GQA-native, fwd + bwd),
+           and their split-K decode kernel for KV-cache calls
 =========  ===========================================================
 
-``"auto"`` walks :data:`AUTO_ORDER` and takes the first backend whose limits
-allow the call; an explicit backend that cannot serve the call raises a
-``ValueError`` saying why, it never falls back silently.
+A call is described once, as an :class:`AttentionSpec` (mask, causal alignment, a cache's filled
+lengths, window, soft-cap, sinks, scale, dropout). :func:`plan_attention` alone decides which backend
+serves it (each backend states its limits in its ``*_limits`` function) and lowers what that backend
+does not read natively into what it does. ``"auto"`` walks :func:`auto_order` and takes the first
+backend whose limits allow the call; an explicit backend that cannot serve the call raises a
+``ValueError`` saying why, it never falls back silently. Prefill, training and decoding are all rows
+of the same table; the functional op and the module both come through here.
 """
 
 import warnings
-from dataclasses import dataclass
-from typing import Callable, Optional
+from dataclasses import dataclass, replace
+from typing import Callable, Optional, Tuple
 
 import torch
 from torch.nn.attention.flex_attention import BlockMask
@@ -25,7 +30,7 @@ from gqa_tune.ops.backends.flex import flex_backend, flex_limits
 from gqa_tune.ops.backends.math import math_backend
 from gqa_tune.ops.backends.sdpa import sdpa_backend, sdpa_limits
 from gqa_tune.ops.backends.triton import auto_validated, triton_backend, triton_limits
-from gqa_tune.ops.masks import MaskType
+from gqa_tune.ops.masks import MaskType, dense_mask
 from gqa_tune.ops.nan_rule import hide_masked_nans
 
 
@@ -48,6 +53,10 @@ class AttentionCall:
     softcap: Optional[float] = None
     #: Whether per-head attention sinks join the softmax.
     sinks: bool = False
+    #: A KV-cache call whose filled lengths go to the backend (its decode row, for backends that have one).
+    decode: bool = False
+    #: Whether the mask differs between heads.
+    per_head_mask: bool = False
 
     @property
     def mask_kind(self) -> str:
@@ -60,11 +69,22 @@ class AttentionCall:
 
 @dataclass(frozen=True)
 class Backend:
+    """A row of the backend table: the function, its limits, and what it reads natively.
+
+    What a backend does not read natively, :func:`plan_attention` lowers into what it does: a causal
+    offset or a causal mask beside a dense mask into one dense mask, a cache's filled lengths into a
+    slice of the buffers and a mask, a window into a banded mask.
+    """
+
     name: str
     fn: Callable[..., torch.Tensor]
     limits: Callable[[AttentionCall], Optional[str]]
     #: Whether its kernel returns 0 for a query row holding a NaN (the NaN rule then puts the NaN back).
     zeroes_nan_query_rows: bool = False
+    #: Takes ``causal_offset`` (queries at key positions ``i + offset``) and ``is_causal`` beside a mask.
+    offsets: bool = False
+    #: Takes a cache's ``seqlens`` / ``max_seqlen`` (its decode row).
+    cache_lengths: bool = False
 
 
 def _no_limits(call: AttentionCall) -> Optional[str]:
@@ -74,8 +94,8 @@ def _no_limits(call: AttentionCall) -> Optional[str]:
 BACKENDS = {
     "sdpa": Backend("sdpa", sdpa_backend, sdpa_limits, zeroes_nan_query_rows=True),
     "flex": Backend("flex", flex_backend, flex_limits, zeroes_nan_query_rows=True),
-    "math": Backend("math", math_backend, _no_limits),
-    "triton": Backend("triton", triton_backend, triton_limits),
+    "math": Backend("math", math_backend, _no_limits, offsets=True),
+    "triton": Backend("triton", triton_backend, triton_limits, offsets=True, cache_lengths=True),
 }
 BACKEND_NAMES = ("auto", *BACKENDS)
 
@@ -156,36 +176,9 @@ def run_attention(
     softcap: Optional[float] = None,
     sinks: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Dispatch already-validated grouped inputs to a backend (no weights)."""
-    call = make_call(q, k, v, mask, dropout_p, False, softcap, sinks)
-    chosen = select_backend(call, backend)
-    return run_backend(chosen, call, backend, q, k, v, mask, scale, is_causal, dropout_p, softcap, sinks)
-
-
-def run_backend(
-    chosen: Backend,
-    call: AttentionCall,
-    requested: str,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    mask: Optional[MaskType],
-    scale: Optional[float],
-    is_causal: bool,
-    dropout_p: float,
-    softcap: Optional[float] = None,
-    sinks: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
-    """Run ``chosen`` (from :func:`select_backend`) under the NaN rule of :mod:`gqa_tune.ops.nan_rule`."""
-    extra = {} if softcap is None and sinks is None else {"softcap": softcap, "sinks": sinks}
-
-    def run(backend: Backend) -> torch.Tensor:
-        k_in, v_in, restore = hide_masked_nans(q, k, v, mask, is_causal, backend.zeroes_nan_query_rows)
-        return restore(
-            backend.fn(q, k_in, v_in, mask=mask, scale=scale, is_causal=is_causal, dropout_p=dropout_p, **extra)
-        )
-
-    return call_guarded(chosen.name, requested, lambda: run(chosen), lambda: run(select_backend(call, "auto")))
+    """Already-validated grouped inputs through :func:`attend` (keyword form; no weights)."""
+    spec = AttentionSpec(mask=mask, causal=is_causal, softcap=softcap, sinks=sinks, scale=scale, dropout_p=dropout_p)
+    return attend(q, k, v, spec, backend)
 
 
 def call_guarded(name: str, requested: str, run: Callable, rerun: Callable):
@@ -206,3 +199,205 @@ def call_guarded(name: str, requested: str, run: Callable, rerun: Callable):
         )
         AUTO_DISABLED.add(name)
         return rerun()
+
+
+# ---------------------------------------------------------------- the one door
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    """One attention call, described once, for every backend.
+
+    Attributes:
+        mask: bool (True = attend) or additive float tensor broadcastable to ``[b, n_h, s_q, s_kv]``,
+            or a flex ``BlockMask``.
+        causal (bool): causal masking. Query ``i`` sits at key position ``i + causal_offset``
+            (0: torch's top-left alignment; ``s_kv - s_q``: bottom-right, a cache chunk), or, with
+            ``seqlens``, at ``seqlens[b] - s_q + i`` (the end of each row's filled keys).
+        causal_offset (int): see ``causal``.
+        seqlens (Optional[torch.Tensor]): ``[b]`` filled lengths of a KV cache whose whole buffers are
+            passed as K/V: keys at or past a row's length are empty. On the device, so a compiled step
+            needs no host value.
+        max_seqlen (Optional[int]): a host-side bound of the filled lengths (the eager fill): only that
+            prefix of the buffers is read. Without ``seqlens``, every row is filled to it.
+        window (Optional[int]): sliding window, ``|query position - key position| < window``.
+        softcap (Optional[float]): logit soft-cap ``c * tanh(s / c)``, before masking.
+        sinks (Optional[torch.Tensor]): ``[n_h]`` sink logits.
+        scale (Optional[float]): score multiplier, default ``h_d ** -0.5`` (resolved here, once).
+        dropout_p (float): dropout on the weights.
+    """
+
+    mask: Optional[MaskType] = None
+    causal: bool = False
+    causal_offset: int = 0
+    seqlens: Optional[torch.Tensor] = None
+    max_seqlen: Optional[int] = None
+    window: Optional[int] = None
+    softcap: Optional[float] = None
+    sinks: Optional[torch.Tensor] = None
+    scale: Optional[float] = None
+    dropout_p: float = 0.0
+
+    @property
+    def cached(self) -> bool:
+        return self.seqlens is not None or self.max_seqlen is not None
+
+
+@dataclass(frozen=True)
+class AttentionPlan:
+    """What :func:`plan_attention` decided: the backend and the arguments it will be called with."""
+
+    backend: Backend
+    call: AttentionCall
+    requested: str
+    spec: AttentionSpec
+    k: torch.Tensor  # as the backend reads them (sliced to the filled prefix where it does not take lengths)
+    v: torch.Tensor
+    kwargs: dict
+    k_given: torch.Tensor  # as the caller gave them (to plan again)
+    v_given: torch.Tensor
+
+
+def _with(mask: Optional[torch.Tensor], allowed: torch.Tensor) -> torch.Tensor:
+    """``mask`` (``None``, bool or additive float) restricted to ``allowed`` (bool, broadcastable)."""
+    if mask is None:
+        return allowed
+    if mask.dtype == torch.bool:
+        return mask & allowed
+    return mask.masked_fill(~allowed, float("-inf"))
+
+
+def _query_positions(spec: AttentionSpec, b: int, s_q: int, device: torch.device) -> torch.Tensor:
+    """``[b or 1, 1, s_q, 1]`` key position of each query (see :class:`AttentionSpec`)."""
+    rows = torch.arange(s_q, device=device)
+    if spec.seqlens is not None:
+        return (spec.seqlens.to(rows.dtype).view(-1, 1) - s_q + rows.view(1, -1)).view(-1, 1, s_q, 1)
+    return (rows + spec.causal_offset).view(1, 1, s_q, 1)
+
+
+def _lower(
+    spec: AttentionSpec, row: Backend, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+) -> Tuple[torch.Tensor, torch.Tensor, dict]:
+    """The call ``row`` gets for ``spec``: K/V (sliced to the filled prefix where the backend does not read
+    cache lengths) and its keyword arguments, every mask 4-D. Allocates only the masks it must build."""
+    b, n_h, s_q, h_d = q.shape
+    mask = spec.mask
+    if isinstance(mask, torch.Tensor) and mask.dim() < 4:
+        mask = mask.view((1,) * (4 - mask.dim()) + tuple(mask.shape))  # broadcasting made explicit, once
+    causal, offset = spec.causal, spec.causal_offset
+    lengths = {}
+    if spec.cached and row.cache_lengths and spec.window is None:
+        seqlens = spec.seqlens
+        if seqlens is None:
+            seqlens = torch.full((b,), spec.max_seqlen, dtype=torch.int32, device=q.device)
+        lengths = {"seqlens": seqlens, "max_seqlen": spec.max_seqlen}
+    else:
+        if spec.max_seqlen is not None:
+            k, v = k[:, :, : spec.max_seqlen], v[:, :, : spec.max_seqlen]
+            if isinstance(mask, torch.Tensor) and mask.shape[-1] > spec.max_seqlen:
+                mask = mask[..., : spec.max_seqlen]
+            if spec.seqlens is None and causal:
+                offset = spec.max_seqlen - s_q
+        s_kv = k.shape[2]
+        keys = torch.arange(s_kv, device=q.device).view(1, 1, 1, -1)
+        if spec.seqlens is not None:
+            mask = _with(mask, keys < spec.seqlens.view(-1, 1, 1, 1))
+            if causal:
+                mask, causal = _with(mask, keys <= _query_positions(spec, b, s_q, q.device)), False
+        if spec.window is not None:
+            positions = _query_positions(replace(spec, causal_offset=offset), b, s_q, q.device)
+            mask = _with(dense_mask(mask, b, n_h, s_q, s_kv, q.device), (positions - keys).abs() < spec.window)
+        if causal and offset >= s_kv - 1:
+            causal = False  # every query sees every key (a decode step)
+        elif causal and (mask is not None or offset != 0) and not row.offsets:
+            mask, causal = _with(dense_mask(mask, b, n_h, s_q, s_kv, q.device), keys <= _query_positions(
+                replace(spec, causal_offset=offset, seqlens=None), b, s_q, q.device)), False  # fmt: skip
+    scale = h_d**-0.5 if spec.scale is None else float(spec.scale)
+    kwargs = dict(mask=mask, scale=scale, is_causal=causal, dropout_p=spec.dropout_p)
+    if row.offsets:
+        kwargs["causal_offset"] = offset
+    if spec.softcap is not None or spec.sinks is not None:
+        kwargs.update(softcap=spec.softcap, sinks=spec.sinks)
+    kwargs.update(lengths)
+    return k, v, kwargs
+
+
+def lower_for(
+    spec: AttentionSpec, backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+) -> Tuple[torch.Tensor, torch.Tensor, dict]:
+    """``spec`` lowered for the named backend (what :func:`plan_attention` does once it has chosen)."""
+    return _lower(spec, BACKENDS[backend], q, k, v)
+
+
+def _predicted_call(q, k, v, spec: AttentionSpec, row: Backend, need_weights: bool) -> AttentionCall:
+    """What ``row`` would be asked, without building any mask (for its limits)."""
+    decode = spec.cached and row.cache_lengths and spec.window is None
+    lowered = spec.window is not None or (spec.seqlens is not None and not decode)
+    lowered = lowered or (spec.causal and not row.offsets and (spec.mask is not None or spec.causal_offset != 0))
+    mask = spec.mask
+    kind_mask = mask
+    if lowered and (mask is None or isinstance(mask, BlockMask)):
+        kind_mask = _BOOL_PROBE  # the lowering builds a bool mask
+    call = make_call(q, k, v, kind_mask, spec.dropout_p, need_weights, spec.softcap, spec.sinks)
+    if spec.max_seqlen is not None and not decode:
+        call = replace(call, empty=call.empty or spec.max_seqlen == 0)
+    per_head = isinstance(mask, torch.Tensor) and mask.dim() >= 3 and mask.shape[-3] > 1
+    return replace(call, decode=decode, per_head_mask=per_head)
+
+
+_BOOL_PROBE = torch.ones(1, dtype=torch.bool)
+
+
+def plan_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec, backend: str = "auto"
+) -> AttentionPlan:
+    """Choose the backend for ``spec`` and lower ``spec`` for it, without running anything.
+
+    The single place that decides eligibility, fallback and mask shaping. Raises ``ValueError``
+    (naming the backend and why) if an explicit ``backend`` cannot serve the call, so a caller can plan
+    before it changes any state (the module plans before it writes its KV cache).
+    """
+    check_backend_name(backend)
+    if backend != "auto":
+        chosen = select_backend(_predicted_call(q, k, v, spec, BACKENDS[backend], False), backend)
+    else:
+        chosen = BACKENDS["math"]
+        for name in auto_order(_predicted_call(q, k, v, spec, BACKENDS["math"], False)):
+            call = _predicted_call(q, k, v, spec, BACKENDS[name], False)
+            if call.empty:
+                break  # nothing to attend: the reference answers (empty, or zeros)
+            if name not in AUTO_DISABLED and BACKENDS[name].limits(call) is None:
+                chosen = BACKENDS[name]
+                break
+    call = _predicted_call(q, k, v, spec, chosen, False)
+    if call.empty:
+        chosen = BACKENDS["math"]
+    k_in, v_in, kwargs = _lower(spec, chosen, q, k, v)
+    return AttentionPlan(chosen, call, backend, spec, k_in, v_in, kwargs, k, v)
+
+
+def _run(chosen: Backend, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    if "seqlens" in kwargs:  # the decode kernel reads only each row's filled keys
+        k, v, restore = hide_masked_nans(q, k, v, None, False, chosen.zeroes_nan_query_rows)
+    else:
+        k, v, restore = hide_masked_nans(
+            q, k, v, kwargs["mask"], kwargs["is_causal"], chosen.zeroes_nan_query_rows, kwargs.get("causal_offset", 0)
+        )
+    return restore(chosen.fn(q, k, v, **kwargs))
+
+
+def execute(plan: AttentionPlan, q: torch.Tensor) -> torch.Tensor:
+    """Run a plan under the NaN rule (:mod:`gqa_tune.ops.nan_rule`); K/V are read when it runs."""
+
+    def rerun() -> torch.Tensor:  # a Triton kernel failed to build under "auto": plan again without it
+        again = plan_attention(q, plan.k_given, plan.v_given, plan.spec, "auto")
+        return _run(again.backend, q, again.k, again.v, again.kwargs)
+
+    return call_guarded(
+        plan.backend.name, plan.requested, lambda: _run(plan.backend, q, plan.k, plan.v, plan.kwargs), rerun
+    )
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec, backend: str = "auto"):
+    """:func:`plan_attention` then :func:`execute`: the one door for an already validated call."""
+    return execute(plan_attention(q, k, v, spec, backend), q)

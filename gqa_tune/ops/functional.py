@@ -8,8 +8,8 @@ import torch
 from torch.nn.attention.flex_attention import BlockMask
 
 from gqa_tune.ops.backends.math import attention_ref
-from gqa_tune.ops.dispatch import make_call, run_backend, select_backend
-from gqa_tune.ops.masks import MaskType, fold_window
+from gqa_tune.ops.dispatch import AttentionSpec, attend, lower_for, make_call, select_backend
+from gqa_tune.ops.masks import MaskType
 from gqa_tune.ops.nan_rule import hide_masked_nans
 
 
@@ -185,30 +185,22 @@ def scaled_dot_product_gqa(
     check_scale(scale)
     check_flag("need_weights", need_weights)
     check_features(query, sliding_window, softcap, sinks)
-    if isinstance(attn_mask, torch.Tensor) and attn_mask.dim() < 4:
-        # Broadcasting as torch defines it, made explicit: every backend sees a 4-D mask.
-        attn_mask = attn_mask.view((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
-    if sliding_window is not None:
-        # The window, the causal mask and attn_mask become one mask, which every backend can read.
-        b, n_h, s_q, _ = query.shape
-        attn_mask = fold_window(attn_mask, is_causal, sliding_window, b, n_h, s_q, key.shape[2], query.device)
-        attn_mask = attn_mask.view((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
-        is_causal = False
-    call = make_call(query, key, value, attn_mask, dropout_p, need_weights, softcap, sinks)
-    chosen = select_backend(call, backend)
-    if need_weights:
-        key, value, restore = hide_masked_nans(query, key, value, attn_mask, is_causal, fix_query_rows=False)
-        out, weights = attention_ref(
-            query,
-            key,
-            value,
-            mask=attn_mask,
-            scale=scale,
-            is_causal=is_causal,
-            dropout_p=dropout_p,
-            return_weights=True,
-            softcap=softcap,
-            sinks=sinks,
-        )
-        return restore(out), weights
-    return run_backend(chosen, call, backend, query, key, value, attn_mask, scale, is_causal, dropout_p, softcap, sinks)
+    spec = AttentionSpec(
+        mask=attn_mask,
+        causal=is_causal,
+        window=sliding_window,
+        softcap=softcap,
+        sinks=sinks,
+        scale=scale,
+        dropout_p=dropout_p,
+    )
+    if not need_weights:
+        return attend(query, key, value, spec, backend)
+    # Only the reference returns weights: any other explicit backend is refused, naming itself.
+    select_backend(make_call(query, key, value, attn_mask, dropout_p, True, softcap, sinks), backend)
+    key, value, kwargs = lower_for(spec, "math", query, key, value)
+    key, value, restore = hide_masked_nans(
+        query, key, value, kwargs["mask"], kwargs["is_causal"], False, kwargs["causal_offset"]
+    )
+    out, weights = attention_ref(query, key, value, return_weights=True, **kwargs)
+    return restore(out), weights

@@ -56,28 +56,3 @@ def dense_mask(
         return block_mask_to_dense(mask, s_q, s_kv, device)
     return mask
 
-
-def window_band(s_q: int, s_kv: int, window: int, device: torch.device, offset: int = 0) -> torch.Tensor:
-    """Bool ``[s_q, s_kv]``: query ``i``, at key position ``i + offset``, sees key ``j`` when
-    ``|i + offset - j| < window``."""
-    rows = torch.arange(s_q, device=device).view(-1, 1) + offset
-    cols = torch.arange(s_kv, device=device).view(1, -1)
-    return (rows - cols).abs() < window
-
-
-def fold_window(
-    mask: Optional[MaskType], is_causal: bool, window: int, b: int, h: int, s_q: int, s_kv: int, device: torch.device
-) -> Optional[torch.Tensor]:
-    """One dense mask for ``mask``, top-left ``is_causal`` and a sliding ``window`` (see :func:`window_band`).
-
-    Returns a bool mask, or an additive float one when ``mask`` is float (``-inf`` outside the window).
-    """
-    allowed = window_band(s_q, s_kv, window, device)
-    if is_causal:
-        allowed = allowed & top_left_causal(s_q, s_kv, device)
-    mask = dense_mask(mask, b, h, s_q, s_kv, device)
-    if mask is None:
-        return allowed
-    if mask.dtype == torch.bool:
-        return mask & allowed
-    return mask.masked_fill(~allowed, float("-inf"))

@@ -41,19 +41,21 @@ def _propagate_query_nans(q: torch.Tensor) -> Restore:
 
 
 def _rows_seeing(
-    nan_keys: torch.Tensor, mask: Optional[torch.Tensor], is_causal: bool, n_h: int, s_q: int
+    nan_keys: torch.Tensor, mask: Optional[torch.Tensor], is_causal: bool, n_h: int, s_q: int, offset: int = 0
 ) -> torch.Tensor:
     """Bool ``[b, n_h, s_q, 1]``: rows that may attend to a key flagged in ``nan_keys`` ``[b, n_kv, s_kv]``."""
     group = n_h // nan_keys.shape[1]
     flagged = nan_keys.repeat_interleave(group, dim=1) if group > 1 else nan_keys  # [b, n_h, s_kv]
+    s_kv = flagged.shape[-1]
     if mask is None:
-        # Top-left causal: row i sees keys 0..i, so it sees a NaN once one stands at or before i.
+        # Causal: row i sees keys 0..i + offset, so it sees a NaN once one stands at or before i + offset.
         seen = flagged.cumsum(-1) > 0
-        rows = torch.arange(s_q, device=seen.device).clamp(max=seen.shape[-1] - 1)
-        return seen[..., rows].unsqueeze(-1)
+        last = torch.arange(s_q, device=seen.device) + offset
+        rows = last.clamp(min=0, max=s_kv - 1)
+        return (seen[..., rows] & (last >= 0)).unsqueeze(-1)
     visible = mask if mask.dtype == torch.bool else mask != float("-inf")
     if is_causal:
-        visible = visible & torch.ones(s_q, flagged.shape[-1], dtype=torch.bool, device=mask.device).tril()
+        visible = visible & torch.ones(s_q, s_kv, dtype=torch.bool, device=mask.device).tril(offset)
     return (visible & flagged[:, :, None, :]).any(-1, keepdim=True)
 
 
@@ -82,6 +84,7 @@ def hide_masked_nans(
     mask: Optional[MaskType],
     is_causal: bool,
     fix_query_rows: bool = True,
+    causal_offset: int = 0,
 ) -> Tuple[torch.Tensor, torch.Tensor, Restore]:
     """``(k, v, restore)``: K/V with hidden NaNs made harmless, and the function to apply to the output.
 
@@ -89,7 +92,7 @@ def hide_masked_nans(
         q (torch.Tensor): ``[b, n_h, s_q, h_d]``.
         k, v (torch.Tensor): ``[b, n_kv, s_kv, h_d]`` / ``[b, n_kv, s_kv, h_dv]``.
         mask: ``None``, a bool or float tensor broadcastable to ``[b, n_h, s_q, s_kv]``, or a ``BlockMask``.
-        is_causal (bool): top-left causal masking.
+        is_causal (bool): causal masking, query ``i`` at key position ``i + causal_offset``.
         fix_query_rows (bool): whether the backend may zero a NaN query row (torch's SDPA and flex do;
             a plain softmax, as in the math and Triton backends, keeps it NaN by itself).
     """
@@ -105,7 +108,7 @@ def hide_masked_nans(
     nan_keys = k_nan.any(-1) | v_nan.any(-1)  # [b, n_kv, s_kv]
     k = torch.where(k_nan, 0.0, k)
     v = torch.where(v_nan, 0.0, v)
-    sees = _rows_seeing(nan_keys, mask, is_causal, q.shape[1], q.shape[2])
+    sees = _rows_seeing(nan_keys, mask, is_causal, q.shape[1], q.shape[2], causal_offset)
 
     def restore(out: torch.Tensor) -> torch.Tensor:
         return restore_q(torch.where(sees, float("nan"), out))

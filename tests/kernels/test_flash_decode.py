@@ -8,7 +8,6 @@ from gqa_tune import attention_ref, flash_decode_gqa
 from gqa_tune.kernels.triton._common import runtime_problem
 from gqa_tune.models import gqa_attention
 from gqa_tune.ops import decode as decode_module
-from gqa_tune.ops.decode import decode_visibility
 from gqa_tune.testing import assert_within_precision
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -22,9 +21,29 @@ def cache_inputs(b, n_h, n_kv, s_q, max_len, d, dtype):
     return q, k, v
 
 
+def visibility(seqlens, s_q, max_len, causal, mask=None):
+    """Which slots each new query sees, worked out slot by slot (not with the code's own helper):
+    row ``b`` holds ``seqlens[b]`` keys; with ``causal`` new query ``i`` is key ``seqlens[b] - s_q + i``."""
+    b = seqlens.shape[0]
+    visible = torch.zeros(b, 1, s_q, max_len, dtype=torch.bool, device=seqlens.device)
+    for row, length in enumerate(seqlens.tolist()):
+        for i in range(s_q):
+            last = length - s_q + i if causal else length - 1
+            for slot in range(min(length, last + 1)):
+                visible[row, 0, i, slot] = mask is None or bool(mask[row if mask.shape[0] > 1 else 0, i, slot])
+    return visible
+
+
 def reference(q, k, v, seqlens, *, causal=True, mask=None, upcast=True):
-    visible = decode_visibility(seqlens, q.shape[2], k.shape[2], causal, mask)
-    return attention_ref(q, k, v, mask=visible, upcast=upcast)[0]
+    return attention_ref(q, k, v, mask=visibility(seqlens, q.shape[2], k.shape[2], causal, mask), upcast=upcast)[0]
+
+
+def test_the_oracle_on_a_worked_example():
+    # 2 new queries, row lengths 3 and 1, 4 slots: causal row 0 sees slots {0, 1} then {0, 1, 2};
+    # row 1 (one key, its second query's own) sees nothing, then slot 0.
+    got = visibility(torch.tensor([3, 1]), 2, 4, causal=True)[:, 0].int().tolist()
+    assert got == [[[1, 1, 0, 0], [1, 1, 1, 0]], [[0, 0, 0, 0], [1, 0, 0, 0]]]
+    assert visibility(torch.tensor([3, 1]), 2, 4, causal=False)[1, 0].int().tolist() == [[1, 0, 0, 0]] * 2
 
 
 @needs_kernels
@@ -54,8 +73,7 @@ def test_mask_non_causal_and_empty_rows():
     mask = torch.rand(3, 2, 40, device=DEVICE) > 0.3
     for causal in (True, False):
         out = flash_decode_gqa(q, k, v, seqlens, causal=causal, mask=mask, scale=0.3)
-        visible = decode_visibility(seqlens, 2, 40, causal, mask)
-        ref = attention_ref(q, k, v, mask=visible, scale=0.3)[0]
+        ref = attention_ref(q, k, v, mask=visibility(seqlens, 2, 40, causal, mask), scale=0.3)[0]
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
         assert out[0].abs().max() == 0  # an empty cache row gives zeros, not NaN
 

@@ -10,7 +10,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from gqa_tune.ops.masks import MaskType, dense_mask, top_left_causal
+from gqa_tune.ops.masks import MaskType, dense_mask
 
 
 def attention_ref(
@@ -26,6 +26,7 @@ def attention_ref(
     return_weights: bool = False,
     softcap: Optional[float] = None,
     sinks: Optional[torch.Tensor] = None,
+    causal_offset: int = 0,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Plain attention with grouped K/V.
 
@@ -36,7 +37,8 @@ def attention_ref(
         mask: bool (True = attend) or additive float tensor broadcastable to
             ``[b, n_h, s_q, s_kv]``, or a flex ``BlockMask``.
         scale (Optional[float]): multiplier of ``q @ k^T``; default ``h_d ** -0.5``.
-        is_causal (bool): top-left aligned causal mask (torch's convention).
+        is_causal (bool): causal mask, top-left aligned (torch's convention) unless ``causal_offset``
+            places query ``i`` at key position ``i + causal_offset`` (``s_kv - s_q``: bottom-right).
         dropout_p (float): dropout on the attention weights.
         upcast (bool): compute in float32 (float64 stays float64). With
             ``upcast=False`` the computation runs in the input dtype, which is
@@ -70,7 +72,7 @@ def attention_ref(
     allowed = None
     mask = dense_mask(mask, q.shape[0], q.shape[1], s_q, s_kv, q.device)
     if is_causal:
-        allowed = top_left_causal(s_q, s_kv, q.device)
+        allowed = torch.ones(s_q, s_kv, dtype=torch.bool, device=q.device).tril(causal_offset)
     if mask is not None:
         if mask.dtype == torch.bool:
             allowed = mask if allowed is None else allowed & mask
@@ -102,8 +104,9 @@ def attention_ref(
     return out, (weights.to(out_dtype) if return_weights else None)
 
 
-def math_backend(q, k, v, *, mask, scale, is_causal, dropout_p, softcap=None, sinks=None):
+def math_backend(q, k, v, *, mask, scale, is_causal, dropout_p, softcap=None, sinks=None, causal_offset=0):
     """The ``"math"`` backend: :func:`attention_ref` without weights."""
     return attention_ref(
-        q, k, v, mask=mask, scale=scale, is_causal=is_causal, dropout_p=dropout_p, softcap=softcap, sinks=sinks
-    )[0]
+        q, k, v, mask=mask, scale=scale, is_causal=is_causal, dropout_p=dropout_p, softcap=softcap, sinks=sinks,
+        causal_offset=causal_offset,
+    )[0]  # fmt: skip

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional
 
 import torch
+import torch.nn.functional as F
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
@@ -76,11 +77,24 @@ def kernel_problem(device: torch.device, dtype: torch.dtype, head_dim: int) -> O
     return device_problem(device)
 
 
-def triton_backend(q, k, v, *, mask, scale, is_causal, dropout_p, softcap=None, sinks=None):
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    if mask is not None and mask.dim() < 4:
-        mask = mask.view((1,) * (4 - mask.dim()) + tuple(mask.shape))
-    out, _ = _kernels().flash_attn(q, k, v, mask, scale, is_causal, 0)
+def triton_backend(
+    q, k, v, *, mask, scale, is_causal, dropout_p, softcap=None, sinks=None, causal_offset=0, seqlens=None,
+    max_seqlen=None,
+):  # fmt: skip
+    """Flash attention, or with ``seqlens`` (a KV cache's per-row filled lengths) the split-K decode kernel.
+
+    ``scale`` comes resolved from the dispatcher; ``mask`` is 4-D. With ``seqlens`` the queries sit at the
+    end of each row's keys when ``is_causal`` (the decode kernel's alignment) and ``mask`` has no head dim.
+    """
+    if seqlens is not None:
+        from gqa_tune.ops.decode import decode_attention
+
+        mask3 = None
+        if mask is not None:  # [b, s_q, max_len], padded with False to the buffer
+            mask3 = F.pad(mask[:, 0], (0, k.shape[2] - mask.shape[-1]), value=False)
+            mask3 = mask3.expand(q.shape[0], q.shape[2], -1)
+        return decode_attention(q, k, v, seqlens, scale, is_causal, mask3, max_seqlen)
+    out, _ = _kernels().flash_attn(q, k, v, mask, float(scale), is_causal, int(causal_offset))
     return out
 
 
@@ -98,4 +112,8 @@ def triton_limits(call) -> Optional[str]:
         return "its kernels have no attention sinks yet"
     if call.mask_kind not in ("none", "bool"):
         return f"it takes no mask, is_causal or a bool mask, not a {call.mask_kind} mask"
+    if call.decode and call.needs_grad:
+        return "its split-K decode kernel has no backward"
+    if call.decode and call.per_head_mask:
+        return "its split-K decode kernel takes a mask without a head dim"
     return kernel_problem(call.device, call.dtype, call.head_dim)
