@@ -44,11 +44,13 @@ def set_fill(cache: nn.Module, k: torch.Tensor, v: torch.Tensor) -> None:
     """Make ``cache`` (torchtune's or ours) hold ``k``/``v`` ``[1, n_kv, fill, h_d]`` in positions ``0..fill-1``."""
     fill = k.shape[2]
     cache.reset()
+    if isinstance(cache, GQAKVCache):
+        if fill:
+            cache.update(k, v)
+        return
     cache.k_cache[:, :, :fill].copy_(k)
     cache.v_cache[:, :, :fill].copy_(v)
-    cache.cache_pos.add_(fill)  # both caches: cache_pos = arange(max_seq_len) + fill
-    if isinstance(cache, GQAKVCache):
-        cache.sync_size()  # ours also keeps a host-side count; re-read it from cache_pos
+    cache.cache_pos.add_(fill)  # cache_pos = arange(max_seq_len) + fill
 
 
 def rewind(cache: nn.Module, steps: int = 1) -> None:
@@ -57,9 +59,10 @@ def rewind(cache: nn.Module, steps: int = 1) -> None:
     The written K/V stay in the buffer past the fill, where the next step
     overwrites them (with the same values here: same ``x``, same position).
     """
-    cache.cache_pos.sub_(steps)
     if isinstance(cache, GQAKVCache):
-        cache.sync_size()
+        cache.truncate(cache.size - steps)
+    else:
+        cache.cache_pos.sub_(steps)
 
 
 def fill_of(cache: nn.Module) -> int:

@@ -74,17 +74,9 @@ def main() -> None:
         tt.kv_cache.k_cache[:, :, :fill] = k.repeat_interleave(group, 1)  # torchtune caches n_h heads
         tt.kv_cache.v_cache[:, :, :fill] = v.repeat_interleave(group, 1)
         tt.kv_cache.cache_pos.add_(fill)
-        plain.kv_cache.k_cache[:, :, :fill] = k
-        plain.kv_cache.v_cache[:, :, :fill] = v
-        plain.kv_cache.cache_pos.add_(fill)
-        plain.kv_cache.sync_size()
+        plain.kv_cache.update(k, v)
         ring = ours.kv_cache
-        positions = torch.arange(fill - ring.k_cache.shape[2], fill)
-        ring.k_cache[:, :, positions % ring.k_cache.shape[2]] = k[:, :, positions]
-        ring.v_cache[:, :, positions % ring.k_cache.shape[2]] = v[:, :, positions]
-        ring.slot_pos[positions % ring.k_cache.shape[2]] = positions
-        ring.cache_pos.add_(fill)
-        ring.sync_size()
+        ring.update(k, v)  # keeps the last `window` positions
 
     x = torch.randn(1, 1, EMBED_DIM)
     mask = (torch.arange(args.cache) <= fill).view(1, 1, -1)
@@ -99,13 +91,11 @@ def main() -> None:
         tt.kv_cache.cache_pos.sub_(1)
 
     def rewind_ours():
-        ring.k_cache[:, :, slot], ring.v_cache[:, :, slot], ring.slot_pos[slot] = saved
-        ring.cache_pos.sub_(1)
-        ring.sync_size()
+        ring.truncate(fill)
+        ring.k_cache[:, :, slot], ring.v_cache[:, :, slot], ring.slot_pos[slot] = saved  # the slot the step took
 
     def rewind_plain():
-        plain.kv_cache.cache_pos.sub_(1)
-        plain.kv_cache.sync_size()
+        plain.kv_cache.truncate(fill)
 
     with torch.no_grad():
         out_ours, out_plain, out_tt = step(ours), step(plain), step(tt)

@@ -450,9 +450,10 @@ def forward_times(tt, ours, fills: List[int], args: argparse.Namespace) -> List[
     def rewind(model) -> None:
         for layer in model.layers:
             cache = layer.attn.kv_cache
-            cache.cache_pos.sub_(1)
-            if hasattr(cache, "sync_size"):  # gqa_tune's cache keeps a host-side count too
-                cache.sync_size()
+            if hasattr(cache, "truncate"):  # gqa_tune's cache
+                cache.truncate(cache.size - 1)
+            else:
+                cache.cache_pos.sub_(1)
 
     rows = []
     x = torch.tensor([[5]])

@@ -41,11 +41,14 @@ def fill_caches(model: torch.nn.Module, fill: int, generator: torch.Generator) -
         cache = layer.attn.kv_cache
         cache.reset()
         b, h, _, d = cache.k_cache.shape
-        cache.k_cache[:, :, :fill].copy_(torch.randn(b, h, fill, d, generator=generator).to(cache.k_cache))
-        cache.v_cache[:, :, :fill].copy_(torch.randn(b, h, fill, d, generator=generator).to(cache.v_cache))
-        cache.cache_pos.add_(fill)
+        k = torch.randn(b, h, fill, d, generator=generator).to(cache.k_cache)
+        v = torch.randn(b, h, fill, d, generator=generator).to(cache.v_cache)
         if isinstance(cache, GQAKVCache):
-            cache.sync_size()
+            cache.update(k, v)
+        else:
+            cache.k_cache[:, :, :fill].copy_(k)
+            cache.v_cache[:, :, :fill].copy_(v)
+            cache.cache_pos.add_(fill)
 
 
 def sync(device: torch.device) -> None:

@@ -40,10 +40,9 @@ def _carried_cache(tt_attn: nn.Module) -> KVCache:
     batch, heads, length, head_dim = old.k_cache.shape
     group = heads // tt_attn.num_kv_heads
     cache = KVCache(batch, length, tt_attn.num_kv_heads, head_dim, old.k_cache.dtype, device=old.k_cache.device)
-    cache.k_cache.copy_(old.k_cache[:, ::group])  # [b, n_kv, max_seq_len, h_d]
-    cache.v_cache.copy_(old.v_cache[:, ::group])
-    cache.cache_pos.copy_(old.cache_pos)
-    cache.sync_size()
+    filled = int(old.cache_pos[0])
+    if filled:
+        cache.update(old.k_cache[:, ::group, :filled], old.v_cache[:, ::group, :filled])  # [b, n_kv, filled, h_d]
     return cache
 
 

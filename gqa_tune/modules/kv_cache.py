@@ -188,6 +188,21 @@ class KVCache(nn.Module):
         self._device_ahead = True
         return self.size
 
+    def truncate(self, length: int) -> None:
+        """Forget the positions from ``length`` on (e.g. tokens a speculative step rejected).
+
+        Raises:
+            ValueError: ``length`` outside ``[0, size]``. The cache is unchanged.
+        """
+        if isinstance(length, bool) or not isinstance(length, int) or not 0 <= length <= self.size:
+            raise ValueError(f"length must be an int in [0, size={self.size}], got {length!r}")
+        torch.arange(length, length + self.max_seq_len, out=self.cache_pos)
+        self.slot_pos.masked_fill_(self.slot_pos >= length, -1)
+        self._size = length
+        if length == 0:
+            self.rows.zero_()
+            self._rows = 0
+
     def reset(self) -> None:
         """Empty the cache: zero the buffers and rewind the position."""
         self.k_cache.zero_()

@@ -79,3 +79,19 @@ def test_compiled_updates_do_not_recompile():
     assert counter.frame_count == 1
     assert cache.sync_size() == 5
     torch.testing.assert_close(cache.k_cache[:, :, :5], torch.cat(written, dim=2))
+
+
+def test_truncate_forgets_positions_and_refuses_bad_lengths():
+    cache = KVCache(1, 8, 2, 4, torch.float32)
+    k, v = kv(b=1, s=5, fill=1)
+    cache.update(k, v)
+    cache.truncate(3)
+    assert cache.size == 3 and int(cache.cache_pos[0]) == 3
+    for bad in (-1, 4, 2.0, True):
+        with pytest.raises(ValueError, match="length must be an int in"):
+            cache.truncate(bad)
+    assert cache.size == 3
+    ring = KVCache(1, 8, 2, 4, torch.float32, window=2)
+    ring.update(k, v)
+    ring.truncate(4)
+    assert ring.size == 4 and sorted(ring.slot_pos.tolist()) == [-1, 3]
