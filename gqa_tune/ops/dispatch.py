@@ -330,19 +330,22 @@ def lower_for(
 
 
 def _predicted_call(q, k, v, spec: AttentionSpec, row: Backend, need_weights: bool) -> AttentionCall:
-    """What ``row`` would be asked, without building any mask (for its limits)."""
+    """What ``row`` would be asked, without building any mask (for its limits). On the decode hot path: cheap."""
     decode = spec.cached and row.cache_lengths and spec.window is None
-    lowered = spec.window is not None or (spec.seqlens is not None and not decode)
-    lowered = lowered or (spec.causal and not row.offsets and (spec.mask is not None or spec.causal_offset != 0))
     mask = spec.mask
-    kind_mask = mask
-    if lowered and (mask is None or isinstance(mask, BlockMask)):
-        kind_mask = _BOOL_PROBE  # the lowering builds a bool mask
-    call = make_call(q, k, v, kind_mask, spec.dropout_p, need_weights, spec.softcap, spec.sinks)
-    if spec.max_seqlen is not None and not decode:
-        call = replace(call, empty=call.empty or spec.max_seqlen == 0)
-    per_head = isinstance(mask, torch.Tensor) and mask.dim() >= 3 and mask.shape[-3] > 1
-    return replace(call, decode=decode, per_head_mask=per_head)
+    builds_mask = spec.window is not None or (spec.seqlens is not None and not decode)
+    builds_mask = builds_mask or (spec.causal and not row.offsets and (mask is not None or spec.causal_offset != 0))
+    if builds_mask and (mask is None or isinstance(mask, BlockMask)):
+        mask = _BOOL_PROBE  # the lowering builds a bool mask
+    sinks = spec.sinks
+    grads = q.requires_grad or k.requires_grad or v.requires_grad or (sinks is not None and sinks.requires_grad)
+    s_kv = k.shape[2] if spec.max_seqlen is None or decode else min(k.shape[2], spec.max_seqlen)
+    per_head = isinstance(spec.mask, torch.Tensor) and spec.mask.dim() >= 3 and spec.mask.shape[-3] > 1
+    return AttentionCall(
+        q.device, q.dtype, q.shape[-1], mask, spec.dropout_p, need_weights, torch.is_grad_enabled() and grads,
+        v.shape[-1] if v.shape[-1] != q.shape[-1] else None, q.numel() == 0 or s_kv == 0, spec.softcap,
+        sinks is not None, decode, per_head,
+    )  # fmt: skip
 
 
 _BOOL_PROBE = torch.ones(1, dtype=torch.bool)
@@ -359,17 +362,22 @@ def plan_attention(
     """
     check_backend_name(backend)
     if backend != "auto":
-        chosen = select_backend(_predicted_call(q, k, v, spec, BACKENDS[backend], False), backend)
+        call = _predicted_call(q, k, v, spec, BACKENDS[backend], False)
+        chosen = select_backend(call, backend)
     else:
-        chosen = BACKENDS["math"]
-        for name in auto_order(_predicted_call(q, k, v, spec, BACKENDS["math"], False)):
-            call = _predicted_call(q, k, v, spec, BACKENDS[name], False)
-            if call.empty:
+        chosen, call = None, _predicted_call(q, k, v, spec, BACKENDS["math"], False)
+        for name in auto_order(call):
+            row = BACKENDS[name]
+            candidate = call if row.offsets == BACKENDS["math"].offsets and not row.cache_lengths else None
+            candidate = candidate or _predicted_call(q, k, v, spec, row, False)
+            if candidate.empty:
                 break  # nothing to attend: the reference answers (empty, or zeros)
-            if name not in AUTO_DISABLED and BACKENDS[name].limits(call) is None:
-                chosen = BACKENDS[name]
+            if name not in AUTO_DISABLED and row.limits(candidate) is None:
+                chosen, call = row, candidate
                 break
-    call = _predicted_call(q, k, v, spec, chosen, False)
+        if chosen is None:
+            chosen = BACKENDS["math"]
+            call = _predicted_call(q, k, v, spec, chosen, False)
     if call.empty:
         chosen = BACKENDS["math"]
     k_in, v_in, kwargs = _lower(spec, chosen, q, k, v)
