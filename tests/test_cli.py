@@ -6,11 +6,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import REPO
 
 from gqa_tune import cli
 from gqa_tune import config_check as cc
 
-REPO = Path(__file__).resolve().parents[1]
 RECIPE, CONFIG = "full_finetune_single_device", "gqa_tiny/full"
 CONFIG_FILE = REPO / "configs" / "gqa_tiny" / "full.yaml"
 TINY = ["batch_size=8", "epochs=1", "max_steps_per_epoch=2", "eval=null", "tokenizer.max_seq_len=48"]

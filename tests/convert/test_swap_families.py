@@ -6,6 +6,7 @@ import warnings
 
 import pytest
 import torch
+from helpers import decoding_mask
 from torch import nn
 from torchtune.generation import generate
 from torchtune.models.gemma import gemma
@@ -76,7 +77,7 @@ def test_logits_equal_torchtunes(name):
 
 
 def _causal(s, length=MAX_LEN, start=0):
-    return torch.ones(s, length, dtype=torch.bool).tril(start)[None]
+    return decoding_mask(s, length, start)
 
 
 @pytest.mark.parametrize("name", list(FAMILIES))

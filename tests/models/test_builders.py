@@ -1,5 +1,6 @@
 import pytest
 import torch
+from helpers import greedy_without_cache
 from torchtune.generation import generate
 from torchtune.models.llama3_2 import llama3_2_1b
 
@@ -55,14 +56,6 @@ def test_decoder_builder_rejects_bad_values(overrides, message):
     kwargs.update(overrides)
     with pytest.raises(ValueError, match=message):
         gqa_decoder(**kwargs)
-
-
-def greedy_without_cache(model, prompt, steps):
-    tokens = prompt
-    for _ in range(steps):
-        nxt = model(tokens)[:, -1].argmax(-1, keepdim=True)
-        tokens = torch.cat([tokens, nxt], dim=1)
-    return tokens
 
 
 def test_torchtune_generate_with_caches_matches_no_cache_greedy():

@@ -2,15 +2,14 @@
 shapes the masks, and every backend (the decode kernel included) gives the same answer."""
 
 import ast
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import REPO, make_qkv
 
 from gqa_tune.ops.dispatch import AttentionSpec, attend, execute, plan_attention
 
 BACKENDS = ["math", "sdpa", "flex", "triton"]
-REPO = Path(__file__).resolve().parents[2]
 
 
 def oracle(q, k, v, allowed):
@@ -25,7 +24,7 @@ def oracle(q, k, v, allowed):
 
 def qkv(b=2, s_q=3, s_kv=9):
     torch.manual_seed(0)
-    return torch.randn(b, 4, s_q, 16), torch.randn(b, 2, s_kv, 16), torch.randn(b, 2, s_kv, 16)
+    return make_qkv(b, 4, 2, s_q, s_kv, 16)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

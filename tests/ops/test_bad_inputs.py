@@ -7,6 +7,7 @@ import textwrap
 
 import pytest
 import torch
+from helpers import make_qkv
 
 from gqa_tune.ops import attention_ref, flash_decode_gqa, scaled_dot_product_gqa
 
@@ -14,11 +15,7 @@ ALL = ["auto", "sdpa", "math", "triton", "flex"]
 
 
 def qkv(b=1, n_h=4, n_kv=2, s_q=5, s_kv=5, h_d=16, h_dv=16, dtype=torch.float32):
-    return (
-        torch.randn(b, n_h, s_q, h_d, dtype=dtype),
-        torch.randn(b, n_kv, s_kv, h_d, dtype=dtype),
-        torch.randn(b, n_kv, s_kv, h_dv, dtype=dtype),
-    )
+    return make_qkv(b, n_h, n_kv, s_q, s_kv, h_d, h_dv, dtype)
 
 
 def expected(q, k, v, **kwargs):

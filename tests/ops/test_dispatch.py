@@ -4,14 +4,11 @@ import re
 
 import pytest
 import torch
+from helpers import causal_mod as _causal
 from torch.nn.attention.flex_attention import create_block_mask
 
 from gqa_tune.ops import BACKEND_NAMES, BACKENDS, attention_ref, scaled_dot_product_gqa
 from gqa_tune.ops.dispatch import AttentionCall, auto_order, make_call, run_attention, select_backend
-
-
-def _causal(b, h, q_idx, kv_idx):
-    return q_idx >= kv_idx
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import make_qkv
 from torch.nn.attention.flex_attention import create_block_mask, create_mask
 
 import gqa_tune.ops.backends.sdpa as sdpa_module
@@ -23,13 +24,6 @@ SIZES = [
 ]
 TOL = {torch.float64: dict(atol=1e-10, rtol=1e-10), torch.float32: dict(atol=2e-5, rtol=2e-5)}
 MASK_KINDS = ["bool-b1", "bool-2d", "bool-per-head", "float-b1", "float-2d", "float-per-head"]
-
-
-def make_qkv(b, n_h, n_kv, s_q, s_kv, h_d, h_dv, dtype=torch.float32, requires_grad=False):
-    q = torch.randn(b, n_h, s_q, h_d, dtype=dtype, requires_grad=requires_grad)
-    k = torch.randn(b, n_kv, s_kv, h_d, dtype=dtype, requires_grad=requires_grad)
-    v = torch.randn(b, n_kv, s_kv, h_dv, dtype=dtype, requires_grad=requires_grad)
-    return q, k, v
 
 
 def expanded_sdpa(q, k, v, mask=None, is_causal=False, scale=None, dropout_p=0.0):

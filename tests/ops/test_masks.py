@@ -2,13 +2,10 @@
 
 import pytest
 import torch
+from helpers import causal_mod as _causal
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, create_mask
 
 from gqa_tune.ops.masks import block_mask_to_dense, bottom_right_causal, dense_mask, top_left_causal
-
-
-def _causal(b, h, q_idx, kv_idx):
-    return q_idx >= kv_idx
 
 
 def _noop(b, h, q_idx, kv_idx):

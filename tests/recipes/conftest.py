@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import List, Optional
 
 import pytest
+from helpers import REPO
 
-REPO = Path(__file__).resolve().parents[2]
 TUNE = str(Path(sys.executable).with_name("tune"))
 
 #: A few fast steps on the tiny model: overrides shared by the recipe tests.

@@ -2,17 +2,16 @@
 
 import inspect
 import re
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import REPO
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torchtune import config
 
 from gqa_tune import config_check as cc
 from gqa_tune.training.finetune import FinetuneRecipe
 
-REPO = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
 IDS = [p.relative_to(REPO / "configs").with_suffix("").as_posix() for p in CONFIGS]
 FULL = "gqa_tiny/full"
