@@ -85,6 +85,8 @@ class Backend:
     offsets: bool = False
     #: Takes a cache's ``seqlens`` / ``max_seqlen`` (its decode row).
     cache_lengths: bool = False
+    #: Takes ``window`` (a sliding window, bounding the blocks it reads).
+    windows: bool = False
 
 
 def _no_limits(call: AttentionCall) -> Optional[str]:
@@ -95,7 +97,7 @@ BACKENDS = {
     "sdpa": Backend("sdpa", sdpa_backend, sdpa_limits, zeroes_nan_query_rows=True),
     "flex": Backend("flex", flex_backend, flex_limits, zeroes_nan_query_rows=True),
     "math": Backend("math", math_backend, _no_limits, offsets=True),
-    "triton": Backend("triton", triton_backend, triton_limits, offsets=True, cache_lengths=True),
+    "triton": Backend("triton", triton_backend, triton_limits, offsets=True, cache_lengths=True, windows=True),
 }
 BACKEND_NAMES = ("auto", *BACKENDS)
 
@@ -286,7 +288,8 @@ def _lower(
         mask = mask.view((1,) * (4 - mask.dim()) + tuple(mask.shape))  # broadcasting made explicit, once
     causal, offset = spec.causal, spec.causal_offset
     lengths = {}
-    if spec.cached and row.cache_lengths and spec.window is None:
+    window = spec.window if row.windows else None  # read natively, else folded into the mask below
+    if spec.cached and row.cache_lengths:
         seqlens = spec.seqlens
         if seqlens is None:
             seqlens = torch.full((b,), spec.max_seqlen, dtype=torch.int32, device=q.device)
@@ -304,7 +307,7 @@ def _lower(
             mask = _with(mask, keys < spec.seqlens.view(-1, 1, 1, 1))
             if causal:
                 mask, causal = _with(mask, keys <= _query_positions(spec, b, s_q, q.device)), False
-        if spec.window is not None:
+        if spec.window is not None and window is None:
             positions = _query_positions(replace(spec, causal_offset=offset), b, s_q, q.device)
             mask = _with(dense_mask(mask, b, n_h, s_q, s_kv, q.device), (positions - keys).abs() < spec.window)
         if causal and offset >= s_kv - 1:
@@ -316,6 +319,8 @@ def _lower(
     kwargs = dict(mask=mask, scale=scale, is_causal=causal, dropout_p=spec.dropout_p)
     if row.offsets:
         kwargs["causal_offset"] = offset
+    if window is not None:
+        kwargs["window"] = window
     if spec.softcap is not None or spec.sinks is not None:
         kwargs.update(softcap=spec.softcap, sinks=spec.sinks)
     kwargs.update(lengths)
@@ -331,9 +336,9 @@ def lower_for(
 
 def _predicted_call(q, k, v, spec: AttentionSpec, row: Backend, need_weights: bool) -> AttentionCall:
     """What ``row`` would be asked, without building any mask (for its limits). On the decode hot path: cheap."""
-    decode = spec.cached and row.cache_lengths and spec.window is None
+    decode = spec.cached and row.cache_lengths
     mask = spec.mask
-    builds_mask = spec.window is not None or (spec.seqlens is not None and not decode)
+    builds_mask = (spec.window is not None and not row.windows) or (spec.seqlens is not None and not decode)
     builds_mask = builds_mask or (spec.causal and not row.offsets and (mask is not None or spec.causal_offset != 0))
     if builds_mask and (mask is None or isinstance(mask, BlockMask)):
         mask = _BOOL_PROBE  # the lowering builds a bool mask

@@ -55,4 +55,3 @@ def dense_mask(
     if isinstance(mask, BlockMask):
         return block_mask_to_dense(mask, s_q, s_kv, device)
     return mask
-

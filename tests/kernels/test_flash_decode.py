@@ -118,9 +118,9 @@ def test_module_decode_uses_the_kernel_and_matches_full_forward(monkeypatch):
     calls = []
     real = kernel_ops.flash_decode
 
-    def spy(*args):
+    def spy(*args, **kwargs):
         calls.append(args[0].shape)
-        return real(*args)
+        return real(*args, **kwargs)
 
     monkeypatch.setattr(kernel_ops, "flash_decode", spy)
     attn = gqa_attention(embed_dim=64, num_heads=8, num_kv_heads=2, max_seq_len=32, backend="triton").eval()

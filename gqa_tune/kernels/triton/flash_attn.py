@@ -67,6 +67,26 @@ def load_tile(ptr, row_off, col_off, row_ok, col_ok):
     return tl.load(ptr + row_off[:, None] + col_off[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0)
 
 
+@triton.jit
+def capped_scores(raw, qk_scale, sm_scale, softcap, SOFTCAP: tl.constexpr):
+    """Scores in log2 units from ``raw = q . k``, and (for the backward) ``t = tanh(raw * scale / softcap)``.
+
+    With ``SOFTCAP`` the scaled score ``x`` becomes ``softcap * tanh(x / softcap)`` (Gemma 2).
+    """
+    if SOFTCAP:
+        t = 2.0 * tl.sigmoid(2.0 * raw * (sm_scale / softcap)) - 1.0
+        return t * (softcap * 1.4426950408889634), t
+    else:
+        return raw * qk_scale, raw
+
+
+@triton.jit
+def in_window(q_pos, k_pos, window):
+    """Sliding window: ``|q_pos - k_pos| < window``."""
+    gap = q_pos - k_pos
+    return (gap < window) & (gap > -window)
+
+
 def dot_precision(dtype: torch.dtype) -> int:
     if INTERPRET and dtype != torch.float32:
         return 2
@@ -75,16 +95,17 @@ def dot_precision(dtype: torch.dtype) -> int:
 
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, OUT, LSE, MASK,
+    Q, K, V, OUT, LSE, MASK, SINKS,
     sqb, sqh, sqm, sqd,
     skb, skh, skn, skd,
     svb, svh, svn, svd,
     sob, soh, som, sod,
     slb, slh, slm,
     smb, smh, smm, smn,
-    n_kv, s_q, s_kv, head_dim, causal_offset, qk_scale,
+    n_kv, s_q, s_kv, head_dim, causal_offset, qk_scale, sm_scale, window, softcap,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_MQ: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, PREC: tl.constexpr,
+    WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -104,23 +125,37 @@ def _fwd_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
-    hi = s_kv
+    lo, hi = 0, s_kv
     if CAUSAL:
         hi = tl.minimum(s_kv, (pid_m + 1) * BLOCK_MQ + causal_offset)
-    for start_n in range(0, hi, BLOCK_N):
+    if WINDOW:  # only the blocks the window reaches are read
+        lo = tl.maximum(0, pid_m * BLOCK_MQ + causal_offset - window + 1) // BLOCK_N * BLOCK_N
+        if not CAUSAL:
+            hi = tl.minimum(hi, (pid_m + 1) * BLOCK_MQ + causal_offset + window - 1)
+    for start_n in range(lo, hi, BLOCK_N):
         n = start_n + tl.arange(0, BLOCK_N)
         n_ok = n < s_kv
         kt = load_tile(K + b * skb + kvh * skh, d * skd, n * skn, d_ok, n_ok)  # [BLOCK_D, BLOCK_N]
-        s = mma(q, kt, PREC) * qk_scale
+        s, _ = capped_scores(mma(q, kt, PREC), qk_scale, sm_scale, softcap, SOFTCAP)
         allowed = row_ok[:, None] & n_ok[None, :]
         if CAUSAL:
             allowed = allowed & (n[None, :] <= m[:, None] + causal_offset)
+        if WINDOW:
+            allowed = allowed & in_window(m[:, None] + causal_offset, n[None, :], window)
         if HAS_MASK:
             keep = load_tile(MASK + b * smb, h * smh + m * smm, n * smn, row_ok, n_ok)
             allowed = allowed & (keep != 0)
         v = load_tile(V + b * svb + kvh * svh, n * svn, d * svd, n_ok, d_ok)
         m_i, l_i, acc = softmax_block(s, allowed, v, m_i, l_i, acc, PREC)
 
+    if HAS_SINKS:  # one more logit per head, with a zero value: it only grows the normalizer
+        sink = tl.load(SINKS + h, mask=row_ok, other=float("-inf")).to(tl.float32) * 1.4426950408889634
+        m_new = tl.maximum(m_i, sink)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.math.exp2(sink - m_safe)
+        acc = acc * alpha[:, None]
+        m_i = m_new
     dead = l_i == 0.0
     out = acc / tl.where(dead, 1.0, l_i)[:, None]
     tl.store(
@@ -140,9 +175,10 @@ def _bwd_dq_kernel(
     svb, svh, svn, svd,
     slb, slh, slm,
     smb, smh, smm, smn,
-    n_kv, s_q, s_kv, head_dim, causal_offset, qk_scale, sm_scale,
+    n_kv, s_q, s_kv, head_dim, causal_offset, qk_scale, sm_scale, window, softcap,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_MQ: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, PREC: tl.constexpr,
+    WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
 ):  # fmt: skip
     """dQ for the packed rows of one group (Q, dO and dQ share Q's strides)."""
     pid_m = tl.program_id(0)
@@ -165,24 +201,32 @@ def _bwd_dq_kernel(
     delta = tl.load(DELTA + b * slb + h * slh + m * slm, mask=row_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
-    hi = s_kv
+    lo, hi = 0, s_kv
     if CAUSAL:
         hi = tl.minimum(s_kv, (pid_m + 1) * BLOCK_MQ + causal_offset)
-    for start_n in range(0, hi, BLOCK_N):
+    if WINDOW:
+        lo = tl.maximum(0, pid_m * BLOCK_MQ + causal_offset - window + 1) // BLOCK_N * BLOCK_N
+        if not CAUSAL:
+            hi = tl.minimum(hi, (pid_m + 1) * BLOCK_MQ + causal_offset + window - 1)
+    for start_n in range(lo, hi, BLOCK_N):
         n = start_n + tl.arange(0, BLOCK_N)
         n_ok = n < s_kv
         kt = load_tile(K + b * skb + kvh * skh, d * skd, n * skn, d_ok, n_ok)  # [BLOCK_D, BLOCK_N]
         vt = load_tile(V + b * svb + kvh * svh, d * svd, n * svn, d_ok, n_ok)
-        s = mma(q, kt, PREC)
+        s, t = capped_scores(mma(q, kt, PREC), qk_scale, sm_scale, softcap, SOFTCAP)
         dp = mma(do, vt, PREC)
         allowed = row_ok[:, None] & n_ok[None, :]
         if CAUSAL:
             allowed = allowed & (n[None, :] <= m[:, None] + causal_offset)
+        if WINDOW:
+            allowed = allowed & in_window(m[:, None] + causal_offset, n[None, :], window)
         if HAS_MASK:
             keep = load_tile(MASK + b * smb, h * smh + m * smm, n * smn, row_ok, n_ok)
             allowed = allowed & (keep != 0)
-        p = tl.where(allowed, tl.math.exp2(s * qk_scale - lse[:, None]), 0.0)
+        p = tl.where(allowed, tl.math.exp2(s - lse[:, None]), 0.0)
         ds = p * (dp - delta[:, None])
+        if SOFTCAP:
+            ds = ds * (1.0 - t * t)  # d cap(x) / dx
         dq += mma(ds.to(kt.dtype), tl.trans(kt), PREC)
     tl.store(DQ + q_off, (dq * sm_scale).to(DQ.dtype.element_ty), mask=qd_mask)
 
@@ -195,9 +239,10 @@ def _bwd_dkdv_kernel(
     svb, svh, svn, svd,
     slb, slh, slm,
     smb, smh, smm, smn,
-    n_kv, s_q, s_kv, head_dim, causal_offset, qk_scale, sm_scale,
+    n_kv, s_q, s_kv, head_dim, causal_offset, qk_scale, sm_scale, window, softcap,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, PREC: tl.constexpr,
+    WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
 ):  # fmt: skip
     """dK, dV for one block of keys of one kv head, summed over its query heads in-program.
 
@@ -234,16 +279,20 @@ def _bwd_dkdv_kernel(
             do = tl.load(DO + q_off, mask=md_mask, other=0.0)
             lse = tl.load(LSE + b * slb + h * slh + m * slm, mask=m_ok, other=float("inf"))
             delta = tl.load(DELTA + b * slb + h * slh + m * slm, mask=m_ok, other=0.0)
-            st = mma(k, tl.trans(q), PREC)
+            st, tt = capped_scores(mma(k, tl.trans(q), PREC), qk_scale, sm_scale, softcap, SOFTCAP)
             dpt = mma(v, tl.trans(do), PREC)
             allowed = n_ok[:, None] & m_ok[None, :]
             if CAUSAL:
                 allowed = allowed & (n[:, None] <= m[None, :] + causal_offset)
+            if WINDOW:
+                allowed = allowed & in_window(m[None, :] + causal_offset, n[:, None], window)
             if HAS_MASK:
                 keep = load_tile(MASK + b * smb + h * smh, n * smn, m * smm, n_ok, m_ok)
                 allowed = allowed & (keep != 0)
-            pt = tl.where(allowed, tl.math.exp2(st * qk_scale - lse[None, :]), 0.0)
+            pt = tl.where(allowed, tl.math.exp2(st - lse[None, :]), 0.0)
             dst = pt * (dpt - delta[None, :])
+            if SOFTCAP:
+                dst = dst * (1.0 - tt * tt)
             dv += mma(pt.to(do.dtype), do, PREC)
             dk += mma(dst.to(q.dtype), q, PREC)
     tl.store(DK + k_off, (dk * sm_scale).to(DK.dtype.element_ty), mask=nd_mask)
@@ -279,8 +328,14 @@ def flash_attn_forward(
     scale: float,
     causal: bool,
     causal_offset: int,
+    window: int = 0,
+    softcap: float = 0.0,
+    sinks: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Run the forward kernel. Returns ``(out, lse)``; ``lse`` ``[b, n_h, s_q]`` float32, base 2."""
+    """Run the forward kernel. Returns ``(out, lse)``; ``lse`` ``[b, n_h, s_q]`` float32, base 2 (sinks included).
+
+    ``window`` > 0: sliding window; ``softcap`` > 0: logit soft-capping; ``sinks`` ``[n_h]``: sink logits.
+    """
     b, n_h, s_q, head_dim = q.shape
     n_kv, s_kv = k.shape[1], k.shape[2]
     group = n_h // n_kv
@@ -290,12 +345,13 @@ def flash_attn_forward(
     mask_ptr, mask_strides = _mask_arg(mask, q, s_kv)
     grid = (triton.cdiv(s_q, block_mq), b * n_kv)
     _fwd_kernel[grid](
-        q, k, v, out, lse, mask_ptr,
+        q, k, v, out, lse, mask_ptr, sinks if sinks is not None else lse,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(), *mask_strides,
-        n_kv, s_q, s_kv, head_dim, causal_offset, scale * LOG2E,
+        n_kv, s_q, s_kv, head_dim, causal_offset, scale * LOG2E, scale, window, softcap,
         GROUP=group, GROUP_PAD=group_pad, BLOCK_MQ=block_mq, BLOCK_N=block_n,
         BLOCK_D=head_block(head_dim), CAUSAL=causal, HAS_MASK=mask is not None,
-        PREC=dot_precision(q.dtype), **launch_options(group_pad * block_mq, head_block(head_dim)),
+        PREC=dot_precision(q.dtype), WINDOW=window > 0, SOFTCAP=softcap > 0, HAS_SINKS=sinks is not None,
+        **launch_options(group_pad * block_mq, head_block(head_dim)),
     )  # fmt: skip
     return out, lse
 
@@ -311,8 +367,11 @@ def flash_attn_backward(
     scale: float,
     causal: bool,
     causal_offset: int,
+    window: int = 0,
+    softcap: float = 0.0,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Run the backward kernels. Returns ``(dq, dk, dv)`` in the inputs' dtypes."""
+    """Run the backward kernels. Returns ``(dq, dk, dv)`` in the inputs' dtypes (sinks: their ``lse``
+    already counts them; their own gradient is ``-sum(exp2(sink * log2 e - lse) * delta)``, see ops.py)."""
     b, n_h, s_q, head_dim = q.shape
     n_kv, s_kv = k.shape[1], k.shape[2]
     group = n_h // n_kv
@@ -323,11 +382,11 @@ def flash_attn_backward(
     group_pad, block_mq, block_n = _blocks(q, group)
     mask_ptr, mask_strides = _mask_arg(mask, q, s_kv)
     common = dict(BLOCK_D=head_block(head_dim), CAUSAL=causal, HAS_MASK=mask is not None,
-                  PREC=dot_precision(q.dtype))  # fmt: skip
+                  PREC=dot_precision(q.dtype), WINDOW=window > 0, SOFTCAP=softcap > 0)  # fmt: skip
     _bwd_dq_kernel[(triton.cdiv(s_q, block_mq), b * n_kv)](
         q, k, v, do, dq, lse, delta, mask_ptr,
         *q.stride(), *k.stride(), *v.stride(), *lse.stride(), *mask_strides,
-        n_kv, s_q, s_kv, head_dim, causal_offset, scale * LOG2E, scale,
+        n_kv, s_q, s_kv, head_dim, causal_offset, scale * LOG2E, scale, window, softcap,
         GROUP=group, GROUP_PAD=group_pad, BLOCK_MQ=block_mq, BLOCK_N=block_n, **common,
         **launch_options(group_pad * block_mq, head_block(head_dim)),
     )  # fmt: skip
@@ -336,7 +395,7 @@ def flash_attn_backward(
     _bwd_dkdv_kernel[(triton.cdiv(s_kv, block_n_kv), b * n_kv)](
         q, k, v, do, dk, dv, lse, delta, mask_ptr,
         *q.stride(), *k.stride(), *v.stride(), *lse.stride(), *mask_strides,
-        n_kv, s_q, s_kv, head_dim, causal_offset, scale * LOG2E, scale,
+        n_kv, s_q, s_kv, head_dim, causal_offset, scale * LOG2E, scale, window, softcap,
         GROUP=group, BLOCK_M=block_m_kv, BLOCK_N=block_n_kv, **common,
         **launch_options(2 * block_n_kv, head_block(head_dim)),
     )  # fmt: skip

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from gqa_tune.kernels.triton._common import INTERPRET, head_block, next_pow2
-from gqa_tune.kernels.triton.flash_attn import dot_precision, load_tile, mma, softmax_block
+from gqa_tune.kernels.triton.flash_attn import capped_scores, dot_precision, in_window, load_tile, mma, softmax_block
 
 LOG2E = 1.4426950408889634
 
@@ -30,9 +30,10 @@ def _decode_split_kernel(
     skb, skh, skn, skd,
     svb, svh, svn, svd,
     smb, smm, smn,
-    n_kv, s_q, head_dim, chunk, n_splits, qk_scale,
+    n_kv, s_q, head_dim, chunk, n_splits, qk_scale, sm_scale, window, softcap,
     GROUP: tl.constexpr, SQ_PAD: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, PREC: tl.constexpr,
+    WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
 ):  # fmt: skip
     pid_s = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -51,16 +52,21 @@ def _decode_split_kernel(
     m_i = tl.full([ROWS], float("-inf"), tl.float32)
     l_i = tl.zeros([ROWS], tl.float32)
     acc = tl.zeros([ROWS, BLOCK_D], tl.float32)
-    start = pid_s * chunk
+    base = 0
+    if WINDOW:  # the splits cover only the keys the window reaches: cost follows min(window, fill)
+        base = tl.maximum(0, seqlen - s_q - window + 1)
+    start = base + pid_s * chunk
     end = tl.minimum(start + chunk, seqlen)
     for start_n in range(start, end, BLOCK_N):
         n = start_n + tl.arange(0, BLOCK_N)
         n_ok = n < end
         kt = load_tile(K + b * skb + kvh * skh, d * skd, n * skn, d_ok, n_ok)  # [BLOCK_D, BLOCK_N]
-        s = mma(q, kt, PREC) * qk_scale
+        s, _ = capped_scores(mma(q, kt, PREC), qk_scale, sm_scale, softcap, SOFTCAP)
         allowed = row_ok[:, None] & n_ok[None, :]
         if CAUSAL:
             allowed = allowed & (n[None, :] <= seqlen - s_q + i[:, None])
+        if WINDOW:
+            allowed = allowed & in_window(seqlen - s_q + i[:, None], n[None, :], window)
         if HAS_MASK:
             keep = load_tile(MASK + b * smb, i * smm, n * smn, row_ok, n_ok)
             allowed = allowed & (keep != 0)
@@ -75,11 +81,11 @@ def _decode_split_kernel(
 
 @triton.jit
 def _decode_merge_kernel(
-    OPART, LPART, OUT,
+    OPART, LPART, OUT, SINKS,
     sob, soh, som, sod,
     n_kv, s_q, head_dim, n_splits,
     GROUP: tl.constexpr, SQ_PAD: tl.constexpr, ROWS: tl.constexpr, SPLITS_PAD: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    BLOCK_D: tl.constexpr, HAS_SINKS: tl.constexpr,
 ):  # fmt: skip
     """One program per (row, b * n_kv): log-sum-exp merge of that row's splits."""
     row = tl.program_id(0)
@@ -95,10 +101,14 @@ def _decode_merge_kernel(
         part = (pid_bh * n_splits + sp) * ROWS + row
         lse = tl.load(LPART + part, mask=sp_ok, other=float("-inf"))
         top = tl.max(lse, 0)
+        sink = float("-inf")
+        if HAS_SINKS:  # one more logit with a zero value: it only grows the normalizer
+            sink = tl.load(SINKS + h).to(tl.float32) * 1.4426950408889634
+            top = tl.maximum(top, sink)
         top_safe = tl.where(top == float("-inf"), 0.0, top)
         w = tl.math.exp2(lse - top_safe)  # 0 for empty splits
         o = tl.load(OPART + part[:, None] * BLOCK_D + d[None, :], mask=sp_ok[:, None], other=0.0)
-        total = tl.sum(w, 0)
+        total = tl.sum(w, 0) + tl.math.exp2(sink - top_safe)
         out = tl.sum(o * w[:, None], 0) / tl.where(total == 0.0, 1.0, total)
         tl.store(OUT + b * sob + h * soh + i * som + d * sod, out.to(OUT.dtype.element_ty), mask=d < head_dim)
 
@@ -121,6 +131,9 @@ def flash_decode_triton(
     scale: float,
     causal: bool,
     max_seqlen: int = -1,
+    window: int = 0,
+    softcap: float = 0.0,
+    sinks: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Kernel launch for :func:`gqa_tune.flash_decode_gqa` (inputs already checked).
 
@@ -130,6 +143,8 @@ def flash_decode_triton(
     b, n_h, s_q, head_dim = q.shape
     n_kv = k_cache.shape[1]
     max_len = k_cache.shape[2] if max_seqlen < 0 else max(1, min(max_seqlen, k_cache.shape[2]))
+    if window > 0:
+        max_len = min(max_len, window + s_q - 1)  # the keys any row's window reaches
     group = n_h // n_kv
     sq_pad = next_pow2(s_q)
     rows = max(16, next_pow2(group) * sq_pad)
@@ -147,12 +162,14 @@ def flash_decode_triton(
     _decode_split_kernel[(n_splits, b * n_kv)](
         q, k_cache, v_cache, cache_seqlens, mask_arg, opart, lpart,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *mask_strides,
-        n_kv, s_q, head_dim, chunk, n_splits, scale * LOG2E,
+        n_kv, s_q, head_dim, chunk, n_splits, scale * LOG2E, scale, window, softcap,
         GROUP=group, SQ_PAD=sq_pad, ROWS=rows, BLOCK_N=block_n, BLOCK_D=block_d,
-        CAUSAL=causal, HAS_MASK=mask is not None, PREC=dot_precision(q.dtype),
+        CAUSAL=causal, HAS_MASK=mask is not None, PREC=dot_precision(q.dtype), WINDOW=window > 0,
+        SOFTCAP=softcap > 0,
     )  # fmt: skip
     _decode_merge_kernel[(rows, b * n_kv)](
-        opart, lpart, out, *out.stride(), n_kv, s_q, head_dim, n_splits,
+        opart, lpart, out, sinks if sinks is not None else lpart, *out.stride(), n_kv, s_q, head_dim, n_splits,
         GROUP=group, SQ_PAD=sq_pad, ROWS=rows, SPLITS_PAD=next_pow2(n_splits), BLOCK_D=block_d,
+        HAS_SINKS=sinks is not None,
     )  # fmt: skip
     return out

@@ -78,23 +78,27 @@ def kernel_problem(device: torch.device, dtype: torch.dtype, head_dim: int) -> O
 
 
 def triton_backend(
-    q, k, v, *, mask, scale, is_causal, dropout_p, softcap=None, sinks=None, causal_offset=0, seqlens=None,
-    max_seqlen=None,
+    q, k, v, *, mask, scale, is_causal, dropout_p, softcap=None, sinks=None, causal_offset=0, window=None,
+    seqlens=None, max_seqlen=None,
 ):  # fmt: skip
     """Flash attention, or with ``seqlens`` (a KV cache's per-row filled lengths) the split-K decode kernel.
 
-    ``scale`` comes resolved from the dispatcher; ``mask`` is 4-D. With ``seqlens`` the queries sit at the
-    end of each row's keys when ``is_causal`` (the decode kernel's alignment) and ``mask`` has no head dim.
+    ``scale`` comes resolved from the dispatcher and ``mask`` 4-D. Query ``i`` sits at key position
+    ``i + causal_offset``, or with ``seqlens`` at the end of its row's keys (``seqlens[b] - s_q + i``); the
+    window is ``|query position - key position| < window``; ``softcap`` caps the scaled scores; ``sinks``
+    ``[n_h]`` join each softmax with a zero value.
     """
+    features = dict(window=int(window or 0), softcap=float(softcap or 0.0), sinks=sinks)
     if seqlens is not None:
-        from gqa_tune.ops.decode import decode_attention
-
         mask3 = None
         if mask is not None:  # [b, s_q, max_len], padded with False to the buffer
             mask3 = F.pad(mask[:, 0], (0, k.shape[2] - mask.shape[-1]), value=False)
             mask3 = mask3.expand(q.shape[0], q.shape[2], -1)
-        return decode_attention(q, k, v, seqlens, scale, is_causal, mask3, max_seqlen)
-    out, _ = _kernels().flash_attn(q, k, v, mask, float(scale), is_causal, int(causal_offset))
+        bound = -1 if max_seqlen is None else int(max_seqlen)
+        return _kernels().flash_decode(
+            q, k, v, seqlens.to(torch.int32), mask3, float(scale), is_causal, bound, **features
+        )
+    out, _ = _kernels().flash_attn(q, k, v, mask, float(scale), is_causal, int(causal_offset), **features)
     return out
 
 
@@ -106,10 +110,6 @@ def triton_limits(call) -> Optional[str]:
         return f"it has no dropout (dropout_p={call.dropout_p})"
     if call.value_head_dim is not None:
         return f"value head_dim {call.value_head_dim} differs from the query/key head_dim {call.head_dim}"
-    if call.softcap is not None:
-        return "its kernels have no logit soft-capping (softcap) yet"
-    if call.sinks:
-        return "its kernels have no attention sinks yet"
     if call.mask_kind not in ("none", "bool"):
         return f"it takes no mask, is_causal or a bool mask, not a {call.mask_kind} mask"
     if call.decode and call.needs_grad:
