@@ -265,3 +265,26 @@ def test_flash_decode_never_reads_past_a_rows_length(kernel, monkeypatch):
     k[1, :, 6:], v[1, :, 6:] = float("nan"), float("nan")
     out = flash_decode_gqa(q, k, v, lens)
     torch.testing.assert_close(out, clean)
+
+
+class InductorError(RuntimeError):
+    pass
+
+
+InductorError.__module__ = "torch._inductor.exc"
+
+
+def test_flex_retries_a_call_whose_dynamic_kernel_fails_to_build(monkeypatch):
+    import gqa_tune.ops.backends.flex as flex
+
+    def broken(*args, **kwargs):
+        raise InductorError("CppCompileError: C++ compile error")
+
+    monkeypatch.setattr(flex, "_compiled_flex", lambda: broken)
+    q, k, v = qkv()
+    with torch.no_grad(), pytest.warns(UserWarning, match="dynamic-shape kernel failed to build"):
+        out = scaled_dot_product_gqa(q, k, v, is_causal=True, backend="flex")
+    torch.testing.assert_close(out, expected(q, k, v, is_causal=True), atol=1e-5, rtol=1e-5)
+    monkeypatch.setattr(flex, "_compiled_flex", lambda: lambda *a, **kw: (_ for _ in ()).throw(KeyError("other")))
+    with torch.no_grad(), pytest.raises(KeyError):  # anything else propagates
+        scaled_dot_product_gqa(q, k, v, is_causal=True, backend="flex")

@@ -12,6 +12,7 @@ and no float64 (torch's CPU flex kernel has neither).
 """
 
 import functools
+import warnings
 from typing import Callable, Optional, Tuple
 
 import torch
@@ -21,6 +22,29 @@ from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex
 @functools.cache
 def _compiled_flex():
     return torch.compile(flex_attention, dynamic=None)
+
+
+@functools.cache
+def _static_flex():
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def _inductor_failed(err: Exception) -> bool:
+    return type(err).__module__.startswith(("torch._inductor", "torch._dynamo")) and "Inductor" in repr(err)
+
+
+def _run_flex(*args, **kwargs):
+    """Compiled flex; where inductor fails to build the dynamic-shape kernel for a call (torch's CPU flex
+    template emits C++ that does not compile for some size-1 shapes), the same call compiled for its static
+    shapes, with a warning, rather than an error no user input caused."""
+    try:
+        return _compiled_flex()(*args, **kwargs)
+    except Exception as err:  # only inductor's own build failures are retried
+        if not _inductor_failed(err):
+            raise
+        warnings.warn(f"flex_attention's dynamic-shape kernel failed to build ({type(err).__name__}); "
+                      "compiling this call for its static shapes", stacklevel=3)  # fmt: skip
+        return _static_flex()(*args, **kwargs)
 
 
 def _top_left_causal_mod(b, h, q_idx, kv_idx):
@@ -81,7 +105,7 @@ def flex_backend(q, k, v, *, mask, scale, is_causal, dropout_p, softcap=None, si
         block_mask = _causal_block_mask(s_q, s_kv, str(q.device))
     if softcap is not None:
         score_mod = _with_softcap(score_mod, softcap, q.device)  # on the scaled scores, before the mask
-    result = _compiled_flex()(
+    result = _run_flex(
         q,
         k,
         v,
