@@ -134,3 +134,115 @@ def test_swap_warns_about_attention_it_leaves_alone():
         report = swap_attention(model)
     assert report == 2 and report.skipped == ["extra (OtherAttention)"]
     assert isinstance(model.layers[0].attn, MultiHeadAttention)
+
+
+def _vision_decoder_builder():
+    """torchtune's ``llama3_2_vision_decoder``, imported without torchvision if need be.
+
+    The decoder uses no torchvision, but its package imports CLIP's image transforms, which do. The only
+    torchvision wheel for torch 2.13 is built for CUDA and fails to load its ops on the CPU wheel, so when
+    torchvision is absent a stand-in module satisfies those imports (the transforms are never called) and is
+    removed again afterwards.
+    """
+    import importlib.util
+    import sys
+    import types
+
+    if importlib.util.find_spec("torchvision") is None:
+
+        class _StandIn(types.ModuleType):
+            def __getattr__(self, name):
+                if name.startswith("__"):
+                    raise AttributeError(name)
+                return _StandIn(f"{self.__name__}.{name}")
+
+        names = ["torchvision", "torchvision.transforms", "torchvision.transforms.v2"]
+        sys.modules.update({name: _StandIn(name) for name in names})
+        try:
+            from torchtune.models.llama3_2_vision._component_builders import llama3_2_vision_decoder
+        finally:
+            for name in names:
+                sys.modules.pop(name, None)
+    else:
+        from torchtune.models.llama3_2_vision._component_builders import llama3_2_vision_decoder
+    return llama3_2_vision_decoder
+
+
+ENC_LEN = 12
+
+
+def build_vision():
+    """A tiny llama3_2_vision decoder: self-attention layers, with a cross-attention fusion layer every 2nd."""
+    torch.manual_seed(0)
+    model = _vision_decoder_builder()(
+        vocab_size=VOCAB,
+        num_layers=4,
+        fusion_interval=2,
+        num_special_tokens=2,
+        num_heads=4,
+        num_kv_heads=2,
+        embed_dim=64,
+        max_seq_len=MAX_LEN,
+        encoder_max_seq_len=ENC_LEN,
+        rope_base=500_000,
+        intermediate_dim=128,
+    ).eval()
+    for param in model.parameters():
+        nn.init.normal_(param, std=0.2)
+    return model
+
+
+def _vision_inputs(batch=2, s=10):
+    tokens = torch.randint(0, VOCAB, (batch, s))
+    encoder_input = torch.randn(batch, ENC_LEN, 64)  # the vision encoder's output, already projected to 64
+    encoder_mask = torch.ones(batch, s, ENC_LEN, dtype=torch.bool)
+    encoder_mask[1, :, 8:] = False  # the second sample has fewer image tokens
+    return tokens, encoder_input, encoder_mask
+
+
+def _vision_swapped(model):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        report = swap_attention(model)
+    self_attn = ["layers.0.attn", "layers.1.layer.attn", "layers.2.attn", "layers.3.layer.attn"]
+    cross_attn = ["layers.1.fusion_layer.attn", "layers.3.fusion_layer.attn"]
+    assert sorted(report.replaced) == sorted(self_attn + cross_attn) and report.skipped == []
+    assert not any(isinstance(m, TorchtuneMHA) for m in model.modules())
+    return model
+
+
+def _vision_cached(model, tokens, encoder_input, encoder_mask, prefill=4):
+    """Prefill ``prefill`` tokens with the image, then decode the rest one token at a time."""
+    batch, s = tokens.shape
+    model.setup_caches(batch_size=batch, dtype=torch.float32, encoder_max_seq_len=ENC_LEN, decoder_max_seq_len=MAX_LEN)
+    mask = decoding_mask(prefill, MAX_LEN).expand(batch, -1, -1)
+    pos = torch.arange(prefill).expand(batch, -1)
+    steps = [model(tokens[:, :prefill], mask=mask, input_pos=pos, encoder_input=encoder_input,
+                   encoder_mask=encoder_mask[:, :prefill])]  # fmt: skip
+    for i in range(prefill, s):
+        mask = decoding_mask(1, MAX_LEN, i).expand(batch, -1, -1)
+        pos = torch.full((batch, 1), i)
+        steps.append(model(tokens[:, i : i + 1], mask=mask, input_pos=pos, encoder_mask=encoder_mask[:, i : i + 1]))
+    model.reset_caches()
+    return torch.cat(steps, dim=1)
+
+
+def test_llama3_2_vision_self_and_cross_attention_logits_equal_torchtunes():
+    model = build_vision()
+    tokens, encoder_input, encoder_mask = _vision_inputs()
+    with torch.no_grad():
+        expected = model(tokens, encoder_input=encoder_input, encoder_mask=encoder_mask)
+        got = _vision_swapped(model)(tokens, encoder_input=encoder_input, encoder_mask=encoder_mask)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_llama3_2_vision_cached_decoding_equals_the_full_forward_and_torchtunes():
+    model = build_vision()
+    tokens, encoder_input, encoder_mask = _vision_inputs()
+    with torch.no_grad():
+        full = model(tokens, encoder_input=encoder_input, encoder_mask=encoder_mask)
+        theirs = _vision_cached(model, tokens, encoder_input, encoder_mask)  # torchtune's cache is right here
+        ours = _vision_cached(_vision_swapped(model), tokens, encoder_input, encoder_mask)
+    torch.testing.assert_close(ours, full, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    assert torch.equal(ours.argmax(-1), theirs.argmax(-1))  # the same greedy tokens at every step
