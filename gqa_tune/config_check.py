@@ -141,7 +141,7 @@ KEY_SPECS: Mapping[str, KeySpec] = MappingProxyType(
         "max_steps_per_epoch": KeySpec(INT, "optimizer steps per epoch at most; null: all", minimum=1, nullable=True),
         "gradient_accumulation_steps": KeySpec(INT, "micro-batches per optimizer step", minimum=1),
         "clip_grad_norm": KeySpec(NUMBER, "gradient norm clip; null: none", minimum=0, exclusive=True, nullable=True),
-        "optimizer.lr": KeySpec(NUMBER, "learning rate", minimum=0, exclusive=True),
+        "optimizer.lr": KeySpec(NUMBER, "learning rate; 0 keeps the weights", minimum=0),
         "lr_scheduler.num_warmup_steps": KeySpec(INT, "warm-up steps of the learning rate", minimum=0),
         "init_std": KeySpec(NUMBER, "std of the random initialization", minimum=0, exclusive=True),
         "seed": KeySpec(INT, "seed of data order, initialization and sampling; null: random", minimum=0, nullable=True),
