@@ -1,17 +1,18 @@
-"""``gqa-tune``: list, copy, validate and run the project's recipes and configs.
+"""``gqa-tune``: list, copy, validate and run the project's recipes and configs, and convert checkpoints.
 
 ::
 
     gqa-tune ls
     gqa-tune cp gqa_tiny/full my_config.yaml [--force]
     gqa-tune validate my_config.yaml [key=value ...] [--recipe NAME]
-    gqa-tune run [--dry-run] [--no-validate] [TORCHRUN-OPTIONS] <recipe> --config <config> [key=value ...]
+    gqa-tune run [--dry-run] [TORCHRUN-OPTIONS] <recipe> --config <config> [key=value ...]
+    gqa-tune convert SRC DST --num-kv-heads N [--method mean|first|random] [--seed S] [--force]
 
-``run`` resolves a recipe name to ``gqa_tune/recipes/<name>.py`` and a config
-name (``gqa_tiny/full``) to its file, validates the config with its overrides
-(:mod:`gqa_tune.config_check`), and then runs torchtune's ``tune run`` with
-the same arguments, torchrun options (``--nproc_per_node 2``) included. The
-recipes run the same check themselves when started with plain ``tune run``.
+``run`` resolves a recipe name to ``gqa_tune/recipes/<name>.py`` and a config name
+(``gqa_tiny/full``) to its file, validates the config with its overrides, then runs
+torchtune's ``tune run`` with the same arguments, torchrun options included.
+``convert`` pools the key/value heads of a Hugging Face model directory (the GQA paper's
+mean-pooling by default) into a new directory that transformers and ``hf_model_dir=`` load.
 """
 
 from __future__ import annotations
@@ -23,85 +24,58 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence
 
 from gqa_tune import config_check as cc
+from gqa_tune.schema import RECIPES
 
 PROG = "gqa-tune"
+RUN_USAGE = f"""usage: {PROG} run [--dry-run] [TORCHRUN-OPTIONS] <recipe> --config <config> [key=value ...]
 
-RUN_SYNOPSIS = f"{PROG} run [--dry-run] [--no-validate] [TORCHRUN-OPTIONS] <recipe> --config <config> [key=value ...]"
-RUN_USAGE = f"""usage: {RUN_SYNOPSIS}
-
-Validate the config (with the overrides), then run `tune run gqa_tune/recipes/<recipe>.py --config <config file> ...`.
-
-  <recipe>         one of gqa_tune's recipes (see `{PROG} ls`), or a path to a recipe .py file
-  --config         a config name (e.g. gqa_tiny/full) or a path to a YAML file
-  key=value, ~key  overrides, as `tune run` takes them
-  --dry-run        validate and print the `tune run` command without running it
-  --no-validate    run without validating the config first
-  TORCHRUN-OPTIONS e.g. --nproc_per_node 2 (run through torchrun, as `tune run` does)
+Validate the config with the overrides, then `tune run gqa_tune/recipes/<recipe>.py --config <file> ...`.
+  <recipe>    one of {", ".join(RECIPES)}, or a recipe .py file
+  --config    a config name (e.g. gqa_tiny/full) or a YAML file
+  --dry-run   validate and print the `tune run` command without running it
+  TORCHRUN-OPTIONS, e.g. --nproc_per_node 2, go to torchrun as `tune run` passes them
 """
 
 
 class CLIError(Exception):
-    """A user error: printed as ``gqa-tune <command>: <message>``, exit code 1."""
+    """A user error: printed as ``gqa-tune <command>: <message>``, exit status 1."""
 
 
-def _choices() -> str:
-    return f"recipes: {', '.join(cc.recipe_names()) or '-'}; configs: {', '.join(cc.config_names()) or '-'}"
-
-
-def _suggest(name: str) -> str:
-    close = difflib.get_close_matches(name, cc.recipe_names() + cc.config_names(), n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
+def _unknown(what: str, name: str, choices: Sequence[str], alternative: str = "") -> CLIError:
+    close = difflib.get_close_matches(name, choices, n=1, cutoff=0.6)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return CLIError(f"unknown {what} {name!r}{hint}: give {alternative}one of: {', '.join(choices)}")
 
 
 def _config_path(name: str) -> Path:
-    """A config name (``gqa_tiny/full``) or a path to a YAML file."""
     found = cc.find_config(name)
-    if found is not None:
-        return found
-    path = Path(name).expanduser()
-    if path.is_file():
-        return path
-    raise CLIError(
-        f"unknown config {name!r}{_suggest(name)}: give a YAML file or one of: {', '.join(cc.config_names()) or '-'}"
-    )
+    if found is None and not Path(name).expanduser().is_file():
+        raise _unknown("config", name, cc.config_names(), "a YAML file or ")
+    return found or Path(name).expanduser()
 
 
-def _print_problems(path: Path, problems: Sequence[str], what: str) -> None:
-    count = f"{len(problems)} problem{'s' if len(problems) != 1 else ''}"
-    print(f"{path}: {count}{what}:", file=sys.stderr)
+def _print_problems(path: Path, problems: Sequence[str], what: str = "") -> None:
+    print(f"{path}: {len(problems)} problem{'s' * (len(problems) != 1)}{what}:", file=sys.stderr)
     for problem in problems:
         print(f"  {problem}", file=sys.stderr)
 
 
-# ---------------------------------------------------------------- ls
-
-
 def cmd_ls(args: argparse.Namespace) -> int:
-    table = cc.recipe_configs()
-    rows = [(recipe, ", ".join(configs) or "-") for recipe, configs in table.items() if recipe is not None]
-    if table.get(None):
-        rows.append(("(no recipe)", ", ".join(table[None])))
-    width = max([len("RECIPE")] + [len(r) for r, _ in rows]) + 3
-    print(f"{'RECIPE':<{width}}CONFIG")
-    for recipe, configs in rows:
-        print(f"{recipe:<{width}}{configs}")
+    width = max(len(name) for name in RECIPES) + 3
+    print(f"{'RECIPE':<{width}}{'CONFIGS':<44}WHAT")
+    for name, entry in RECIPES.items():
+        print(f"{name:<{width}}{', '.join(entry.configs):<44}{entry.summary}")
     return 0
-
-
-# ---------------------------------------------------------------- cp
 
 
 def cmd_cp(args: argparse.Namespace) -> int:
     recipe = cc.find_recipe(args.file)
-    if recipe is not None:
-        source = cc.recipe_file(recipe)
-    else:
-        source = cc.find_config(args.file)
-        if source is None:
-            raise CLIError(f"unknown recipe or config {args.file!r}{_suggest(args.file)}; choose from {_choices()}")
+    source = cc.recipe_file(recipe) if recipe else cc.find_config(args.file)
+    if source is None:
+        raise _unknown("recipe or config", args.file, cc.recipe_names() + cc.config_names())
     dest = Path(args.destination).expanduser()
     if dest.is_dir() or args.destination.endswith(("/", "\\")):
         dest = dest / source.name
@@ -115,76 +89,72 @@ def cmd_cp(args: argparse.Namespace) -> int:
     return 0
 
 
-# ---------------------------------------------------------------- validate
-
-
 def cmd_validate(args: argparse.Namespace) -> int:
     path = _config_path(args.config)
-    recipe = args.recipe
-    if recipe is not None and cc.find_recipe(recipe) is None and not Path(recipe).is_file():
-        raise CLIError(f"unknown recipe {recipe!r}; choose from {', '.join(cc.recipe_names())} or a .py file")
-    problems = cc.check_config_file(path, args.overrides, recipe=recipe, check_files=not args.no_file_checks)
+    if args.recipe is not None and cc.schema_of(args.recipe) is None:
+        raise _unknown("recipe", args.recipe, cc.recipe_names())
+    problems = cc.check_config_file(path, args.overrides, recipe=args.recipe, check_files=not args.no_file_checks)
     if problems:
-        _print_problems(path, problems, "")
+        _print_problems(path, problems)
         return 1
     print(f"{path}: config is valid")
     return 0
 
 
-# ---------------------------------------------------------------- run
+def cmd_convert(args: argparse.Namespace) -> int:
+    from gqa_tune.convert.hf import convert_hf_checkpoint
+
+    try:
+        dst = convert_hf_checkpoint(args.src, args.dst, args.num_kv_heads, args.method, args.seed,
+                                    overwrite=args.force)  # fmt: skip
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    print(f"wrote {dst}: {args.num_kv_heads} kv heads ({args.method} of each group's heads)")
+    return 0
 
 
 def _tune_executable() -> List[str]:
     sibling = Path(sys.executable).with_name("tune")
-    if sibling.is_file():
-        return [str(sibling)]
-    found = shutil.which("tune")
+    found = str(sibling) if sibling.is_file() else shutil.which("tune")
     return [found] if found else [sys.executable, "-m", "torchtune._cli.tune"]
 
 
-def tune_run_command(tokens: Sequence[str]) -> Tuple[List[str], Path, str, List[str]]:
-    """``(tune run command, config file, recipe, overrides)`` for ``gqa-tune run``'s arguments (after ``run``).
-
-    Raises:
-        CLIError: for a missing ``--config``, an unknown recipe or config.
-    """
+def tune_run_command(tokens: Sequence[str]):
+    """``(tune run command, config file, recipe, overrides)`` for ``gqa-tune run``'s arguments (after ``run``)."""
     from torch.distributed.run import get_args_parser
 
     parser = get_args_parser()
     parser.prog = f"{PROG} run"
     parsed = parser.parse_args(list(tokens))  # torchrun's options, the recipe, then everything after it
-    recipe_args = list(parsed.training_script_args)
-    launcher = list(tokens[: len(tokens) - len(recipe_args) - 1])
-
+    rest = list(parsed.training_script_args)
+    launcher = list(tokens[: len(tokens) - len(rest) - 1])
     recipe = cc.find_recipe(parsed.training_script)
     if recipe is not None:
         recipe_arg = f"gqa_tune/recipes/{recipe}.py"  # tune run turns it into the module gqa_tune.recipes.<name>
     elif parsed.training_script.endswith(".py") and Path(parsed.training_script).is_file():
         recipe = recipe_arg = parsed.training_script  # a recipe of one's own, e.g. one copied out with cp
     else:
-        name = parsed.training_script
-        raise CLIError(
-            f"unknown recipe {name!r}{_suggest(name)}: give a .py file or one of: {', '.join(cc.recipe_names())}"
-        )
-
-    config, overrides, i = None, [], 0
-    while i < len(recipe_args):
-        arg = recipe_args[i]
+        raise _unknown("recipe", parsed.training_script, cc.recipe_names(), "a .py file or ")
+    config, overrides = None, []
+    while rest:
+        arg = rest.pop(0)
         if arg == "--config":
-            if i + 1 == len(recipe_args):
+            if not rest:
                 raise CLIError("--config needs a value")
-            config, i = recipe_args[i + 1], i + 2
-            continue
-        if arg.startswith("--config="):
+            config = rest.pop(0)
+        elif arg.startswith("--config="):
             config = arg.split("=", 1)[1]
         else:
             overrides.append(arg)
-        i += 1
     if config is None:
-        raise CLIError(f"--config is required; configs: {', '.join(cc.config_names()) or '-'}")
-    config_path = _config_path(config)
-    command = [*_tune_executable(), "run", *launcher, recipe_arg, "--config", str(config_path), *overrides]
-    return command, config_path, recipe, overrides
+        raise CLIError(f"--config is required; configs: {', '.join(cc.config_names())}")
+    path = _config_path(config)
+    return (
+        [*_tune_executable(), "run", *launcher, recipe_arg, "--config", str(path), *overrides],
+        path,
+        recipe,
+        overrides,
+    )
 
 
 def cmd_run(tokens: Sequence[str]) -> int:
@@ -192,17 +162,12 @@ def cmd_run(tokens: Sequence[str]) -> int:
     if not tokens or tokens[0] in ("-h", "--help"):
         print(RUN_USAGE)
         return 0 if tokens else 2
-    dry_run, validate = False, True
-    while tokens and tokens[0] in ("--dry-run", "--no-validate"):
-        flag = tokens.pop(0)
-        dry_run |= flag == "--dry-run"
-        validate &= flag != "--no-validate"
-    command, config_path, recipe, overrides = tune_run_command(tokens)
-    if validate:
-        problems = cc.check_config_file(config_path, overrides, recipe=recipe)
-        if problems:
-            _print_problems(config_path, problems, "; not starting the recipe")
-            return 1
+    dry_run = tokens[0] == "--dry-run"
+    command, path, recipe, overrides = tune_run_command(tokens[dry_run:])
+    problems = cc.check_config_file(path, overrides, recipe=recipe)
+    if problems:
+        _print_problems(path, problems, "; not starting the recipe")
+        return 1
     print("$ " + shlex.join(command), file=sys.stderr, flush=True)
     if dry_run:
         return 0
@@ -210,15 +175,10 @@ def cmd_run(tokens: Sequence[str]) -> int:
     return 128 - code if code < 0 else code  # killed by a signal: the shell's convention
 
 
-# ---------------------------------------------------------------- main
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description="gqa_tune's recipes and configs, on top of `tune`.")
-    sub = parser.add_subparsers(dest="command", metavar="{ls,cp,validate,run}")
-
-    ls = sub.add_parser("ls", help="list the recipes and their configs")
-    ls.set_defaults(func=cmd_ls)
+    sub = parser.add_subparsers(dest="command", metavar="{ls,cp,validate,run,convert}")
+    sub.add_parser("ls", help="list the recipes and their configs").set_defaults(func=cmd_ls)
 
     cp = sub.add_parser("cp", help="copy a recipe or config to edit it")
     cp.add_argument("file", help="a recipe name (full_finetune_single_device) or config name (gqa_tiny/full)")
@@ -229,18 +189,21 @@ def build_parser() -> argparse.ArgumentParser:
     validate = sub.add_parser("validate", help="check a config (and overrides) before running it")
     validate.add_argument("config", help="a config name (gqa_tiny/full) or a path to a YAML file")
     validate.add_argument("overrides", nargs="*", metavar="key=value", help="overrides, as `tune run` takes them")
-    validate.add_argument(
-        "--recipe", help="the recipe that will read the config (default: the one its header comment names)"
-    )
+    validate.add_argument("--recipe", help="the recipe that reads the config (default: the config's own)")
     validate.add_argument("--no-file-checks", action="store_true", help="do not check that input files exist")
     validate.set_defaults(func=cmd_validate)
 
-    sub.add_parser(
-        "run",
-        help="validate a config, then `tune run` a recipe with it",
-        usage=RUN_SYNOPSIS,
-        add_help=False,
-    )
+    sub.add_parser("run", help="validate a config, then `tune run` a recipe with it", add_help=False)
+
+    convert = sub.add_parser("convert", help="MHA -> GQA: pool the kv heads of a Hugging Face model directory")
+    convert.add_argument("src", help="a Hugging Face model directory (config.json and safetensors weights)")
+    convert.add_argument("dst", help="the directory to write (atomically)")
+    convert.add_argument("--num-kv-heads", type=int, required=True, help="kv heads of the converted model")
+    convert.add_argument("--method", choices=("mean", "first", "random"), default="mean",
+                         help="mean-pool each group (the GQA paper), keep its first head, or random init")  # fmt: skip
+    convert.add_argument("--seed", type=int, default=0, help="seed of --method random")
+    convert.add_argument("-f", "--force", action="store_true", help="replace a non-empty DST")
+    convert.set_defaults(func=cmd_convert)
     return parser
 
 
@@ -256,8 +219,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return 2
         return args.func(args)
     except CLIError as e:
-        command = argv[0] if argv else ""
-        print(f"{PROG} {command}: {e}", file=sys.stderr)
+        print(f"{PROG} {argv[0] if argv else ''}: {e}", file=sys.stderr)
         return 1
 
 

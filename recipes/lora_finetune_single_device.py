@@ -44,6 +44,7 @@ from torchtune.modules.peft import LoRALinear, get_adapter_params, get_merged_lo
 
 from gqa_tune.config_check import check_config, exits_on_config_error
 from gqa_tune.models import init_from_scratch
+from gqa_tune.schema import LoRAConfig
 from gqa_tune.training.checkpoint import latest_checkpoint, load_checkpoint, model_shape
 from gqa_tune.training.finetune import FinetuneRecipe
 
@@ -144,6 +145,8 @@ def adapter_from_peft(
 
 class LoRAFinetuneRecipeSingleDevice(FinetuneRecipe):
     """LoRA on one device: the shared loop, with frozen base weights and adapter-aware checkpoints."""
+
+    SCHEMA = LoRAConfig
 
     # ------------------------------------------------------------ setup
 

@@ -39,8 +39,9 @@ from omegaconf import DictConfig, OmegaConf
 from torchtune import config, training
 from torchtune.config._utils import _get_component_from_path
 
-from gqa_tune.config_check import KeySpec, check_config, exits_on_config_error
+from gqa_tune.config_check import check_config, exits_on_config_error
 from gqa_tune.convert.pooling import METHODS, check_conversion, convert_model_
+from gqa_tune.schema import UptrainConfig
 from gqa_tune.training.checkpoint import load_checkpoint, resolve_checkpoint_dir, stored_builder
 from gqa_tune.training.finetune import FinetuneRecipe
 
@@ -53,13 +54,12 @@ def builder_accepts_num_kv_heads(component: str) -> bool:
 
 
 #: ``epochs`` and ``max_steps_per_epoch`` come from the step budget, so the config leaves them null.
-_DERIVED = "the uptraining length comes from uptrain_steps / uptrain_fraction: leave {} null"
 
 
 class UptrainRecipe(FinetuneRecipe):
     """Load an MHA (or grouped) checkpoint, pool its kv heads, uptrain, evaluate, save."""
 
-    CONFIG_SPECS = {key: KeySpec((), _DERIVED.format(key), nullable=True) for key in ("epochs", "max_steps_per_epoch")}
+    SCHEMA = UptrainConfig
 
     def __init__(self, cfg: DictConfig) -> None:
         super().__init__(cfg)

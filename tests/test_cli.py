@@ -9,7 +9,7 @@ import pytest
 from helpers import REPO
 
 from gqa_tune import cli
-from gqa_tune import config_check as cc
+from gqa_tune.schema import RECIPES
 
 RECIPE, CONFIG = "full_finetune_single_device", "gqa_tiny/full"
 CONFIG_FILE = REPO / "configs" / "gqa_tiny" / "full.yaml"
@@ -42,12 +42,11 @@ def test_ls(capsys):
     code, out, _ = run_cli(capsys, "ls")
     assert code == 0
     lines = out.splitlines()
-    assert lines[0].split() == ["RECIPE", "CONFIG"]
-    rows = {line.split()[0]: line.split(None, 1)[1] for line in lines[1:]}
-    assert CONFIG in rows[RECIPE].split(", ")
-    assert set(cc.recipe_names()) <= set(rows)
-    listed = {c for configs in rows.values() for c in configs.split(", ")}
-    assert set(cc.config_names()) <= listed
+    assert lines[0].split() == ["RECIPE", "CONFIGS", "WHAT"]
+    rows = {line.split()[0]: line for line in lines[1:]}
+    assert set(rows) == set(RECIPES) and CONFIG in rows[RECIPE]
+    for name, entry in RECIPES.items():
+        assert all(config in rows[name] for config in entry.configs) and entry.summary in rows[name]
 
 
 # ---------------------------------------------------------------- cp

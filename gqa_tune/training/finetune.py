@@ -30,8 +30,9 @@ from torchtune.modules import TransformerSelfAttentionLayer
 from torchtune.recipe_interfaces import FTRecipeInterface
 from tqdm import tqdm
 
-from gqa_tune.config_check import ConfigError, check_values, check_writable_dir, recipe_specs
+from gqa_tune.config_check import ConfigError, check_values, check_writable_dir
 from gqa_tune.models import init_from_scratch
+from gqa_tune.schema import FinetuneConfig
 from gqa_tune.training.checkpoint import (
     STATE,
     latest_checkpoint,
@@ -108,9 +109,8 @@ class FinetuneRecipe(FTRecipeInterface):
     ``gradient_accumulation_steps``, ``clip_grad_norm``, ``dtype``, ``device``,
     ``seed``, ``shuffle``, ``enable_activation_checkpointing``, ``compile``,
     ``save_every_n_steps``, ``resume_from_checkpoint``, ``metric_logger``,
-    ``log_every_n_steps``, ``eval``. Their value rules are
-    :data:`gqa_tune.config_check.KEY_SPECS` (a subclass may change rows for itself:
-    :func:`~gqa_tune.config_check.recipe_specs`). The constructor checks them; the
+    ``log_every_n_steps``, ``eval``. Their types, defaults and value rules are the dataclass
+    :attr:`SCHEMA` (:mod:`gqa_tune.schema`; a subclass names its own). The constructor checks them; the
     recipes' main functions check the whole config first
     (:func:`~gqa_tune.config_check.check_config`).
 
@@ -119,8 +119,10 @@ class FinetuneRecipe(FTRecipeInterface):
     :data:`RECIPE_STATE_KEYS` or trained with other :meth:`resume_settings`.
     """
 
+    SCHEMA = FinetuneConfig  # the config's keys, types and defaults
+
     def __init__(self, cfg: DictConfig) -> None:
-        check_values(cfg, recipe_specs(type(self)))  # also when built in-process, without recipe_main's check_config
+        check_values(cfg, self.SCHEMA)  # also when built in-process, without recipe_main's check_config
         self.cfg = cfg
         self.device = torch.device(cfg.get("device", "cpu"))
         self.dtype = training.get_dtype(cfg.get("dtype", "fp32"), device=self.device)

@@ -1,0 +1,194 @@
+"""The config schema of every recipe, and the registry of recipes and their configs.
+
+Each recipe's keys are one dataclass: a field's type, default and ``doc`` are the key's
+type, default and help, and :func:`setting`'s ``minimum`` / ``choices`` / ``check`` add
+the range a recipe needs. A field without a default (``MISSING``) must be set. Keys that
+take a torchtune ``_component_`` are typed :data:`Component`: the component's own keyword
+arguments are checked against its signature (:mod:`gqa_tune.config_check`), and ``args``
+gives the value rules of some of them (``optimizer.lr``). A nested dataclass is a plain
+mapping of its own keys (``eval``).
+
+:data:`RECIPES` is the one list of the project's recipes, with their schemas and configs
+(``gqa-tune ls`` prints it). Adding a config key means adding one field here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import MISSING, dataclass, field
+from typing import Any, Callable, Dict, List, NamedTuple, NewType, Optional, Tuple, Union
+
+#: A mapping with a ``_component_`` path, which ``torchtune.config.instantiate`` builds.
+Component = NewType("Component", dict)
+
+
+class Arg(NamedTuple):
+    """The value rule of one keyword argument of a component (``optimizer.lr``)."""
+
+    type: Any
+    doc: str
+    minimum: Optional[float] = None
+    exclusive: bool = False
+
+
+def setting(
+    default: Any = MISSING,
+    doc: str = "",
+    *,
+    minimum: Optional[float] = None,
+    exclusive: bool = False,
+    choices: Tuple[Any, ...] = (),
+    check: Optional[Callable[[Any], Optional[str]]] = None,
+    input_file: bool = False,
+    args: Optional[Dict[str, Arg]] = None,
+) -> Any:
+    """A schema field. ``check(value)`` returns why an otherwise well-typed value is wrong, or None;
+    ``input_file``: the value names a file (or files) that must exist."""
+    meta = dict(doc=doc, minimum=minimum, exclusive=exclusive, choices=choices, check=check,
+                input_file=input_file, args=args or {})  # fmt: skip
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _torch_device(value: str) -> Optional[str]:
+    import torch
+
+    try:
+        torch.device(value)
+    except (RuntimeError, ValueError):
+        return "not a torch device (e.g. cpu, cuda, cuda:1)"
+    return None
+
+
+def _not_empty(value: str) -> Optional[str]:
+    return None if value.strip() else "empty"
+
+
+DTYPES = ("fp32", "bf16", "fp16", "fp64")
+
+
+@dataclass(kw_only=True)
+class EvalConfig:
+    """``eval:``: held-out evaluation after training."""
+
+    dataset: Optional[Component] = setting(None, "the held-out dataset")
+    accuracy_file: Optional[str] = setting(None, "task file for the accuracy; null: none", input_file=True)
+    max_examples: int = setting(200, "examples of accuracy_file scored at most", minimum=1)
+
+
+@dataclass(kw_only=True)
+class FinetuneConfig:
+    """Full fine-tuning, or training from scratch (``full_finetune_single_device``, ``full_finetune_distributed``)."""
+
+    output_dir: str = setting(doc="where checkpoints and logs go; created if missing", check=_not_empty)
+    model: Optional[Component] = setting(doc="the model builder")
+    tokenizer: Component = setting(doc="the tokenizer")
+    dataset: Component = setting(doc="the training dataset")
+    optimizer: Component = setting(
+        doc="the optimizer",
+        args={"lr": Arg(float, "learning rate; 0 keeps the weights", minimum=0)},
+    )
+    metric_logger: Component = setting(doc="a torchtune metric logger")
+    batch_size: int = setting(doc="examples per micro-batch, per process", minimum=1)
+    epochs: int = setting(doc="passes over the dataset", minimum=1)
+    checkpointer: Optional[Component] = setting(None, "a torchtune checkpointer to start from; null: none")
+    hf_model_dir: Optional[str] = setting(
+        None, "a Hugging Face model directory to start from; replaces model, checkpointer and the other sources"
+    )
+    init_from_scratch: bool = setting(True, "random weights when nothing else loads them")
+    init_std: float = setting(0.02, "std of the random initialization", minimum=0, exclusive=True)
+    lr_scheduler: Optional[Component] = setting(
+        None,
+        "the learning-rate schedule; null: constant",
+        args={"num_warmup_steps": Arg(int, "warm-up steps of the learning rate", minimum=0)},
+    )
+    max_steps_per_epoch: Optional[int] = setting(None, "optimizer steps per epoch at most; null: all", minimum=1)
+    gradient_accumulation_steps: int = setting(1, "micro-batches per optimizer step", minimum=1)
+    clip_grad_norm: Optional[float] = setting(None, "gradient norm clip; null: none", minimum=0, exclusive=True)
+    dtype: str = setting("fp32", "parameter and compute precision", choices=DTYPES)
+    device: str = setting("cpu", "the torch device", check=_torch_device)
+    seed: Optional[int] = setting(0, "seed of data order, initialization and sampling; null: random", minimum=0)
+    shuffle: bool = setting(True, "shuffle the dataset each epoch")
+    enable_activation_checkpointing: bool = setting(False, "recompute activations in the backward pass")
+    compile: bool = setting(False, "torch.compile the model")
+    save_every_n_steps: Optional[int] = setting(None, "mid-epoch checkpoint interval; null: none", minimum=1)
+    resume_from_checkpoint: bool = setting(False, "continue from output_dir's LATEST checkpoint")
+    log_every_n_steps: int = setting(10, "metric logging interval, in optimizer steps", minimum=1)
+    eval: Optional[EvalConfig] = setting(None, "held-out evaluation after training; null: none")
+
+
+@dataclass(kw_only=True)
+class LoRAConfig(FinetuneConfig):
+    """LoRA fine-tuning (``lora_finetune_single_device``): ``model`` is a LoRA builder."""
+
+    base_checkpoint_dir: Optional[str] = setting(None, "the base model's checkpoint (a run's output_dir)")
+    base_model: Optional[Component] = setting(None, "the base model builder, when the checkpoint does not say")
+    init_from_scratch: bool = setting(False, "random base weights when nothing else loads them")
+
+
+_DERIVED = "derived from uptrain_steps / uptrain_fraction; leave null"
+
+
+@dataclass(kw_only=True)
+class UptrainConfig(FinetuneConfig):
+    """MHA -> GQA conversion, then uptraining (``uptrain``)."""
+
+    model: Optional[Dict[str, Any]] = setting(dict(), "builder arguments to override; empty: the source's")
+    source_checkpoint_dir: Optional[str] = setting(None, "the MHA model's checkpoint (a run's output_dir)")
+    num_kv_heads: int = setting(doc="kv heads of the GQA model", minimum=1)
+    method: str = setting("mean", "how kv heads are merged", choices=("mean", "first", "random"))
+    conversion_seed: Optional[int] = setting(None, "seed of method=random; null: seed", minimum=0)
+    uptrain_fraction: Optional[float] = setting(
+        None, "uptraining steps as a fraction of the source's", minimum=0, exclusive=True
+    )
+    uptrain_steps: Optional[int] = setting(None, "uptraining steps; null: from uptrain_fraction", minimum=1)
+    source_global_step: Optional[int] = setting(None, "the source's steps, when it has no recipe_state.pt", minimum=1)
+    eval_before_uptrain: bool = setting(False, "evaluate the converted model before training")
+    epochs: Optional[int] = setting(None, _DERIVED, choices=(None,))
+    max_steps_per_epoch: Optional[int] = setting(None, _DERIVED, choices=(None,))
+
+
+@dataclass(kw_only=True)
+class GenerateConfig:
+    """Generation from a checkpoint (``generate``)."""
+
+    tokenizer: Component = setting(doc="the tokenizer")
+    checkpoint_dir: Optional[str] = setting(None, "a run's output_dir (its LATEST) or a checkpoint directory")
+    checkpointer: Optional[Component] = setting(None, "a torchtune checkpointer instead; then give model")
+    hf_model_dir: Optional[str] = setting(
+        None, "a Hugging Face model directory to load; replaces checkpoint_dir, checkpointer and model"
+    )
+    model: Optional[Dict[str, Any]] = setting(None, "a builder, or builder arguments overriding the checkpoint's")
+    prompts: Optional[List[str]] = setting(None, "prompts, generated as one batch")
+    prompt: Optional[Union[str, List[str]]] = setting(None, "a prompt (prompt=TEXT on the command line)")
+    max_new_tokens: int = setting(32, "tokens generated per prompt at most", minimum=1)
+    temperature: float = setting(0.0, "sampling temperature; 0: greedy", minimum=0)
+    top_k: Optional[int] = setting(None, "sample from the k most likely tokens; null: all", minimum=1)
+    seed: Optional[int] = setting(0, "sampling seed; null: random", minimum=0)
+    device: str = setting("cpu", "the torch device", check=_torch_device)
+    dtype: str = setting("fp32", "parameter and compute precision", choices=DTYPES)
+    output_file: Optional[str] = setting(None, "write prompts, ids, texts and timings as JSON here")
+
+
+class Recipe(NamedTuple):
+    schema: type
+    configs: Tuple[str, ...]
+    summary: str
+
+
+#: The project's recipes (modules of ``gqa_tune.recipes``), their schemas and their configs.
+RECIPES: Dict[str, Recipe] = {
+    "full_finetune_single_device": Recipe(
+        FinetuneConfig, ("gqa_tiny/full", "gqa_small/mha_pretrain"), "full fine-tuning on one device"
+    ),
+    "full_finetune_distributed": Recipe(FinetuneConfig, ("gqa_tiny/full_distributed",), "full fine-tuning, FSDP2"),
+    "lora_finetune_single_device": Recipe(LoRAConfig, ("gqa_tiny/lora",), "LoRA fine-tuning on one device"),
+    "uptrain": Recipe(UptrainConfig, ("gqa_small/uptrain",), "MHA -> GQA conversion and uptraining"),
+    "generate": Recipe(GenerateConfig, ("gqa_tiny/generate",), "generation from a checkpoint"),
+}
+
+
+def fields(schema: type) -> Dict[str, dataclasses.Field]:
+    """The keys of ``schema``, by name."""
+    return {f.name: f for f in dataclasses.fields(schema)}
