@@ -197,3 +197,45 @@ def test_run_trains(tmp_path):
     assert f"run gqa_tune/recipes/{RECIPE}.py --config {CONFIG_FILE}" in proc.stderr
     assert (out_dir / "LATEST").is_file() and (out_dir / "epoch_0" / "model.safetensors").is_file()
     assert "2/2" in proc.stderr  # the progress bar reached step 2 of 2
+
+
+# ---------------------------------------------------------------- convert
+
+
+def _tiny_hf_llama(path):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=32)  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(path)
+
+
+def test_convert_pools_a_hugging_face_directory(capsys, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    src, dst = tmp_path / "mha", tmp_path / "gqa"
+    _tiny_hf_llama(src)
+    code, out, err = run_cli(capsys, "convert", str(src), str(dst), "--num-kv-heads", "2")
+    assert code == 0, err
+    assert f"wrote {dst}: 2 kv heads (mean of each group's heads)" in out
+    source = AutoModelForCausalLM.from_pretrained(src)
+    model = AutoModelForCausalLM.from_pretrained(dst)
+    assert model.config.num_key_value_heads == 2
+    k_old = source.model.layers[0].self_attn.k_proj.weight  # [4 heads * 8, 32]
+    k_new = model.model.layers[0].self_attn.k_proj.weight  # [2 heads * 8, 32]: the mean of each pair of heads
+    torch.testing.assert_close(k_new, k_old.view(2, 2, 8, 32).mean(1).reshape(16, 32))
+    with torch.no_grad():
+        assert model(torch.tensor([[1, 2, 3]])).logits.isfinite().all()
+
+
+def test_convert_refuses_bad_input_and_writes_nothing(capsys, tmp_path):
+    src, dst = tmp_path / "mha", tmp_path / "gqa"
+    _tiny_hf_llama(src)
+    code, _, err = run_cli(capsys, "convert", str(src), str(dst), "--num-kv-heads", "3")
+    assert code == 1 and "gqa-tune convert: " in err and "3" in err
+    assert not dst.exists()
+    code, _, err = run_cli(capsys, "convert", str(tmp_path / "nope"), str(dst), "--num-kv-heads", "2")
+    assert code == 1 and "nope" in err and not dst.exists()
