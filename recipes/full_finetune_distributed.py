@@ -18,23 +18,16 @@ single-device recipe's format, so either recipe can resume the other's checkpoin
 import os
 import random
 import sys
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
 from omegaconf import DictConfig
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_optimizer_state_dict,
-    set_optimizer_state_dict,
-)
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import fully_shard
-from torch.distributed.tensor import DTensor
-from torchtune import config
+from torchtune import config, training, utils
 from torchtune.modules import TransformerSelfAttentionLayer
 
-from gqa_tune.config_check import check_config, exits_on_config_error
+from gqa_tune.config_check import ConfigError, check_config, exits_on_config_error
 from gqa_tune.training.finetune import FinetuneRecipe
 
 #: Prefixes that wrappers (activation checkpointing, torch.compile) add to parameter names.
@@ -48,35 +41,50 @@ def _clean_fqn(name: str) -> str:
 
 
 def _init_process_group(device_type: str) -> None:
-    """Join the process group torchrun describes (env vars), or form a group of one without torchrun."""
+    """Join the process group torchrun describes (env vars), or form a group of one without torchrun.
+
+    Not ``torchtune.training.init_distributed``: 0.6.1 deprecates it for ``init_process_group`` (what its
+    own recipes call), and it does nothing without torchrun, where this recipe forms a group of one.
+    """
     if dist.is_initialized():
         return
-    backend = "cuda:nccl,cpu:gloo" if device_type == "cuda" else "gloo"
+    # "gloo" on CPU; "cuda:nccl,cpu:gloo" on CUDA (gloo serves collectives on CPU tensors)
+    backend = training.get_distributed_backend(device_type, offload_ops_to_cpu=device_type != "cpu")
     if "WORLD_SIZE" in os.environ:
         dist.init_process_group(backend=backend)
     else:
         dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
 
 
+def _is_layer(name: str, module: torch.nn.Module) -> bool:
+    """``training.shard_model``'s condition: shard each ``TransformerSelfAttentionLayer`` on its own."""
+    return isinstance(module, TransformerSelfAttentionLayer)
+
+
 class FullFinetuneRecipeDistributed(FinetuneRecipe):
-    """The shared loop, data-parallel with FSDP2 (parameters, gradients and optimizer states sharded)."""
+    """The shared loop, data-parallel with FSDP2 (parameters, gradients and optimizer states sharded).
+
+    Built on torchtune 0.6.1's helpers: ``training.shard_model`` (FSDP2 per layer, then the root),
+    ``training.gather_cpu_state_dict`` (full weights on rank 0), ``training.get_full_optimizer_state_dict``
+    and ``training.load_from_full_optimizer_state_dict`` (the optimizer state, full on disk, sharded in
+    memory), ``training.scale_grads`` (in the shared loop) and ``utils.get_world_size_and_rank``.
+    """
 
     def __init__(self, cfg: DictConfig) -> None:
         device_type = torch.device(cfg.get("device", "cpu")).type
         if device_type not in ("cpu", "cuda"):
-            raise ValueError(f"the distributed recipe runs on cpu or cuda, not {cfg.get('device')!r}")
+            raise ValueError(f"the distributed recipe runs on cpu or cuda, not device={cfg.get('device')!r}")
         if device_type == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         _init_process_group(device_type)
         # Process group first: torchtune's set_seed (in super().__init__) seeds with seed + rank.
         super().__init__(cfg)
-        self.world_size, self.rank = dist.get_world_size(), dist.get_rank()
+        self.world_size, self.rank = utils.get_world_size_and_rank()
         if device_type == "cuda":
             self.device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
         else:
             self.device = torch.device("cpu")
         self.mesh = init_device_mesh(self.device.type, (self.world_size,))
-        self._gathered_state: Dict[str, Any] = {}
 
     # ------------------------------------------------------------ hooks
 
@@ -91,22 +99,12 @@ class FullFinetuneRecipeDistributed(FinetuneRecipe):
             with torch.no_grad():
                 for tensor in [*model.parameters(), *model.buffers()]:
                     dist.broadcast(tensor, src=0)
-        for module in reversed(list(model.modules())):
-            if isinstance(module, TransformerSelfAttentionLayer):
-                fully_shard(module, mesh=self.mesh)
-        fully_shard(model, mesh=self.mesh)
+        training.shard_model(model, [_is_layer], cpu_offload=False, dp_mesh=self.mesh)
         return model
 
     def full_state_dict(self) -> Dict[str, torch.Tensor]:
         """Full weights on rank 0 (``{}`` elsewhere). Collective: every rank must call it."""
-        out = {}
-        for key, value in self.model.state_dict().items():
-            value = value.detach()
-            if isinstance(value, DTensor):
-                value = value.full_tensor()
-            if self.is_rank_zero:
-                out[key] = value.to("cpu")
-        return out
+        return training.gather_cpu_state_dict(self.model, self.is_rank_zero, device=self.device)
 
     def all_reduce(self, value: torch.Tensor) -> torch.Tensor:
         value = value.clone()
@@ -124,48 +122,59 @@ class FullFinetuneRecipeDistributed(FinetuneRecipe):
         return [names[id(p)] for group in self.optimizer.param_groups for p in group["params"]]
 
     def _full_optimizer_state(self) -> Dict[str, Any]:
-        """The optimizer state unsharded, keyed by parameter index as on one device (rank 0; collective)."""
-        full = get_optimizer_state_dict(
-            self.model, self.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
-        )
+        """The optimizer state unsharded, keyed by parameter index as on one device (rank 0; collective).
+
+        ``training.get_full_optimizer_state_dict`` keys it by parameter name; checkpoints key it by index,
+        as ``optimizer.state_dict()`` does on one device, so that either recipe resumes the other's.
+        """
+        full = training.get_full_optimizer_state_dict(self.model, self.optimizer, self.is_rank_zero, device=self.device)
         if not self.is_rank_zero:
             return {}
         index = {fqn: i for i, fqn in enumerate(self._optimizer_fqns())}
         groups = [{**g, "params": [index[fqn] for fqn in g["params"]]} for g in full["param_groups"]]
         return {"state": {index[fqn]: s for fqn, s in full["state"].items()}, "param_groups": groups}
 
-    def save_checkpoint(self, epoch: int, name=None):
-        # Collectives first, on every rank; recipe_state() then runs on rank 0 alone.
+    def save_checkpoint(self, epoch: int, name: Optional[str] = None):
+        path = super().save_checkpoint(epoch, name=name)  # collective: full_state_dict and recipe_state
+        dist.barrier()  # the checkpoint is complete before any rank goes on
+        return path
+
+    def recipe_state(self) -> Optional[Dict[str, Any]]:
+        """The single-device recipe's state with the full optimizer state and every rank's RNG states, on
+        rank 0 (``None`` elsewhere). Collective: every rank must call it."""
         rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
         rngs: List[Any] = [None] * self.world_size
         dist.all_gather_object(rngs, rng)
-        self._gathered_state = {"optimizer": self._full_optimizer_state(), "rng_per_rank": rngs}
-        try:
-            path = super().save_checkpoint(epoch, name=name)
-        finally:
-            self._gathered_state = {}
-        dist.barrier()  # the checkpoint is complete before any rank goes on
-        return path
+        optimizer = self._full_optimizer_state()
+        if not self.is_rank_zero:
+            return None
+        return {**super().recipe_state(), "optimizer": optimizer, "rng_per_rank": rngs}
 
-    def recipe_state(self) -> Dict[str, Any]:
-        state = super().recipe_state()
-        state["optimizer"] = self._gathered_state["optimizer"]
-        state["rng_per_rank"] = self._gathered_state["rng_per_rank"]
-        return state
+    def _check_optimizer_state(self, saved: Dict[str, Any]) -> None:
+        """Raise unless ``saved`` (a checkpoint's full optimizer state) has a state for each of this optimizer's
+        parameters, group by group: ``training.load_from_full_optimizer_state_dict`` pairs them by position and
+        would silently drop extra ones (``zip``) or fail with a bare KeyError on missing ones."""
+        ours = [len(g["params"]) for g in self.optimizer.param_groups]
+        theirs = [len(g["params"]) for g in saved["param_groups"]]
+        missing = [i for g in saved["param_groups"] for i in g["params"] if i not in saved["state"]]
+        if ours != theirs or missing:
+            raise ConfigError(
+                f"resume_from_checkpoint: the checkpoint's optimizer state has {theirs} parameters per group"
+                + (f" and no state for parameters {missing[:5]}" if missing else "")
+                + f"; this run's optimizer has {ours}",
+                what="resume_from_checkpoint",
+            )
 
     def load_recipe_state(self, state: Dict[str, Any]) -> None:
         saved = state["optimizer"]
         # Counters, scheduler, RNG and losses as usual; the optimizer is loaded below (sharded), so
         # hand the base class this optimizer's own (empty) state to load meanwhile.
         super().load_recipe_state({**state, "optimizer": self.optimizer.state_dict()})
-        fqns = self._optimizer_fqns()
-        by_name = {
-            "state": {fqns[int(i)]: s for i, s in saved["state"].items()},
-            "param_groups": [{**g, "params": [fqns[int(i)] for i in g["params"]]} for g in saved["param_groups"]],
-        }
-        set_optimizer_state_dict(self.model, self.optimizer, by_name, options=StateDictOptions(full_state_dict=True))
+        self._check_optimizer_state(saved)
+        # Index-keyed (the single-device format): torchtune's helper pairs saved and sharded states by position.
+        training.load_from_full_optimizer_state_dict(self.model, self.optimizer, saved, self.device)
         rngs = state.get("rng_per_rank")
         if rngs is not None and len(rngs) == self.world_size:
             rng = rngs[self.rank]

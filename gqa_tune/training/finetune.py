@@ -336,10 +336,7 @@ class FinetuneRecipe(FTRecipeInterface):
             seen += int((inputs != self.tokenizer.pad_id).sum())
         loss_sum, tokens = self.all_reduce(loss_sum), self.all_reduce(tokens)
         # Gradients hold sum-of-losses (averaged over processes by FSDP): scale to a per-token mean.
-        scale = self.world_size / tokens.clamp_min(1)
-        for p in self.trainable_parameters():
-            if p.grad is not None:
-                p.grad.mul_(scale.to(p.grad.dtype))
+        training.scale_grads(self.model, self.world_size / tokens.clamp_min(1))
         grad_norm = None
         if self.cfg.get("clip_grad_norm") is not None:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable_parameters(), max_norm=self.cfg.clip_grad_norm)
@@ -404,7 +401,13 @@ class FinetuneRecipe(FTRecipeInterface):
         return results
 
     def save_checkpoint(self, epoch: int, name: Optional[str] = None) -> Optional[Path]:
-        state_dict = self.full_state_dict()
+        """Write checkpoint ``name`` (default ``epoch_<epoch>``) on rank 0; every rank must call it.
+
+        Returns:
+            The checkpoint directory on rank 0, ``None`` on the other ranks.
+        """
+        state_dict = self.full_state_dict()  # collective where the model is sharded
+        recipe_state = self.recipe_state()  # collective too in the distributed recipe (None off rank 0)
         if not self.is_rank_zero:
             return None
         path = save_checkpoint(
@@ -413,7 +416,7 @@ class FinetuneRecipe(FTRecipeInterface):
             self.checkpoint_model(),
             state_dict,
             builder=self.checkpoint_builder(),
-            recipe_state=self.recipe_state(),
+            recipe_state=recipe_state,
             extra=self.extra_checkpoint_files,
             # Token ids for config.json (transformers' defaults would be wrong for our tokenizers), and the
             # source's generation_config.json carried over.
