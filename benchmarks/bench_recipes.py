@@ -231,7 +231,7 @@ def bench_training(args: argparse.Namespace) -> dict:
         raise SystemExit(f"--steps ({args.steps}) must exceed --warmup-steps ({args.warmup_steps})")
     diff = write_init_checkpoint(args.workdir / "init", args.seed)
     print(f"init checkpoint {args.workdir / 'init' / 'model.pt'}; torchtune vs gqa_tune logits max |diff| {diff:.1e}")
-    counts = token_counts(args.steps, args.batch, args.seq, str(REPO / "data/tasks/train.jsonl"))
+    counts = token_counts(args.steps, args.batch, args.seq, "data/tasks/train.jsonl")
     losses = {"chunked": ["chunked"], "ce": ["ce"], "both": ["chunked", "ce"]}[args.tt_loss]
     cases = [("gqa_tune", "ce")] + [("torchtune", loss) for loss in losses]
     runs = []

@@ -353,7 +353,7 @@ def pooling_diagnostic(args) -> str:
 
     torch.set_num_threads(1)
     tokenizer = byte_tokenizer(64)
-    dataset = task_dataset(tokenizer, data_file=str(REPO / "data/tasks/val.jsonl"))
+    dataset = task_dataset(tokenizer, data_file="data/tasks/val.jsonl")
     rows = []
     for seed in args.seeds:
         sd, hf, _ = load_checkpoint(latest_checkpoint(args.runs_dir / f"seed{seed}/mha_pretrain"))

@@ -261,8 +261,10 @@ def _check_component(node: DictConfig, key: str, problems: List[str]) -> None:
 
 
 def _check_file(key: str, value: Any, problems: List[str]) -> None:
+    from gqa_tune.data import resolve_data_file  # the data/tasks/ names fall back to the packaged copies
+
     for v in list(value) if isinstance(value, (list, tuple, ListConfig)) else [value]:
-        if isinstance(v, str) and not Path(v).expanduser().exists():
+        if isinstance(v, str) and not resolve_data_file(v).exists():
             problems.append(f"{key}: file {v!r} does not exist (relative paths are taken from {os.getcwd()})")
 
 

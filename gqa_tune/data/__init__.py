@@ -7,6 +7,28 @@ from torchtune.datasets import SFTDataset, instruct_dataset
 
 from gqa_tune.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE, ByteTokenizer, byte_tokenizer
 
+#: The task data shipped inside the package (``train.jsonl``, ``val.jsonl``), so that a non-editable
+#: install finds it from any working directory.
+PACKAGED_TASKS = Path(__file__).resolve().with_name("synthetic")
+#: How configs name the task files: relative to the working directory, falling back to the packaged copy.
+TASKS_PREFIX = "data/tasks/"
+
+
+def resolve_data_file(data_file: str) -> Path:
+    """``data_file`` when it exists (relative paths from the working directory); else, for a name under
+    ``data/tasks/`` (what the configs say), the copy shipped in the package; else ``data_file`` as given.
+
+    So ``python -m gqa_tune.data.tasks``, which writes ``data/tasks/`` in the working directory, overrides the
+    packaged files, and the configs work from any directory with a non-editable install.
+    """
+    path = Path(data_file).expanduser()
+    name = path.as_posix().removeprefix("./")
+    if not path.exists() and not path.is_absolute() and name.startswith(TASKS_PREFIX):
+        packaged = PACKAGED_TASKS / name[len(TASKS_PREFIX) :]
+        if packaged.is_file():
+            return packaged
+    return path
+
 
 def task_dataset(
     tokenizer: ByteTokenizer,
@@ -24,11 +46,11 @@ def task_dataset(
     Raises:
         ValueError: if ``data_file`` does not exist.
     """
-    path = Path(data_file)
+    path = resolve_data_file(data_file)
     if not path.is_file():
         raise ValueError(
-            f"dataset file {str(path)!r} does not exist (relative paths are taken from {Path.cwd()}); "
-            "regenerate it with `python -m gqa_tune.data.tasks`"
+            f"dataset file {str(data_file)!r} does not exist (relative paths are taken from {Path.cwd()}); "
+            "`python -m gqa_tune.data.tasks` writes the task files to data/tasks/ there"
         )
     split = "train" if max_examples is None else f"train[:{int(max_examples)}]"
     return instruct_dataset(

@@ -7,8 +7,9 @@ Two tasks, mixed half and half:
 - ``add``: ``a+b=`` with numbers below 100; the answer is the sum (digit
   alignment and carries, again read back through attention).
 
-``python -m gqa_tune.data.tasks`` regenerates ``data/tasks/{train,val}.jsonl``
-deterministically (the files are committed; nothing is downloaded).
+``python -m gqa_tune.data.tasks`` regenerates ``{train,val}.jsonl`` deterministically into
+``data/tasks/`` in the working directory (or ``--out``), where the configs' ``data/tasks/...`` paths
+find them before the copies shipped in the package (``gqa_tune/data/synthetic/``). Nothing is downloaded.
 """
 
 import argparse
@@ -18,7 +19,7 @@ import string
 from pathlib import Path
 from typing import Dict, List
 
-DATA_DIR = Path(__file__).resolve().parents[2] / "data" / "tasks"
+DATA_DIR = Path("data") / "tasks"  # relative: in the working directory
 SPLITS = {"train": (20_000, 1234), "val": (500, 5678)}
 
 

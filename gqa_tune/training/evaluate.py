@@ -1,7 +1,6 @@
 """Held-out loss and task accuracy for the synthetic tasks."""
 
 import json
-from pathlib import Path
 from typing import Dict, Optional
 
 import torch
@@ -9,6 +8,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from torchtune.data import padded_collate_sft
 
+from gqa_tune.data import resolve_data_file
 from gqa_tune.training.generation import generate
 
 IGNORE = -100
@@ -42,7 +42,7 @@ def task_accuracy(
     model, tokenizer, data_file: str, max_examples: Optional[int] = 200, batch_size: int = 64
 ) -> Dict[str, float]:
     """Exact-match accuracy of greedy answers on ``data_file`` (JSONL with prompt/answer/task)."""
-    rows = [json.loads(line) for line in Path(data_file).read_text().splitlines() if line.strip()]
+    rows = [json.loads(line) for line in resolve_data_file(data_file).read_text().splitlines() if line.strip()]
     rows = rows[:max_examples] if max_examples else rows
     was_training = model.training
     model.eval()

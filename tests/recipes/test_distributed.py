@@ -91,5 +91,5 @@ def test_two_processes_resume_a_single_device_checkpoint_and_evaluate(runs, tmp_
     model = gqa_tiny(max_seq_len=128)
     model.load_state_dict(weights)
     tokenizer = byte_tokenizer(max_seq_len=48)
-    data = task_dataset(tokenizer, data_file=str(REPO / "data/tasks/val.jsonl"), max_examples=32)
+    data = task_dataset(tokenizer, data_file="data/tasks/val.jsonl", max_examples=32)
     assert logged == pytest.approx([heldout_loss(model, data, tokenizer)], abs=1e-4)
