@@ -116,6 +116,7 @@ class FinetuneConfig:
     resume_from_checkpoint: bool = setting(False, "continue from output_dir's LATEST checkpoint")
     log_every_n_steps: int = setting(10, "metric logging interval, in optimizer steps", minimum=1)
     eval: Optional[EvalConfig] = setting(None, "held-out evaluation after training; null: none")
+    loss: Optional[Component] = setting(None, "the training loss (gqa_tune.training.loss); null: float32 cross-entropy")
 
 
 @dataclass(kw_only=True)

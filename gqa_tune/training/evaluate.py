@@ -6,17 +6,15 @@ from typing import Dict, Optional
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
-from torchtune.data import padded_collate_sft
+from torchtune.data import CROSS_ENTROPY_IGNORE_IDX, padded_collate_sft
 
 from gqa_tune.data import resolve_data_file
 from gqa_tune.training.generation import generate
 
-IGNORE = -100
-
 
 def shift_labels(labels: torch.Tensor) -> torch.Tensor:
     """Labels for next-token prediction: position ``t`` predicts token ``t + 1``."""
-    return torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], IGNORE)], dim=1)
+    return torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], CROSS_ENTROPY_IGNORE_IDX)], dim=1)
 
 
 @torch.no_grad()
@@ -26,14 +24,16 @@ def heldout_loss(model, dataset, tokenizer, batch_size: int = 64, device="cpu") 
     model.eval()
     loader = DataLoader(
         dataset, batch_size=batch_size, shuffle=False,
-        collate_fn=lambda b: padded_collate_sft(b, padding_idx=tokenizer.pad_id, ignore_idx=IGNORE),
+        collate_fn=lambda b: padded_collate_sft(b, padding_idx=tokenizer.pad_id, ignore_idx=CROSS_ENTROPY_IGNORE_IDX),
     )  # fmt: skip
     total, count = 0.0, 0
     for batch in loader:
         tokens, labels = batch["tokens"].to(device), shift_labels(batch["labels"].to(device))
         logits = model(tokens)
-        total += F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE, reduction="sum")
-        count += int((labels != IGNORE).sum())
+        total += F.cross_entropy(
+            logits.flatten(0, 1).float(), labels.flatten(), ignore_index=CROSS_ENTROPY_IGNORE_IDX, reduction="sum"
+        )
+        count += int((labels != CROSS_ENTROPY_IGNORE_IDX).sum())
     model.train(was_training)
     return float(total) / max(count, 1)
 

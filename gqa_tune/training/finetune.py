@@ -21,11 +21,10 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, Optional
 
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, DistributedSampler
 from torchtune import config, training
-from torchtune.data import padded_collate_sft
+from torchtune.data import CROSS_ENTROPY_IGNORE_IDX, padded_collate_sft
 from torchtune.modules import TransformerSelfAttentionLayer
 from torchtune.recipe_interfaces import FTRecipeInterface
 from tqdm import tqdm
@@ -40,7 +39,8 @@ from gqa_tune.training.checkpoint import (
     save_checkpoint,
     tokenizer_token_ids,
 )
-from gqa_tune.training.evaluate import IGNORE, heldout_loss, shift_labels, task_accuracy
+from gqa_tune.training.evaluate import heldout_loss, shift_labels, task_accuracy
+from gqa_tune.training.loss import build_loss, summed_loss, whole_logits
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # datasets come from local files only
 
@@ -200,6 +200,7 @@ class FinetuneRecipe(FTRecipeInterface):
         self.model = self.wrap_model(model)
         if cfg.get("compile", False):
             training.compile_model(self.model)
+        self.loss_fn = build_loss(cfg.get("loss"), self.model)  # None: the default cross-entropy
 
         self.optimizer = config.instantiate(cfg.optimizer, self.trainable_parameters())
         self.dataset = config.instantiate(cfg.dataset, self.tokenizer)
@@ -211,7 +212,9 @@ class FinetuneRecipe(FTRecipeInterface):
             batch_size=cfg.batch_size,
             sampler=self.sampler,
             drop_last=True,
-            collate_fn=partial(padded_collate_sft, padding_idx=self.tokenizer.pad_id, ignore_idx=IGNORE),
+            collate_fn=partial(
+                padded_collate_sft, padding_idx=self.tokenizer.pad_id, ignore_idx=CROSS_ENTROPY_IGNORE_IDX
+            ),
         )
         self.grad_accum = cfg.get("gradient_accumulation_steps", 1)
         self.steps_per_epoch = len(self.dataloader) // self.grad_accum
@@ -328,11 +331,11 @@ class FinetuneRecipe(FTRecipeInterface):
         for batch in micro_batches:
             inputs = batch["tokens"].to(self.device)
             labels = shift_labels(batch["labels"].to(self.device))
-            logits = self.model(inputs)
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE, reduction="sum")
+            count = (labels != CROSS_ENTROPY_IGNORE_IDX).sum()
+            loss = summed_loss(self.loss_fn, self.model(inputs), labels, count)
             loss.backward()
             loss_sum += loss.detach()
-            tokens += (labels != IGNORE).sum()
+            tokens += count
             seen += int((inputs != self.tokenizer.pad_id).sum())
         loss_sum, tokens = self.all_reduce(loss_sum), self.all_reduce(tokens)
         # Gradients hold sum-of-losses (averaged over processes by FSDP): scale to a per-token mean.
@@ -388,10 +391,11 @@ class FinetuneRecipe(FTRecipeInterface):
         """Held-out loss and task accuracy (``cfg.eval``), logged and printed on rank 0."""
         cfg = self.cfg.eval
         dataset = config.instantiate(cfg.dataset, self.tokenizer)
-        results = {"heldout_loss": heldout_loss(self.model, dataset, self.tokenizer, device=self.device)}
-        if cfg.get("accuracy_file"):
-            acc = task_accuracy(self.model, self.tokenizer, cfg.accuracy_file, cfg.get("max_examples", 200))
-            results.update({f"accuracy_{k}": v for k, v in acc.items()})
+        with whole_logits(self.model) as model:  # plain cross-entropy and generation, whatever the training loss
+            results = {"heldout_loss": heldout_loss(model, dataset, self.tokenizer, device=self.device)}
+            if cfg.get("accuracy_file"):
+                acc = task_accuracy(model, self.tokenizer, cfg.accuracy_file, cfg.get("max_examples", 200))
+                results.update({f"accuracy_{k}": v for k, v in acc.items()})
         if self.is_rank_zero:
             summary = ", ".join(f"{k} {v:.4f}" for k, v in results.items())
             print(f"eval after {self.global_step} steps: {summary}")
