@@ -113,6 +113,7 @@ class FinetuneConfig:
     enable_activation_checkpointing: bool = setting(False, "recompute activations in the backward pass")
     compile: bool = setting(False, "torch.compile the model")
     save_every_n_steps: Optional[int] = setting(None, "mid-epoch checkpoint interval; null: none", minimum=1)
+    keep_last_n_checkpoints: Optional[int] = setting(None, "checkpoints kept in output_dir; null: all", minimum=1)
     resume_from_checkpoint: bool = setting(False, "continue from output_dir's LATEST checkpoint")
     log_every_n_steps: int = setting(10, "metric logging interval, in optimizer steps", minimum=1)
     eval: Optional[EvalConfig] = setting(None, "held-out evaluation after training; null: none")

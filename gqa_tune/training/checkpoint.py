@@ -432,6 +432,51 @@ def latest_checkpoint(output_dir: Path) -> Optional[Path]:
     return newest
 
 
+#: The names the fine-tuning loop gives its checkpoints (:func:`prune_checkpoints` removes only these).
+_LOOP_CHECKPOINT = re.compile(r"^(?:epoch|step)_\d+$")
+
+
+def prune_checkpoints(output_dir: Path, keep: int) -> List[Path]:
+    """Remove all but the ``keep`` newest complete ``epoch_N`` / ``step_N`` checkpoints of ``output_dir``.
+
+    Never the one ``LATEST`` names (it counts as one of the ``keep``), and nothing at all unless ``LATEST``
+    names a complete checkpoint, so a loadable checkpoint always stays. Newest is by the time its
+    ``config.json`` was written. Each one removed is first renamed, in one step, to a hidden
+    ``.<name>.old-<pid>-*`` that nothing names, then deleted; a prune killed midway leaves only that, for
+    :func:`cleanup_stale`.
+
+    Returns:
+        The removed checkpoints' paths.
+
+    Raises:
+        ValueError: ``keep`` is not an int >= 1 (named as ``keep_last_n_checkpoints``).
+    """
+    if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
+        raise ValueError(f"keep_last_n_checkpoints: expected an int >= 1 or null (keep all), got {keep!r}")
+    output_dir = Path(output_dir)
+    named = _pointer_target(output_dir)
+    if not named or not _is_complete(output_dir / named):
+        return []
+    others = [
+        path
+        for path in output_dir.iterdir()
+        if path.name != named and _LOOP_CHECKPOINT.match(path.name) and not path.is_symlink() and _is_complete(path)
+    ]
+    others.sort(key=lambda path: ((path / CONFIG).stat().st_mtime_ns, path.name), reverse=True)
+    removed = []
+    for path in others[keep - 1 :]:
+        hidden = _hidden(path, "old")
+        _IN_PROGRESS.add(hidden)
+        try:
+            os.rename(path, hidden)
+            _fsync_dir(output_dir)
+            shutil.rmtree(hidden, ignore_errors=True)
+        finally:
+            _IN_PROGRESS.discard(hidden)
+        removed.append(path)
+    return removed
+
+
 def resolve_checkpoint_dir(value: str, key: str, hint: str) -> Path:
     """A checkpoint directory, or the one an ``output_dir``'s ``LATEST`` names (see :func:`latest_checkpoint`).
 

@@ -36,9 +36,11 @@ from gqa_tune.training.checkpoint import (
     STATE,
     latest_checkpoint,
     load_checkpoint,
+    prune_checkpoints,
     save_checkpoint,
     tokenizer_token_ids,
 )
+from gqa_tune.training.curves import CURVES_FILE, curves_dir, plot_training_curves
 from gqa_tune.training.evaluate import heldout_loss, shift_labels, task_accuracy
 from gqa_tune.training.loss import build_loss, summed_loss, whole_logits
 
@@ -49,6 +51,14 @@ RECIPE_STATE_KEYS = ("epoch", "global_step", "epoch_step", "seed", "optimizer", 
 
 #: The ``recipe_state.pt`` entry holding :meth:`FinetuneRecipe.resume_settings`.
 RESUME_SETTINGS = "resume_settings"
+
+#: Seconds between redraws of the progress bar, and between updates of its loss / tokens-per-second postfix.
+PROGRESS_INTERVAL = 0.5
+
+
+def progress_bar(total: int, initial: int, disable: bool) -> tqdm:
+    """The training progress bar: redrawn at most every :data:`PROGRESS_INTERVAL` seconds."""
+    return tqdm(total=total, initial=initial, desc="train", unit="step", disable=disable, mininterval=PROGRESS_INTERVAL)
 
 
 def check_recipe_state(state: Any, path: Path) -> None:
@@ -117,6 +127,23 @@ class FinetuneRecipe(FTRecipeInterface):
     :meth:`setup` refuses bad inputs before building anything: an ``output_dir`` it
     cannot create and write, and, when resuming, a ``recipe_state.pt`` lacking
     :data:`RECIPE_STATE_KEYS` or trained with other :meth:`resume_settings`.
+
+    The hooks, in the order the loop calls them (a subclass overrides any; values pass as arguments
+    and return values, not through fields one hook sets for another):
+
+    1. ``__init__(cfg)``: checks the values, seeds.
+    2. :meth:`setup`: :meth:`resume_settings`; :meth:`read_resume_checkpoint` when resuming; the
+       metric logger and tokenizer; :meth:`build_model` and the starting weights; activation
+       checkpointing; :meth:`wrap_model`; ``compile``; the ``loss`` (:func:`~gqa_tune.training.loss.build_loss`);
+       the optimizer over :meth:`trainable_parameters`; the data, sampled with :meth:`sampler_args`; the
+       scheduler; :meth:`load_recipe_state` when resuming.
+    3. :meth:`train`: for each optimizer step :meth:`train_step` (which calls :meth:`all_reduce` and
+       :meth:`trainable_parameters`); every ``save_every_n_steps`` steps and at the end of each epoch
+       :meth:`save_checkpoint`, which calls :meth:`full_state_dict`, :meth:`recipe_state`,
+       :meth:`checkpoint_model`, :meth:`checkpoint_builder` and :meth:`extra_checkpoint_files`, then prunes
+       to ``keep_last_n_checkpoints``; after the last epoch :meth:`evaluate` (with ``eval``), then the
+       training-curves PNG (:mod:`gqa_tune.training.curves`).
+    4. :meth:`cleanup`.
     """
 
     SCHEMA = FinetuneConfig  # the config's keys, types and defaults
@@ -130,7 +157,8 @@ class FinetuneRecipe(FTRecipeInterface):
         self.seed = training.set_seed(cfg.get("seed", 0))
         self.world_size, self.rank = 1, 0
         self.epoch, self.global_step, self.epoch_step = 0, 0, 0
-        self.loss_history: list = []
+        self.loss_history: list = []  # the training loss of each step
+        self.eval_history: list = []  # (global step, results) of each evaluate()
         self.weights_dir: Optional[Path] = None  # where the loaded weights came from (set by load_weights)
 
     # ------------------------------------------------------------ hooks
@@ -357,10 +385,8 @@ class FinetuneRecipe(FTRecipeInterface):
     def train(self) -> None:
         log_every = self.cfg.get("log_every_n_steps", 10)
         save_every = self.cfg.get("save_every_n_steps")
-        bar = tqdm(
-            total=self.total_steps, initial=self.global_step, desc="train", unit="step",
-            disable=not self.is_rank_zero, mininterval=1.0,
-        )  # fmt: skip
+        bar = progress_bar(self.total_steps, self.global_step, disable=not self.is_rank_zero)
+        postfix_at = -math.inf
         while self.epoch < self.cfg.epochs:
             batches = self._micro_batches()
             while self.epoch_step < self.steps_per_epoch:
@@ -372,8 +398,11 @@ class FinetuneRecipe(FTRecipeInterface):
                 self.global_step += 1
                 self.epoch_step += 1
                 self.loss_history.append(metrics["loss"])
+                if time.monotonic() - postfix_at >= PROGRESS_INTERVAL:  # shown at the bar's next redraw
+                    postfix = {"loss": f"{metrics['loss']:.4f}", "tok_s": f"{tokens_per_s * self.world_size:.0f}"}
+                    bar.set_postfix(postfix, refresh=False)
+                    postfix_at = time.monotonic()
                 bar.update(1)
-                bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{tokens_per_s * self.world_size:.0f}")
                 if self.metric_logger is not None and self.global_step % log_every == 0:
                     self.metric_logger.log_dict({**metrics, "tokens_per_second": tokens_per_s}, step=self.global_step)
                 if not math.isfinite(metrics["loss"]):
@@ -386,6 +415,10 @@ class FinetuneRecipe(FTRecipeInterface):
         bar.close()
         if self.cfg.get("eval") is not None:
             self.evaluate()
+        if self.is_rank_zero:
+            path = curves_dir(self.cfg.get("metric_logger"), self.output_dir) / CURVES_FILE
+            if plot_training_curves(path, self.loss_history, self.eval_history) is not None:
+                print(f"wrote {path}")
 
     def evaluate(self) -> Dict[str, float]:
         """Held-out loss and task accuracy (``cfg.eval``), logged and printed on rank 0."""
@@ -402,6 +435,7 @@ class FinetuneRecipe(FTRecipeInterface):
             if self.metric_logger is not None:
                 self.metric_logger.log_dict(results, step=self.global_step)
         self.eval_results = results
+        self.eval_history.append((self.global_step, dict(results)))
         return results
 
     def save_checkpoint(self, epoch: int, name: Optional[str] = None) -> Optional[Path]:
@@ -428,6 +462,10 @@ class FinetuneRecipe(FTRecipeInterface):
             source_dir=self.weights_dir,
         )
         tqdm.write(f"saved checkpoint {path}")
+        keep = self.cfg.get("keep_last_n_checkpoints")
+        if keep is not None:  # after the new checkpoint is complete and LATEST names it
+            for removed in prune_checkpoints(self.output_dir, keep):
+                tqdm.write(f"removed checkpoint {removed} (keep_last_n_checkpoints={keep})")
         return path
 
     def cleanup(self) -> None:
