@@ -12,6 +12,7 @@ import pytest
 import torch
 from conftest import REPO, TINY, read_logged, run_tune
 
+from gqa_tune.config_check import ConfigError, find_config, load_config
 from gqa_tune.data import byte_tokenizer, task_dataset
 from gqa_tune.models import gqa_tiny
 from gqa_tune.training.checkpoint import latest_checkpoint, load_checkpoint
@@ -93,3 +94,24 @@ def test_two_processes_resume_a_single_device_checkpoint_and_evaluate(runs, tmp_
     tokenizer = byte_tokenizer(max_seq_len=48)
     data = task_dataset(tokenizer, data_file="data/tasks/val.jsonl", max_examples=32)
     assert logged == pytest.approx([heldout_loss(model, data, tokenizer)], abs=1e-4)
+
+
+def test_an_optimizer_state_that_does_not_fit_is_refused_by_name(tmp_path, monkeypatch):
+    """torchtune's load_from_full_optimizer_state_dict pairs states by position: a mismatch must not reach it."""
+    from gqa_tune.recipes.full_finetune_distributed import FullFinetuneRecipeDistributed
+
+    monkeypatch.chdir(REPO)
+    cfg = load_config(find_config("gqa_tiny/full_distributed"), [*TINY, f"output_dir={tmp_path}"])
+    recipe = FullFinetuneRecipeDistributed(cfg)  # without torchrun: a process group of one
+    try:
+        recipe.setup(cfg)
+        state = recipe.optimizer.state_dict()
+        count = len(state["param_groups"][0]["params"])
+        fewer = {"state": {}, "param_groups": [{**state["param_groups"][0], "params": list(range(count - 1))}]}
+        with pytest.raises(ConfigError, match=rf"resume_from_checkpoint: .* \[{count - 1}\] parameters per group"):
+            recipe._check_optimizer_state(fewer)
+        no_state = {"state": {}, "param_groups": [{**state["param_groups"][0], "params": list(range(count))}]}
+        with pytest.raises(ConfigError, match=r"no state for parameters \[0, 1, 2, 3, 4\]"):
+            recipe._check_optimizer_state(no_state)
+    finally:
+        recipe.cleanup()
