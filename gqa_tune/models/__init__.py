@@ -4,6 +4,7 @@ from gqa_tune.models._component_builders import (
     gqa_attention,
     gqa_decoder,
     gqa_gemma2_decoder,
+    gqa_gemma_decoder,
     gqa_mlp,
     init_from_scratch,
 )
@@ -14,7 +15,12 @@ from gqa_tune.models._encoder_decoder import (
     gqa_transformer,
     gqa_transformer_lm,
 )
-from gqa_tune.models._lora_builders import lora_gqa_decoder, lora_gqa_tiny
+from gqa_tune.models._lora_builders import (
+    lora_gqa_decoder,
+    lora_gqa_gemma2_decoder,
+    lora_gqa_gemma_decoder,
+    lora_gqa_tiny,
+)
 from gqa_tune.models._model_builders import (
     BYTE_VOCAB_SIZE,
     gqa_gemma2_tiny,
@@ -34,11 +40,14 @@ __all__ = [
     "gqa_decoder",
     "gqa_gemma2_decoder",
     "gqa_gemma2_tiny",
+    "gqa_gemma_decoder",
     "gqa_llama3_2_1b",
     "gqa_mistral_tiny",
     "gqa_mlp",
     "gqa_tiny",
     "init_from_scratch",
     "lora_gqa_decoder",
+    "lora_gqa_gemma2_decoder",
+    "lora_gqa_gemma_decoder",
     "lora_gqa_tiny",
 ]

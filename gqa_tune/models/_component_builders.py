@@ -2,6 +2,7 @@
 
 from typing import Optional
 
+import torch
 from torch import nn
 from torchtune.models.llama3_1._position_embeddings import Llama3ScaledRoPE
 from torchtune.modules import (
@@ -16,10 +17,22 @@ from torchtune.modules import (
 from gqa_tune.modules.attention import MultiHeadAttention
 
 
-def _rope(head_dim: int, max_seq_len: int, base: float, scale_factor: Optional[float]) -> nn.Module:
+def _rope(
+    head_dim: int,
+    max_seq_len: int,
+    base: float,
+    scale_factor: Optional[float],
+    low_freq_factor: float = 1.0,
+    high_freq_factor: float = 4.0,
+    old_context_len: int = 8192,
+) -> nn.Module:
+    """Plain RoPE, or torchtune's ``Llama3ScaledRoPE`` (``rope_type: llama3``) when ``scale_factor`` is set."""
     if scale_factor is None:
         return RotaryPositionalEmbeddings(dim=head_dim, max_seq_len=max_seq_len, base=base)
-    return Llama3ScaledRoPE(dim=head_dim, max_seq_len=max_seq_len, base=base, scale_factor=scale_factor)
+    return Llama3ScaledRoPE(
+        dim=head_dim, max_seq_len=max_seq_len, base=base, scale_factor=scale_factor,
+        low_freq_factor=low_freq_factor, high_freq_factor=high_freq_factor, old_context_len=old_context_len,
+    )  # fmt: skip
 
 
 def gqa_attention(
@@ -31,6 +44,9 @@ def gqa_attention(
     max_seq_len: int = 4096,
     rope_base: float = 10_000,
     rope_scale_factor: Optional[float] = None,
+    rope_low_freq_factor: float = 1.0,
+    rope_high_freq_factor: float = 4.0,
+    rope_old_context_len: int = 8192,
     pos_embeddings: Optional[nn.Module] = None,
     use_rope: bool = True,
     qk_norm: bool = False,
@@ -53,6 +69,9 @@ def gqa_attention(
         max_seq_len (int): RoPE table length.
         rope_base (float): RoPE base.
         rope_scale_factor (Optional[float]): Llama 3.x RoPE scaling; ``None`` = plain RoPE.
+        rope_low_freq_factor (float): Llama 3.x RoPE scaling's ``low_freq_factor``.
+        rope_high_freq_factor (float): Llama 3.x RoPE scaling's ``high_freq_factor``.
+        rope_old_context_len (int): Llama 3.x RoPE scaling's ``original_max_position_embeddings``.
         pos_embeddings (Optional[nn.Module]): a RoPE module to share (overrides the above).
         use_rope (bool): ``False`` builds the block without positional embeddings.
         qk_norm (bool): RMSNorm over ``head_dim`` on queries and keys.
@@ -69,7 +88,10 @@ def gqa_attention(
         raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
     head_dim = head_dim if head_dim is not None else embed_dim // num_heads
     if use_rope and pos_embeddings is None:
-        pos_embeddings = _rope(head_dim, max_seq_len, rope_base, rope_scale_factor)
+        pos_embeddings = _rope(
+            head_dim, max_seq_len, rope_base, rope_scale_factor,
+            rope_low_freq_factor, rope_high_freq_factor, rope_old_context_len,
+        )  # fmt: skip
     return MultiHeadAttention(
         embed_dim=embed_dim,
         num_heads=num_heads,
@@ -130,6 +152,9 @@ def gqa_decoder(
     attn_dropout: float = 0.0,
     rope_base: float = 500_000,
     rope_scale_factor: Optional[float] = None,
+    rope_low_freq_factor: float = 1.0,
+    rope_high_freq_factor: float = 4.0,
+    rope_old_context_len: int = 8192,
     norm_eps: float = 1e-5,
     qk_norm: bool = False,
     attn_bias: bool = False,
@@ -154,10 +179,14 @@ def gqa_decoder(
         head_dim (Optional[int]): per-head width; default ``embed_dim // num_heads``.
         attn_dropout (float): attention dropout while training.
         rope_base (float): RoPE base.
-        rope_scale_factor (Optional[float]): Llama 3.x RoPE scaling (``None``: plain RoPE).
+        rope_scale_factor (Optional[float]): Llama 3.x RoPE scaling (``None``: plain RoPE): torchtune's
+            ``Llama3ScaledRoPE`` with this ``scale_factor`` and the three factors below.
+        rope_low_freq_factor (float): its ``low_freq_factor`` (Hugging Face ``rope_scaling.low_freq_factor``).
+        rope_high_freq_factor (float): its ``high_freq_factor``.
+        rope_old_context_len (int): its ``old_context_len`` (``original_max_position_embeddings``).
         norm_eps (float): RMSNorm epsilon.
         qk_norm (bool): RMSNorm on queries and keys.
-        attn_bias (bool): biases on the q/k/v projections.
+        attn_bias (bool): biases on the q/k/v projections (Qwen2's; the output projection has none).
         tie_word_embeddings (bool): output projection shares the embedding.
         sliding_window_size (Optional[int]): every layer attends to the last ``sliding_window_size``
             positions only (Mistral's local attention); ``None``: global attention.
@@ -169,7 +198,10 @@ def gqa_decoder(
     if not isinstance(num_heads, int) or num_heads < 1:
         raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
     head_dim = head_dim if head_dim is not None else embed_dim // num_heads
-    rope = _rope(head_dim, max_seq_len, rope_base, rope_scale_factor)
+    rope = _rope(
+        head_dim, max_seq_len, rope_base, rope_scale_factor,
+        rope_low_freq_factor, rope_high_freq_factor, rope_old_context_len,
+    )  # fmt: skip
     layers = nn.ModuleList(
         TransformerSelfAttentionLayer(
             attn=gqa_attention(
@@ -205,6 +237,63 @@ def gqa_decoder(
     )
 
 
+class SoftCappedTiedLinear(TiedLinear):
+    """A tied output projection whose logits are soft-capped: ``c * tanh(logits / c)`` (Gemma 2's final capping).
+
+    Args:
+        tied_module (nn.Module): the token embedding whose weight projects to the vocabulary.
+        capping_value (float): ``c``.
+    """
+
+    def __init__(self, tied_module: nn.Module, capping_value: float) -> None:
+        super().__init__(tied_module)
+        self.capping_value = float(capping_value)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        logits = super().__call__(x)
+        return torch.tanh(logits / self.capping_value) * self.capping_value
+
+
+def gqa_gemma_decoder(
+    *,
+    vocab_size: int,
+    num_layers: int,
+    num_heads: int,
+    head_dim: int,
+    num_kv_heads: int,
+    embed_dim: int,
+    intermediate_dim: int,
+    max_seq_len: int,
+    attn_dropout: float = 0.0,
+    norm_eps: float = 1e-6,
+    rope_base: float = 10_000,
+    backend: str = "auto",
+) -> TransformerDecoder:
+    """A Gemma-shaped decoder: torchtune's own ``gemma`` component builder (GeGLU MLP with tanh GELU, Gemma's
+    ``(1 + w)`` RMSNorm, embeddings scaled by ``sqrt(embed_dim)``, output tied to them) with gqa_tune's
+    attention in every layer (:func:`gqa_tune.swap_attention`). Arguments and parameter names are torchtune's.
+    """
+    from torchtune.models.gemma import gemma
+
+    from gqa_tune.convert.swap import swap_attention
+
+    model = gemma(
+        vocab_size=vocab_size,
+        num_layers=num_layers,
+        num_heads=num_heads,
+        head_dim=head_dim,
+        num_kv_heads=num_kv_heads,
+        embed_dim=embed_dim,
+        intermediate_dim=intermediate_dim,
+        max_seq_len=max_seq_len,
+        attn_dropout=attn_dropout,
+        norm_eps=norm_eps,
+        rope_base=rope_base,
+    )
+    swap_attention(model, backend=backend)
+    return model
+
+
 def gqa_gemma2_decoder(
     *,
     vocab_size: int,
@@ -218,10 +307,11 @@ def gqa_gemma2_decoder(
     attn_dropout: float = 0.0,
     norm_eps: float = 1e-6,
     rope_base: float = 10_000,
-    hidden_capping_value: float = 50.0,
-    final_capping_value: float = 30.0,
+    hidden_capping_value: Optional[float] = 50.0,
+    final_capping_value: Optional[float] = 30.0,
     sliding_window_size: int = 4096,
     query_pre_attn_scalar: Optional[int] = None,
+    cap_logits: bool = False,
     backend: str = "auto",
 ) -> TransformerDecoder:
     """A Gemma 2-shaped decoder: local (sliding-window) and global layers alternating, soft-capped logits.
@@ -231,6 +321,11 @@ def gqa_gemma2_decoder(
     attention in every layer (:func:`gqa_tune.swap_attention`). Arguments and parameter names are
     torchtune's, so its checkpoints load. Unlike torchtune's, cached decoding stays right past the window
     and the caches hold ``num_kv_heads`` heads.
+
+    Where the final capping goes: torchtune's ``gemma2`` caps the final norm's output (before the output
+    projection); Gemma 2 as published and ``transformers`` cap the output logits. ``cap_logits=True``
+    does the latter (what a Hugging Face Gemma 2 checkpoint needs; the state dict is the same either way).
+    ``hidden_capping_value`` / ``final_capping_value`` ``None``: no attention / final capping.
     """
     from torchtune.models.gemma2 import gemma2
 
@@ -249,9 +344,13 @@ def gqa_gemma2_decoder(
         norm_eps=norm_eps,
         rope_base=rope_base,
         hidden_capping_value=hidden_capping_value,
-        final_capping_value=final_capping_value,
+        final_capping_value=30.0 if final_capping_value is None else final_capping_value,
         sliding_window_size=sliding_window_size,
         query_pre_attn_scalar=query_pre_attn_scalar,
     )
+    if cap_logits or final_capping_value is None:
+        model.norm.logit_capping = nn.Identity()  # the final norm's scale keeps its name: norm.rms_norm.scale
+    if cap_logits and final_capping_value is not None:
+        model.output = SoftCappedTiedLinear(model.tok_embeddings, final_capping_value)
     swap_attention(model, backend=backend)
     return model

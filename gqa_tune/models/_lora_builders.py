@@ -14,7 +14,7 @@ from torch import nn
 from torchtune.modules import TiedLinear, TransformerDecoder
 from torchtune.modules.peft import LoRALinear
 
-from gqa_tune.models._component_builders import gqa_decoder
+from gqa_tune.models._component_builders import gqa_decoder, gqa_gemma2_decoder, gqa_gemma_decoder
 from gqa_tune.models._model_builders import BYTE_VOCAB_SIZE, gqa_tiny
 
 #: Attention projections LoRA can adapt (torchtune's ``LORA_ATTN_MODULES``).
@@ -124,10 +124,14 @@ def lora_gqa_decoder(
     attn_dropout: float = 0.0,
     rope_base: float = 500_000,
     rope_scale_factor: Optional[float] = None,
+    rope_low_freq_factor: float = 1.0,
+    rope_high_freq_factor: float = 4.0,
+    rope_old_context_len: int = 8192,
     norm_eps: float = 1e-5,
     qk_norm: bool = False,
     attn_bias: bool = False,
     tie_word_embeddings: bool = True,
+    sliding_window_size: Optional[int] = None,
     backend: str = "auto",
 ) -> TransformerDecoder:
     """:func:`~gqa_tune.models.gqa_decoder` with torchtune ``LoRALinear`` in the chosen projections.
@@ -166,10 +170,14 @@ def lora_gqa_decoder(
         attn_dropout=attn_dropout,
         rope_base=rope_base,
         rope_scale_factor=rope_scale_factor,
+        rope_low_freq_factor=rope_low_freq_factor,
+        rope_high_freq_factor=rope_high_freq_factor,
+        rope_old_context_len=rope_old_context_len,
         norm_eps=norm_eps,
         qk_norm=qk_norm,
         attn_bias=attn_bias,
         tie_word_embeddings=tie_word_embeddings,
+        sliding_window_size=sliding_window_size,
         backend=backend,
     )
     return add_lora(
@@ -177,6 +185,54 @@ def lora_gqa_decoder(
         lora_attn_modules=lora_attn_modules,
         apply_lora_to_mlp=apply_lora_to_mlp,
         apply_lora_to_output=apply_lora_to_output,
+        lora_rank=lora_rank,
+        lora_alpha=lora_alpha,
+        lora_dropout=lora_dropout,
+    )
+
+
+def lora_gqa_gemma_decoder(
+    *,
+    lora_attn_modules: Sequence[str],
+    apply_lora_to_mlp: bool = False,
+    lora_rank: int,
+    lora_alpha: float,
+    lora_dropout: float = 0.0,
+    **model_args,
+) -> TransformerDecoder:
+    """:func:`~gqa_tune.models.gqa_gemma_decoder` (``**model_args``) with ``LoRALinear`` in the chosen projections.
+
+    The output is tied to the embedding, so there is no ``apply_lora_to_output``.
+    """
+    _check_lora_args(lora_attn_modules, apply_lora_to_mlp, False, lora_rank, lora_alpha, lora_dropout)
+    return add_lora(
+        gqa_gemma_decoder(**model_args),
+        lora_attn_modules=lora_attn_modules,
+        apply_lora_to_mlp=apply_lora_to_mlp,
+        lora_rank=lora_rank,
+        lora_alpha=lora_alpha,
+        lora_dropout=lora_dropout,
+    )
+
+
+def lora_gqa_gemma2_decoder(
+    *,
+    lora_attn_modules: Sequence[str],
+    apply_lora_to_mlp: bool = False,
+    lora_rank: int,
+    lora_alpha: float,
+    lora_dropout: float = 0.0,
+    **model_args,
+) -> TransformerDecoder:
+    """:func:`~gqa_tune.models.gqa_gemma2_decoder` (``**model_args``) with ``LoRALinear`` in the chosen projections.
+
+    The output is tied to the embedding, so there is no ``apply_lora_to_output``.
+    """
+    _check_lora_args(lora_attn_modules, apply_lora_to_mlp, False, lora_rank, lora_alpha, lora_dropout)
+    return add_lora(
+        gqa_gemma2_decoder(**model_args),
+        lora_attn_modules=lora_attn_modules,
+        apply_lora_to_mlp=apply_lora_to_mlp,
         lora_rank=lora_rank,
         lora_alpha=lora_alpha,
         lora_dropout=lora_dropout,
