@@ -7,10 +7,15 @@ Config keys (see ``configs/gqa_tiny/generate.yaml``):
 
 - ``checkpoint_dir``: a checkpoint written by gqa_tune's recipes (``model.safetensors`` +
   ``config.json``), or their ``output_dir``: when it holds a ``LATEST`` file, the checkpoint
-  it names is loaded. The model is rebuilt from the builder config stored in ``config.json``
-  (``config["gqa_tune"]["model"]``); a ``model:`` with a ``_component_`` replaces it, a
-  ``model:`` without one overrides single arguments (e.g. ``model.max_seq_len=256``).
+  it names is loaded. Also a torchtune checkpointer's ``output_dir`` (its highest ``epoch_N``)
+  or any Hugging Face model directory. The model is rebuilt from the builder config stored in
+  ``config.json`` (``config["gqa_tune"]["model"]``, else the one its architecture maps to); a
+  ``model:`` with a ``_component_`` replaces it, a ``model:`` without one overrides single
+  arguments (e.g. ``model.max_seq_len=256``).
+- ``hf_model_dir``: a Hugging Face model directory (Llama, Mistral, Qwen2, Gemma, Gemma 2); its
+  architecture and weights replace ``checkpoint_dir``, ``checkpointer`` and ``model``'s builder.
 - ``checkpointer``: instead of ``checkpoint_dir``, any torchtune checkpointer; needs ``model:``.
+  Where the weights come from is :func:`gqa_tune.training.weights.load_weights`'s decision.
 - ``tokenizer``: e.g. ``gqa_tune.data.byte_tokenizer``. Its ``stop_tokens`` (EOS) end a sequence.
 - ``prompts``: a list of prompts, generated as one left-padded batch; or ``prompt``, one
   prompt. ``prompt=TEXT`` on the command line (repeatable, one prompt each) replaces both and
@@ -34,8 +39,9 @@ from omegaconf import DictConfig, OmegaConf
 from torchtune import config, training
 
 from gqa_tune.config_check import check_config, exits_on_config_error
-from gqa_tune.training.checkpoint import load_checkpoint, model_shape, resolve_checkpoint_dir, stored_builder
+from gqa_tune.training.checkpoint import model_shape
 from gqa_tune.training.generation import GenerationResult, generate
+from gqa_tune.training.weights import fit_weights, load_weights
 
 #: ``prompt=...`` arguments taken off the command line before torchtune parses it (see :func:`main`).
 _CLI_PROMPTS: List[str] = []
@@ -83,40 +89,22 @@ class GenerateRecipe:
 
     def setup(self, cfg: DictConfig) -> None:
         self.tokenizer = config.instantiate(cfg.tokenizer)
-        state_dict, builder = self.load_weights(cfg)
+        state_dict, builder, weights = self.load_weights(cfg)
+        self.source = weights.name
         with training.set_default_dtype(self.dtype), self.device:
             model = config.instantiate(builder)
-        missing, unexpected = model.load_state_dict(state_dict, strict=False)
         # As in the fine-tune recipes: a LoRA builder's adapters may be absent (merged weights, B = 0).
-        missing = [k for k in missing if "lora" not in k]
-        if missing or unexpected:
-            raise ValueError(
-                f"weights from {self.source} do not fit the model {builder.get('_component_')}: "
-                f"missing {missing[:5]}, unexpected {unexpected[:5]}"
-            )
+        fit_weights(model, state_dict, weights)
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
 
     def load_weights(self, cfg: DictConfig) -> tuple:
-        """(torchtune-format weights, model builder config) from ``checkpoint_dir`` or ``checkpointer``."""
-        model_cfg = cfg.get("model")
-        if cfg.get("checkpoint_dir") is not None:
-            path = resolve_checkpoint_dir(
-                cfg.checkpoint_dir,
-                "checkpoint_dir",
-                "train a model first, e.g. `tune run gqa_tune/recipes/full_finetune_single_device.py "
-                "--config configs/gqa_tiny/full.yaml`, or set checkpoint_dir=<dir>",
-            )
-            state_dict, hf_config, _ = load_checkpoint(path)
-            self.source = str(path)
-            builder = stored_builder(hf_config, model_cfg, path)
-            return state_dict, builder
-        if cfg.get("checkpointer") is not None:
-            if model_cfg is None or "_component_" not in model_cfg:
-                raise ValueError("a `checkpointer:` needs an explicit `model:` (with a _component_) to load into")
-            checkpointer = config.instantiate(cfg.checkpointer)
-            self.source = f"checkpointer {cfg.checkpointer._component_}"
-            return checkpointer.load_checkpoint()[training.MODEL_KEY], model_cfg
-        raise ValueError("set checkpoint_dir (a gqa_tune checkpoint or output_dir) or checkpointer (+ model)")
+        """``(weights, builder config, source)`` (:func:`gqa_tune.training.weights.load_weights`): from
+        ``hf_model_dir``, ``checkpointer`` (+ ``model``) or ``checkpoint_dir``."""
+        hint = (
+            "train a model first, e.g. `tune run gqa_tune/recipes/full_finetune_single_device.py "
+            "--config configs/gqa_tiny/full.yaml`, or set checkpoint_dir=<dir> or hf_model_dir=<dir>"
+        )
+        return load_weights(cfg, checkpoint_key="checkpoint_dir", required=True, hint=hint)
 
     # ------------------------------------------------------------ generation
 

@@ -11,10 +11,13 @@ ordinary gqa_tune checkpoint whose ``config.json`` describes the grouped model (
 
 Config keys, on top of :class:`~gqa_tune.training.finetune.FinetuneRecipe`'s:
 
-- ``source_checkpoint_dir``: a gqa_tune checkpoint (``model.safetensors`` + ``config.json``) or an
-  ``output_dir`` with a ``LATEST`` file. The model is rebuilt from ``config.json``'s
-  ``gqa_tune.model`` builder; ``model:`` without a ``_component_`` overrides single arguments
+- ``source_checkpoint_dir``: a gqa_tune checkpoint (``model.safetensors`` + ``config.json``), an
+  ``output_dir`` with a ``LATEST`` file, a torchtune checkpointer's ``output_dir`` or any Hugging Face
+  model directory. The model is rebuilt from ``config.json``'s ``gqa_tune.model`` builder (or, without
+  one, from its architecture); ``model:`` without a ``_component_`` overrides single arguments
   (e.g. ``model.backend=sdpa``), ``model:`` with one replaces the builder.
+- ``hf_model_dir``: instead, a Hugging Face model directory (Llama, Mistral, Qwen2, Gemma, Gemma 2);
+  it replaces ``source_checkpoint_dir``, ``checkpointer`` and ``model``'s builder.
 - ``checkpointer``: instead of ``source_checkpoint_dir``, any torchtune checkpointer; needs an
   explicit ``model:`` with a ``_component_``.
 - ``num_kv_heads``: the target; must divide the source's kv heads. ``method``: ``mean`` / ``first`` /
@@ -32,18 +35,19 @@ saved checkpoint is rebuilt with the new count.
 import inspect
 import math
 import sys
+from pathlib import Path
 from typing import Any, Dict, Optional
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from torchtune import config, training
+from torchtune import config
 from torchtune.config._utils import _get_component_from_path
 
 from gqa_tune.config_check import check_config, exits_on_config_error
 from gqa_tune.convert.pooling import METHODS, check_conversion, convert_model_
 from gqa_tune.schema import UptrainConfig
-from gqa_tune.training.checkpoint import load_checkpoint, resolve_checkpoint_dir, stored_builder
 from gqa_tune.training.finetune import FinetuneRecipe
+from gqa_tune.training.weights import fit_weights, load_weights
 
 
 def builder_accepts_num_kv_heads(component: str) -> bool:
@@ -53,7 +57,11 @@ def builder_accepts_num_kv_heads(component: str) -> bool:
     return "num_kv_heads" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
-#: ``epochs`` and ``max_steps_per_epoch`` come from the step budget, so the config leaves them null.
+#: How to make a source checkpoint (appended to the error when ``source_checkpoint_dir`` is missing).
+_PRETRAIN_HINT = (
+    "pretrain first, e.g. `tune run gqa_tune/recipes/full_finetune_single_device.py "
+    "--config configs/gqa_small/mha_pretrain.yaml`, or set hf_model_dir"
+)
 
 
 class UptrainRecipe(FinetuneRecipe):
@@ -89,32 +97,13 @@ class UptrainRecipe(FinetuneRecipe):
     # ------------------------------------------------------------ the source
 
     def load_source(self, cfg: DictConfig):
-        """(torchtune-format weights, builder config as a DictConfig, description) of the source model."""
-        model_cfg = cfg.get("model")
-        if cfg.get("source_checkpoint_dir") is not None:
-            if cfg.get("checkpointer") is not None:
-                raise ValueError("set source_checkpoint_dir or checkpointer, not both")
-            path = resolve_checkpoint_dir(
-                cfg.source_checkpoint_dir,
-                "source_checkpoint_dir",
-                "pretrain first, e.g. `tune run gqa_tune/recipes/full_finetune_single_device.py "
-                "--config configs/gqa_small/mha_pretrain.yaml`",
-            )
-            state_dict, hf_config, state = load_checkpoint(path)
-            builder = stored_builder(hf_config, model_cfg, path)
-            if state is not None and "global_step" in state:
-                self.source_global_step = int(state["global_step"])
-            return state_dict, builder, str(path)
-        if cfg.get("checkpointer") is not None:
-            if model_cfg is None or "_component_" not in model_cfg:
-                raise ValueError("a `checkpointer:` needs an explicit `model:` (with a _component_) to load into")
-            checkpointer = config.instantiate(cfg.checkpointer)
-            return (
-                checkpointer.load_checkpoint()[training.MODEL_KEY],
-                model_cfg,
-                f"checkpointer {cfg.checkpointer._component_}",
-            )
-        raise ValueError("set source_checkpoint_dir (a gqa_tune checkpoint or output_dir) or checkpointer (+ model)")
+        """``(weights, builder config, source)`` of the source model (:func:`~gqa_tune.training.weights.load_weights`:
+        ``hf_model_dir``, ``checkpointer`` + ``model``, or ``source_checkpoint_dir``)."""
+        loaded = load_weights(cfg, checkpoint_key="source_checkpoint_dir", required=True, hint=_PRETRAIN_HINT)
+        state = loaded[2].recipe_state
+        if state is not None and "global_step" in state:
+            self.source_global_step = int(state["global_step"])
+        return loaded
 
     def uptrain_steps(self) -> int:
         """The number of optimizer steps to run."""
@@ -130,44 +119,47 @@ class UptrainRecipe(FinetuneRecipe):
             )
         return max(1, round(float(self.cfg.uptrain_fraction) * int(source_steps)))
 
-    def build_model(self, cfg: DictConfig) -> torch.nn.Module:
-        """The source model with its weights, converted to ``num_kv_heads`` kv heads."""
+    def load_model(self, cfg: DictConfig, resume_path: Optional[Path]) -> torch.nn.Module:
+        """The source model with its weights, converted to ``num_kv_heads`` kv heads; when resuming, the
+        converted model then takes the checkpoint's weights."""
         state_dict, builder, source = self._source
         self._source = None  # free the source weights once loaded
         component = builder.get("_component_")
         if not component:
-            raise ValueError(f"the model builder from {source} has no _component_")
+            raise ValueError(f"the model builder from {source.name} has no _component_")
         if not builder_accepts_num_kv_heads(component):
             raise ValueError(
                 f"model builder {component} has no num_kv_heads argument, so the uptrained model could not be "
                 "rebuilt with its new kv heads; use a builder that takes num_kv_heads (e.g. "
                 "gqa_tune.models.gqa_decoder with the same shape)"
             )
-        with training.set_default_dtype(self.dtype), self.device:
-            model = config.instantiate(builder)
-        self.load_weights(model, state_dict, source)
+        self.builder, self.source = builder, source
+        model = self.build_model(cfg)
+        fit_weights(model, state_dict, source)
+        del state_dict
         self.source_kv_heads = model.layers[0].attn.num_kv_heads
         check_conversion(self.source_kv_heads, self.target_kv_heads, self.method)
         seed = self.cfg.get("conversion_seed")
         convert_model_(model, self.target_kv_heads, self.method, seed=self.seed if seed is None else seed)
-        out = OmegaConf.to_container(builder, resolve=True)
-        out["num_kv_heads"] = self.target_kv_heads
-        self.builder = out
+        self.builder = OmegaConf.merge(builder, {"num_kv_heads": self.target_kv_heads})
         print(
-            f"uptrain: {source} ({self.source_kv_heads} kv heads) -> {self.target_kv_heads} kv heads "
+            f"uptrain: {source.name} ({self.source_kv_heads} kv heads) -> {self.target_kv_heads} kv heads "
             f"by {self.method!r} pooling",
             flush=True,
         )
+        if resume_path is not None:
+            resumed, _, self.source = load_weights(cfg, checkpoint_key="source_checkpoint_dir", resume_from=resume_path)
+            fit_weights(model, resumed, self.source)
         return model
 
     def checkpoint_builder(self) -> Dict[str, Any]:
-        return dict(self.builder)
+        return OmegaConf.to_container(self.builder, resolve=True)
 
     # ------------------------------------------------------------ setup
 
     def setup(self, cfg: DictConfig) -> None:
-        # The weights come from build_model (source + conversion): keep the base setup from loading or
-        # re-initializing them, and give it the step budget as epochs x max_steps_per_epoch.
+        # The weights come from load_model (source + conversion); the base setup gets the step budget as
+        # epochs x max_steps_per_epoch.
         self._source = self.load_source(cfg)
         steps = self.uptrain_steps()
         dataset_len = len(config.instantiate(cfg.dataset, config.instantiate(cfg.tokenizer)))
@@ -176,8 +168,6 @@ class UptrainRecipe(FinetuneRecipe):
             raise ValueError(f"no optimizer step fits in an epoch: {dataset_len} examples, batch_size {cfg.batch_size}")
         epochs = math.ceil(steps / epoch_steps)
         inner = cfg.copy()
-        inner.checkpointer = None
-        inner.init_from_scratch = False
         inner.epochs, inner.max_steps_per_epoch = epochs, math.ceil(steps / epochs)
         super().setup(inner)
         self.cfg.epochs = epochs  # the training loop reads it

@@ -40,3 +40,49 @@ def greedy_without_cache(model, prompt: torch.Tensor, steps: int) -> torch.Tenso
         nxt = model(tokens)[:, -1].argmax(-1, keepdim=True)
         tokens = torch.cat([tokens, nxt], dim=1)
     return tokens
+
+
+#: The tiny Hugging Face models of the ``hf_model_dir`` tests: every architecture gqa_tune builds from a
+#: ``config.json``, each with what sets it apart. Vocabulary 300: the byte tokenizer's ids (260) fit.
+TINY_HF = {
+    "llama3": dict(
+        model_type="llama", rope_theta=500_000.0, tie_word_embeddings=False, rms_norm_eps=1e-5,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 32},
+    ),
+    "qwen2": dict(model_type="qwen2", rope_theta=1_000_000.0, tie_word_embeddings=False),  # q/k/v biases
+    "mistral": dict(model_type="mistral", sliding_window=16, tie_word_embeddings=False),
+    "gemma": dict(model_type="gemma", head_dim=24),
+    "gemma2": dict(
+        model_type="gemma2", head_dim=24, sliding_window=8, query_pre_attn_scalar=20,
+        attn_logit_softcapping=5.0, final_logit_softcapping=3.0,
+    ),
+}  # fmt: skip
+TINY_HF_SHAPE = dict(
+    vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, max_position_embeddings=256,
+)  # fmt: skip
+
+
+def tiny_hf_model(path: Path, kind: str, seed: int = 0, **overrides):
+    """Save a tiny random ``transformers`` model of :data:`TINY_HF` ``kind`` to ``path`` and return it (fp32).
+
+    Weights are drawn larger than transformers' init (``N(0, 0.2)``, biases too; norm scales around their
+    identity) so that RoPE, bias, norm or capping mistakes show in the logits.
+    """
+    import transformers
+
+    settings = {**TINY_HF_SHAPE, **TINY_HF[kind], **overrides}
+    model_type = settings.pop("model_type")
+    config = transformers.AutoConfig.for_model(model_type, **settings)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config).float().eval()
+    gemma = model_type.startswith("gemma")
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.uniform_(-0.5, 0.5) if gemma else param.uniform_(0.5, 1.5)  # gemma scales by (1 + w)
+            else:
+                param.normal_(0.0, 0.2)
+    model.save_pretrained(path)
+    return model

@@ -23,14 +23,14 @@ the complete new one, and leftovers of killed conversions into it are removed fi
 import json
 import shutil
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Tuple
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from gqa_tune.convert.pooling import check_conversion, convert_state_dict
-from gqa_tune.training.checkpoint import CONFIG, WEIGHTS, _write_atomically, cleanup_stale
+from gqa_tune.training.checkpoint import CONFIG, _write_atomically, cleanup_stale, weight_files
 
 #: Top-level files not copied to the converted directory (weights, optimizer state, run pointers).
 _SKIP_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".index.json")
@@ -71,32 +71,6 @@ def _read_config(src: Path) -> Tuple[Dict[str, Any], int, int, int]:
             f"{str(path)!r}: head_dim (or hidden_size // num_attention_heads) must be a positive int, got {head_dim!r}"
         )
     return config, num_heads, num_kv_heads, head_dim
-
-
-def _weight_files(src: Path) -> Tuple[List[str], Optional[str]]:
-    """The safetensors file names to convert, and the index file's name (or ``None``)."""
-    indexes = sorted(p.name for p in src.glob("*.safetensors.index.json") if p.is_file())
-    if len(indexes) > 1:
-        raise ValueError(f"checkpoint {str(src)!r} has several safetensors indexes: {', '.join(indexes)}")
-    if indexes:
-        index = src / indexes[0]
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-            files = sorted(set(weight_map.values()))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
-            raise ValueError(f"cannot read the weight_map of {str(index)!r}: {err}") from err
-        missing = [f for f in files if not (src / f).is_file()]
-        if missing:
-            raise ValueError(f"{str(index)!r} names missing weight files in {str(src)!r}: {', '.join(missing)}")
-        if not files:
-            raise ValueError(f"{str(index)!r} names no weight files")
-        return files, indexes[0]
-    if (src / WEIGHTS).is_file():
-        return [WEIGHTS], None
-    files = sorted(p.name for p in src.glob("*.safetensors") if p.is_file())
-    if not files:
-        raise ValueError(f"checkpoint {str(src)!r} has no {WEIGHTS} and no *.safetensors shards")
-    return files, None
 
 
 def _check_weights(src: Path, files: List[str], config: Dict[str, Any], rows: int) -> None:
@@ -183,7 +157,9 @@ def convert_hf_checkpoint(
         raise ValueError(f"dst_dir {str(dst)!r} exists and is not a directory")
     if dst.is_dir() and any(dst.iterdir()) and not overwrite:
         raise ValueError(f"dst_dir {str(dst)!r} exists and is not empty; pass overwrite=True to replace it")
-    files, index = _weight_files(src)
+    files, index = weight_files(src)
+    if not all(name.endswith(".safetensors") for name in files):
+        raise ValueError(f"checkpoint {str(src)!r} holds {', '.join(files)}: pooling reads safetensors weights only")
     _check_weights(src, files, config, current * head_dim)
 
     new_config = dict(config)

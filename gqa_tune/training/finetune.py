@@ -35,14 +35,15 @@ from gqa_tune.schema import FinetuneConfig
 from gqa_tune.training.checkpoint import (
     STATE,
     latest_checkpoint,
-    load_checkpoint,
     prune_checkpoints,
+    read_recipe_state,
     save_checkpoint,
     tokenizer_token_ids,
 )
 from gqa_tune.training.curves import CURVES_FILE, curves_dir, plot_training_curves
 from gqa_tune.training.evaluate import heldout_loss, shift_labels, task_accuracy
 from gqa_tune.training.loss import build_loss, summed_loss, whole_logits
+from gqa_tune.training.weights import WeightSource, fit_weights, load_weights
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # datasets come from local files only
 
@@ -113,7 +114,8 @@ class FinetuneRecipe(FTRecipeInterface):
     """Full fine-tuning (or training from scratch) on one device.
 
     Config keys (see ``configs/gqa_tiny/full.yaml``): ``output_dir``, ``model``,
-    ``tokenizer``, ``dataset``, ``checkpointer`` (optional torchtune
+    ``tokenizer``, ``dataset``, ``hf_model_dir`` (a Hugging Face model to start
+    from, replacing ``model``), ``checkpointer`` (optional torchtune
     checkpointer to start from), ``init_from_scratch``, ``optimizer``,
     ``lr_scheduler``, ``batch_size``, ``epochs``, ``max_steps_per_epoch``,
     ``gradient_accumulation_steps``, ``clip_grad_norm``, ``dtype``, ``device``,
@@ -144,7 +146,16 @@ class FinetuneRecipe(FTRecipeInterface):
        to ``keep_last_n_checkpoints``; after the last epoch :meth:`evaluate` (with ``eval``), then the
        training-curves PNG (:mod:`gqa_tune.training.curves`).
     4. :meth:`cleanup`.
+
+    Where the weights come from, and which builder makes the model, is decided by
+    :func:`gqa_tune.training.weights.load_weights` (:meth:`load_model`); a subclass names its
+    checkpoint-directory key (:attr:`CHECKPOINT_DIR_KEY`) and whether it needs weights.
     """
+
+    #: The config key of a checkpoint directory to start from (LoRA: its base; uptrain: its source).
+    CHECKPOINT_DIR_KEY: Optional[str] = None
+    #: Refuse to start without weights to load (instead of initializing).
+    WEIGHTS_REQUIRED = False
 
     SCHEMA = FinetuneConfig  # the config's keys, types and defaults
 
@@ -159,7 +170,8 @@ class FinetuneRecipe(FTRecipeInterface):
         self.epoch, self.global_step, self.epoch_step = 0, 0, 0
         self.loss_history: list = []  # the training loss of each step
         self.eval_history: list = []  # (global step, results) of each evaluate()
-        self.weights_dir: Optional[Path] = None  # where the loaded weights came from (set by load_weights)
+        self.source: Optional[WeightSource] = None  # where the weights came from (set by load_model)
+        self.builder: Optional[DictConfig] = None  # the model's builder config (set by load_model)
 
     # ------------------------------------------------------------ hooks
 
@@ -184,7 +196,7 @@ class FinetuneRecipe(FTRecipeInterface):
 
     def checkpoint_builder(self) -> Dict[str, Any]:
         """The builder config stored in ``config.json`` so the checkpoint can be rebuilt."""
-        return OmegaConf.to_container(self.cfg.model, resolve=True)
+        return OmegaConf.to_container(self.builder, resolve=True)
 
     def extra_checkpoint_files(self, directory: Path) -> None:
         """Subclasses add files to a checkpoint being written (e.g. a LoRA adapter)."""
@@ -196,17 +208,32 @@ class FinetuneRecipe(FTRecipeInterface):
         return {"num_replicas": 1, "rank": 0}
 
     def build_model(self, cfg: DictConfig) -> torch.nn.Module:
+        """A fresh model from :attr:`builder` (which :meth:`load_model` chose), without its weights."""
         with training.set_default_dtype(self.dtype), self.device:
-            return config.instantiate(cfg.model)
+            return config.instantiate(self.builder)
+
+    def load_model(self, cfg: DictConfig, resume_path: Optional[Path]) -> torch.nn.Module:
+        """The model with its starting weights. :func:`~gqa_tune.training.weights.load_weights` decides where
+        they come from (``resume_path`` when resuming, else ``hf_model_dir``, ``checkpointer``, the
+        :attr:`CHECKPOINT_DIR_KEY` directory, or an initialization) and which builder makes the model."""
+        state_dict, self.builder, self.source = load_weights(
+            cfg, checkpoint_key=self.CHECKPOINT_DIR_KEY, resume_from=resume_path, required=self.WEIGHTS_REQUIRED
+        )
+        model = self.build_model(cfg)
+        if state_dict is not None:
+            fit_weights(model, state_dict, self.source)
+        elif self.source.kind == "init_from_scratch":
+            init_from_scratch(model, std=cfg.get("init_std", 0.02))
+        return model
 
     # ------------------------------------------------------------ setup
 
     def setup(self, cfg: DictConfig) -> None:
         check_writable_dir(self.output_dir, "output_dir")
         self.settings = self.resume_settings(cfg)  # saved in recipe_state.pt
-        resume_state = None
+        resume_path, resume_state = None, None
         if cfg.get("resume_from_checkpoint", False):
-            resume_path, resume_weights, resume_state = self.read_resume_checkpoint(self.settings)
+            resume_path, resume_state = self.read_resume_checkpoint(self.settings)
             self.seed = resume_state["seed"]  # the data order's (the same as cfg.seed, or drawn when that is null)
 
         self.metric_logger = config.instantiate(cfg.metric_logger) if self.is_rank_zero else None
@@ -214,15 +241,7 @@ class FinetuneRecipe(FTRecipeInterface):
             self.metric_logger.log_config(cfg)
         self.tokenizer = config.instantiate(cfg.tokenizer)
 
-        model = self.build_model(cfg)
-        if resume_state is not None:
-            self.load_weights(model, resume_weights, str(resume_path))
-            del resume_weights
-        elif cfg.get("checkpointer") is not None:
-            checkpointer = config.instantiate(cfg.checkpointer)
-            self.load_weights(model, checkpointer.load_checkpoint()[training.MODEL_KEY], "checkpointer")
-        elif cfg.get("init_from_scratch", True):
-            init_from_scratch(model, std=cfg.get("init_std", 0.02))
+        model = self.load_model(cfg, resume_path)
         if cfg.get("enable_activation_checkpointing", False):
             training.set_activation_checkpointing(model, auto_wrap_policy={TransformerSelfAttentionLayer})
         self.model = self.wrap_model(model)
@@ -263,8 +282,8 @@ class FinetuneRecipe(FTRecipeInterface):
             self.load_recipe_state(resume_state)
 
     def read_resume_checkpoint(self, settings: Dict[str, Any]):
-        """``(path, weights, recipe state)`` of ``output_dir``'s newest checkpoint, checked to be resumable
-        by a run with :meth:`resume_settings` ``settings``.
+        """``(path, recipe state)`` of ``output_dir``'s newest checkpoint, checked to be resumable by a run
+        with :meth:`resume_settings` ``settings`` (its weights are read by :meth:`load_model`).
 
         Raises:
             ConfigError: no checkpoint, no or an incomplete ``recipe_state.pt``, or other :meth:`resume_settings`.
@@ -276,13 +295,13 @@ class FinetuneRecipe(FTRecipeInterface):
                 "nothing to resume in output_dir",
                 what="resume_from_checkpoint",
             )
-        state_dict, _, state = load_checkpoint(path)
+        state = read_recipe_state(path)
         if state is None:
             problem = f"resume_from_checkpoint: checkpoint {str(path)!r} has no {STATE}, so it cannot be resumed"
             raise ConfigError(problem, what="resume_from_checkpoint")
         check_recipe_state(state, path / STATE)
         check_resume_settings(state.get(RESUME_SETTINGS), settings, path)
-        return path, state_dict, state
+        return path, state
 
     def resume_settings(self, cfg: DictConfig) -> Dict[str, Any]:
         """What decides which examples each step sees: a resumed run must have the checkpoint's.
@@ -298,24 +317,6 @@ class FinetuneRecipe(FTRecipeInterface):
             "dataset": OmegaConf.to_container(cfg.dataset, resolve=True),
             "tokenizer": OmegaConf.to_container(cfg.tokenizer, resolve=True),
         }
-
-    def load_weights(self, model: torch.nn.Module, state_dict: Dict[str, torch.Tensor], source: str) -> None:
-        missing, unexpected = model.load_state_dict(state_dict, strict=False)
-        missing = [k for k in missing if "lora" not in k]  # LoRA adapters start fresh
-        if missing or unexpected:
-            raise ValueError(
-                f"weights from {source} do not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
-            )
-        self.weights_dir = self._weights_directory(source)
-
-    def _weights_directory(self, source: str) -> Optional[Path]:
-        """The directory weights loaded from ``source`` came from (a checkpoint, or a checkpointer's), if any."""
-        if Path(source).is_dir():
-            return Path(source)
-        checkpointer = self.cfg.get("checkpointer")
-        if source.startswith("checkpointer") and checkpointer is not None and checkpointer.get("checkpoint_dir"):
-            return Path(checkpointer.checkpoint_dir)
-        return None
 
     def recipe_state(self) -> Dict[str, Any]:
         return {
@@ -459,7 +460,7 @@ class FinetuneRecipe(FTRecipeInterface):
             # Token ids for config.json (transformers' defaults would be wrong for our tokenizers), and the
             # source's generation_config.json carried over.
             token_ids=tokenizer_token_ids(self.tokenizer),
-            source_dir=self.weights_dir,
+            source_dir=self.source.path,
         )
         tqdm.write(f"saved checkpoint {path}")
         keep = self.cfg.get("keep_last_n_checkpoints")

@@ -94,9 +94,14 @@ def test_plain_rope_and_untied_embeddings():
     assert "rope_scaling" not in config and config["tie_word_embeddings"] is False
 
 
-def test_parts_a_llama_config_cannot_describe_are_value_errors():
-    with pytest.raises(ValueError, match="biases or q/k norms"):
+def test_parts_no_supported_config_can_describe_are_value_errors():
+    with pytest.raises(ValueError, match="llama config.json: it has q/k norms"):
         hf_config(gqa_decoder(**SCALED, qk_norm=True))
+    # q/k/v biases are Qwen2's, sliding windows Mistral's; both at once is neither
+    assert hf_config(gqa_decoder(**SCALED, attn_bias=True))["model_type"] == "qwen2"
+    assert hf_config(gqa_decoder(**SCALED, sliding_window_size=8))["model_type"] == "mistral"
+    with pytest.raises(ValueError, match="qwen2 config.json: it has sliding windows"):
+        hf_config(gqa_decoder(**SCALED, attn_bias=True, sliding_window_size=8))
 
 
 def test_token_ids_come_from_the_tokenizer_then_the_source(tmp_path):
