@@ -10,6 +10,10 @@ triton     gqa_tune's flash attention kernels (GQA-native, fwd + bwd),
            and their split-K decode kernel for KV-cache calls
 =========  ===========================================================
 
+``sdpa`` runs a ``BlockMask``, and on CPU a bool mask that hides most of its 128 x 128 tiles (torchtune's
+packed block-causal mask), over the kept tiles only (:mod:`gqa_tune.ops.backends.blocks`), forward and
+backward: document-masked training costs what the documents cost, not ``s_q * s_kv``.
+
 A call is described once, as an :class:`AttentionSpec` (mask, causal alignment, a cache's filled
 lengths, window, soft-cap, sinks, scale, dropout). :func:`plan_attention` alone decides which backend
 serves it (each backend states its limits in its ``*_limits`` function) and lowers what that backend
@@ -111,8 +115,8 @@ def auto_order(call: AttentionCall) -> tuple:
     if call.need_weights:
         return ("math",)
     if call.mask_kind == "block":
-        # flex reads the BlockMask natively; where it cannot (CPU training),
-        # SDPA takes the mask materialized from its mask_mod.
+        # flex reads the BlockMask natively; where it cannot (CPU training), SDPA runs over the tiles
+        # the BlockMask keeps (forward and backward), never the dense mask.
         return ("flex", "sdpa", "math")
     if call.device.type == "cuda" and auto_validated(call.device):
         # Our kernels where they serve the call (no mask, causal, bool masks), on GPUs where they were

@@ -8,7 +8,9 @@ head is read once for its whole group, whatever kernel torch picks.
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask
 
+from gqa_tune.ops.backends.blocks import block_sparse_attention, layout_for, sparse_enough
 from gqa_tune.ops.masks import dense_mask, top_left_causal
 
 
@@ -34,10 +36,22 @@ def _with_sink_key(q, k, v, mask, is_causal, sinks):
     return k, v, torch.cat([additive, sink], dim=-1)
 
 
+def _over_tiles(q, k, mask, is_causal) -> bool:
+    """A BlockMask (never materialized), or on CPU a bool mask hiding most tiles: run over the kept tiles."""
+    if is_causal or mask is None:
+        return False
+    if isinstance(mask, BlockMask):
+        return tuple(mask.seq_lengths) == (q.shape[2], k.shape[2])
+    return q.device.type == "cpu" and mask.dtype == torch.bool and sparse_enough(mask)
+
+
 def sdpa_backend(q, k, v, *, mask, scale, is_causal, dropout_p, softcap=None, sinks=None):
     b, n_h, s_q, _ = q.shape
     n_kv, s_kv = k.shape[1], k.shape[2]
     group = n_h // n_kv
+    if _over_tiles(q, k, mask, is_causal):
+        layout = layout_for(mask, False, s_q, s_kv, q.device)
+        return block_sparse_attention(q, k, v, layout, scale, sinks=sinks, dropout_p=dropout_p)
     mask = dense_mask(mask, b, n_h, s_q, s_kv, q.device)
     if sinks is not None:
         k, v, mask = _with_sink_key(q, k, v, mask, is_causal, sinks)
