@@ -82,7 +82,7 @@ class FinetuneConfig:
     """Full fine-tuning, or training from scratch (``full_finetune_single_device``, ``full_finetune_distributed``)."""
 
     output_dir: str = setting(doc="where checkpoints and logs go; created if missing", check=_not_empty)
-    model: Optional[Component] = setting(doc="the model builder")
+    model: Optional[Component] = setting(None, "the model builder (not needed with hf_model_dir)")
     tokenizer: Component = setting(doc="the tokenizer")
     dataset: Component = setting(doc="the training dataset")
     optimizer: Component = setting(
@@ -182,7 +182,8 @@ class Recipe(NamedTuple):
 #: The project's recipes (modules of ``gqa_tune.recipes``), their schemas and their configs.
 RECIPES: Dict[str, Recipe] = {
     "full_finetune_single_device": Recipe(
-        FinetuneConfig, ("gqa_tiny/full", "gqa_small/mha_pretrain"), "full fine-tuning on one device"
+        FinetuneConfig, ("gqa_tiny/full", "gqa_tiny/full_packed", "gqa_small/mha_pretrain"),
+        "full fine-tuning on one device"
     ),
     "full_finetune_distributed": Recipe(FinetuneConfig, ("gqa_tiny/full_distributed",), "full fine-tuning, FSDP2"),
     "lora_finetune_single_device": Recipe(LoRAConfig, ("gqa_tiny/lora",), "LoRA fine-tuning on one device"),

@@ -1,9 +1,9 @@
 """Offline data: a byte-level tokenizer and the project's synthetic task dataset."""
 
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
-from torchtune.datasets import SFTDataset, instruct_dataset
+from torchtune.datasets import PackedDataset, SFTDataset, instruct_dataset
 
 from gqa_tune.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE, ByteTokenizer, byte_tokenizer
 
@@ -36,15 +36,18 @@ def task_dataset(
     data_file: str = "data/tasks/train.jsonl",
     train_on_input: bool = False,
     max_examples: Optional[int] = None,
-) -> SFTDataset:
+    packed: bool = False,
+) -> Union[SFTDataset, PackedDataset]:
     """The synthetic tasks (``gqa_tune/data/tasks.py``) as a torchtune instruct dataset.
 
     Loaded from a local JSONL file with torchtune's ``instruct_dataset``
     (``prompt`` -> user message, ``answer`` -> assistant message); the loss
-    covers the answer only unless ``train_on_input``.
+    covers the answer only unless ``train_on_input``. ``packed``: examples are packed into rows of the
+    tokenizer's ``max_seq_len`` tokens (torchtune's ``PackedDataset``; the recipes then attend block-causally
+    within each example, with positions restarting: :mod:`gqa_tune.data.packing`).
 
     Raises:
-        ValueError: if ``data_file`` does not exist.
+        ValueError: if ``data_file`` does not exist, or ``packed`` without a tokenizer ``max_seq_len``.
     """
     path = resolve_data_file(data_file)
     if not path.is_file():
@@ -52,6 +55,10 @@ def task_dataset(
             f"dataset file {str(data_file)!r} does not exist (relative paths are taken from {Path.cwd()}); "
             "`python -m gqa_tune.data.tasks` writes the task files to data/tasks/ there"
         )
+    if not isinstance(packed, bool):
+        raise ValueError(f"packed must be true or false, got {packed!r}")
+    if packed and getattr(tokenizer, "max_seq_len", None) is None:
+        raise ValueError("packed=True needs the tokenizer's max_seq_len (the length of a packed row): set it")
     split = "train" if max_examples is None else f"train[:{int(max_examples)}]"
     return instruct_dataset(
         tokenizer,
@@ -60,6 +67,7 @@ def task_dataset(
         column_map={"input": "prompt", "output": "answer"},
         train_on_input=train_on_input,
         split=split,
+        packed=packed,
     )
 
 

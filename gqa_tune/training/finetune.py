@@ -25,11 +25,13 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, DistributedSampler
 from torchtune import config, training
 from torchtune.data import CROSS_ENTROPY_IGNORE_IDX, padded_collate_sft
+from torchtune.datasets import PackedDataset
 from torchtune.modules import TransformerSelfAttentionLayer
 from torchtune.recipe_interfaces import FTRecipeInterface
 from tqdm import tqdm
 
 from gqa_tune.config_check import ConfigError, check_values, check_writable_dir
+from gqa_tune.data.packing import packed_collate, packed_labels
 from gqa_tune.models import init_from_scratch
 from gqa_tune.schema import FinetuneConfig
 from gqa_tune.training.checkpoint import (
@@ -254,14 +256,15 @@ class FinetuneRecipe(FTRecipeInterface):
         self.sampler = DistributedSampler(
             self.dataset, shuffle=cfg.get("shuffle", True), seed=self.seed, **self.sampler_args()
         )
+        # Packed rows (torchtune's PackedDataset): a BlockMask from the document lengths, positions restarting.
+        self.packed = isinstance(self.dataset, PackedDataset)
+        collate = partial(padded_collate_sft, padding_idx=self.tokenizer.pad_id, ignore_idx=CROSS_ENTROPY_IGNORE_IDX)
         self.dataloader = DataLoader(
             self.dataset,
             batch_size=cfg.batch_size,
             sampler=self.sampler,
             drop_last=True,
-            collate_fn=partial(
-                padded_collate_sft, padding_idx=self.tokenizer.pad_id, ignore_idx=CROSS_ENTROPY_IGNORE_IDX
-            ),
+            collate_fn=packed_collate if self.packed else collate,
         )
         self.grad_accum = cfg.get("gradient_accumulation_steps", 1)
         self.steps_per_epoch = len(self.dataloader) // self.grad_accum
@@ -359,9 +362,15 @@ class FinetuneRecipe(FTRecipeInterface):
         seen = 0
         for batch in micro_batches:
             inputs = batch["tokens"].to(self.device)
-            labels = shift_labels(batch["labels"].to(self.device))
+            if "input_pos" in batch:  # packed: each document attends within itself, from position 0
+                input_pos = batch["input_pos"].to(self.device)
+                labels = packed_labels(batch["labels"].to(self.device), input_pos)
+                logits = self.model(inputs, mask=batch["mask"].to(self.device), input_pos=input_pos)
+            else:
+                labels = shift_labels(batch["labels"].to(self.device))
+                logits = self.model(inputs)
             count = (labels != CROSS_ENTROPY_IGNORE_IDX).sum()
-            loss = summed_loss(self.loss_fn, self.model(inputs), labels, count)
+            loss = summed_loss(self.loss_fn, logits, labels, count)
             loss.backward()
             loss_sum += loss.detach()
             tokens += count

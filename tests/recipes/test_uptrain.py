@@ -144,11 +144,11 @@ def test_a_torchtune_checkpointer_source_with_an_explicit_model(mha_run, tmp_pat
     [
         ({"num_kv_heads": 3}, "does not divide"),
         ({"num_kv_heads": 16}, "cannot convert to more kv heads"),
-        ({"method": "median"}, "unknown method 'median'"),
+        ({"method": "median"}, "method: expected one of mean, first, random"),
         ({"uptrain_steps": 5, "uptrain_fraction": 0.05}, "set exactly one of uptrain_steps"),
         ({"uptrain_fraction": None}, "set exactly one of uptrain_steps"),
-        ({"uptrain_fraction": None, "uptrain_steps": 0}, "uptrain_steps must be a positive int"),
-        ({"epochs": 2}, "leave epochs null"),
+        ({"uptrain_fraction": None, "uptrain_steps": 0}, "uptrain_steps: expected an int >= 1"),
+        ({"epochs": 2}, "epochs: expected null"),
         ({"source_checkpoint_dir": "/nonexistent/run"}, "does not exist"),
     ],
 )
