@@ -1,6 +1,7 @@
-"""Document-masked attention over the kept tiles only (``gqa_tune/ops/backends/blocks.py``), forward and
-backward, on CPU: through ``"sdpa"`` for a flex ``BlockMask`` (CPU flex has no backward) and for a dense bool
-mask that hides most tiles (torchtune's packed block-causal mask). Checked against a float64 oracle written
+"""Document-masked attention whose work follows the documents (``gqa_tune/ops/backends/blocks.py``), forward
+and backward, on CPU, through ``"sdpa"``: packed documents (our collate's BlockMask, or torchtune's dense
+block-causal mask) one document group at a time; any other flex ``BlockMask`` (CPU flex has no backward) or
+dense bool mask that hides most tiles over its kept tiles only. Checked against a float64 oracle written
 out here from the document ids, under the FlashAttention 2x/3x rule."""
 
 import pytest
@@ -9,6 +10,7 @@ from torch.nn.attention.flex_attention import create_block_mask
 from torchtune.modules.attention_utils import create_block_causal_mask
 
 import gqa_tune.ops.backends.blocks as blocks
+from gqa_tune.data.packing import document_block_mask
 from gqa_tune.ops import scaled_dot_product_gqa
 from gqa_tune.testing import assert_within_precision
 
@@ -65,6 +67,20 @@ def qkv():
 
 
 @pytest.fixture
+def documents_spy(monkeypatch):
+    """The document ids of each call that went document by document."""
+    calls = []
+    original = blocks.document_attention
+
+    def spy(q, k, v, ids, *args, **kwargs):
+        calls.append(ids)
+        return original(q, k, v, ids, *args, **kwargs)
+
+    monkeypatch.setattr("gqa_tune.ops.backends.sdpa.document_attention", spy)
+    return calls
+
+
+@pytest.fixture
 def tiles_spy(monkeypatch):
     """Counts the calls that went over tiles, and fails any that would materialize a BlockMask."""
     calls = []
@@ -105,11 +121,27 @@ def test_a_block_mask_trains_on_cpu_over_its_tiles_only(qkv, tiles_spy):
     assert tiles_spy and all(layout.idx.shape[-1] <= 3 for layout in tiles_spy)  # at most 3 of 5 key blocks
 
 
-def test_torchtunes_dense_packed_mask_goes_over_its_tiles(qkv, tiles_spy):
+def test_torchtunes_dense_packed_mask_runs_document_by_document(qkv, tiles_spy, documents_spy):
     q, k, v = qkv
     mask = create_block_causal_mask([torch.tensor(d) for d in DOCS])  # what torchtune's packed collate builds
     check(lambda q, k, v: scaled_dot_product_gqa(q, k, v, mask[:, None]), q, k, v, _visible(DOCS))
-    assert tiles_spy and (tiles_spy[0].kind != blocks.EMPTY).float().mean() < 1.0
+    assert len(documents_spy) == 1 and torch.equal(documents_spy[0], doc_ids(DOCS)) and tiles_spy == []
+
+
+def test_our_packed_collates_block_mask_runs_document_by_document(tiles_spy, documents_spy):
+    torch.manual_seed(2)
+    docs = [[1, 1, 300, 2, 96], [400]]  # single tokens, a long document, a whole row
+    q, k, v = torch.randn(2, 4, 400, 16), torch.randn(2, 1, 400, 16), torch.randn(2, 1, 400, 16)
+    block_mask = document_block_mask([torch.tensor(d) for d in docs], 400)
+    check(lambda q, k, v: scaled_dot_product_gqa(q, k, v, block_mask), q, k, v, _visible(docs))
+    assert len(documents_spy) == 1 and tiles_spy == []
+
+
+def test_a_dense_mask_that_is_not_by_document_is_not_taken_for_one():
+    mask = create_block_causal_mask([torch.tensor(d) for d in DOCS])[:, None].clone()
+    assert torch.equal(blocks.documents_of_dense(mask), doc_ids(DOCS))
+    mask[1, 0, 400, 390] = False  # one hidden key inside a document
+    assert blocks.documents_of_dense(mask) is None
 
 
 def test_sinks_and_dead_rows_over_tiles(qkv, tiles_spy):

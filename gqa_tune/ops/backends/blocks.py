@@ -243,3 +243,88 @@ def sparse_enough(mask: torch.Tensor) -> bool:
     n_tiles = math.ceil(mask.shape[-2] / BLOCK) * math.ceil(mask.shape[-1] / BLOCK)
     kept = int((layout.kind != EMPTY).sum()) / (layout.kind.shape[0] * layout.kind.shape[1])
     return kept <= SPARSE_ENOUGH * n_tiles
+
+
+# ---------------------------------------------------------------- packed documents
+
+
+def documents_of_dense(mask: torch.Tensor) -> Optional[torch.Tensor]:
+    """``[b, s]`` document ids when a bool mask ``[b or 1, 1, s, s]`` is exactly a block-causal document mask
+    (what torchtune's packed collate builds on CPU), else None. One pass over the mask, cached per mask."""
+    if mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[-1] != mask.shape[-2] or mask.shape[-1] < 2:
+        return None
+    key = ("docs", mask.data_ptr(), tuple(mask.shape), mask.stride(), mask._version)
+    owner = mask if mask._base is None else mask._base
+    cached = _DENSE_LAYOUTS.get(key)
+    if cached is not None and cached[0]() is owner:
+        return cached[1]
+    rows = mask[:, 0]
+    s = rows.shape[-1]
+    starts = torch.ones(rows.shape[0], s, dtype=torch.bool, device=mask.device)
+    starts[:, 1:] = ~rows.diagonal(offset=-1, dim1=-2, dim2=-1)  # position i starts a document: it cannot see i - 1
+    ids = starts.long().cumsum(-1) - 1
+    causal = torch.ones(s, s, dtype=torch.bool, device=mask.device).tril()
+    same = ids[:, :, None] == ids[:, None, :]
+    found = ids if torch.equal(rows, causal & same) else None
+    while len(_DENSE_LAYOUTS) >= 8:
+        _DENSE_LAYOUTS.pop(next(iter(_DENSE_LAYOUTS)))
+    _DENSE_LAYOUTS[key] = (weakref.ref(owner), found)
+    return found
+
+
+def _buckets(lengths: torch.Tensor, most: int = 3):
+    """Documents grouped by length, longest first, so that padding a group to its longest wastes at most half
+    of it (the last of at most ``most`` groups takes the rest): ``[(document indices, padded length)]``."""
+    order = torch.argsort(lengths, descending=True, stable=True)
+    groups, current, top = [], [], None
+    for i, n in zip(order.tolist(), lengths[order].tolist()):
+        if current and n * 2 < top and len(groups) < most - 1:
+            groups.append((current, top))
+            current = []
+        if not current:
+            top = max(n, 1)
+        current.append(i)
+    if current:
+        groups.append((current, top))
+    return groups
+
+
+def document_attention(q, k, v, ids: torch.Tensor, scale: float, dropout_p: float = 0.0) -> torch.Tensor:
+    """Causal attention within each document of packed rows (``ids`` ``[b, s]``, contiguous documents), as
+    one causal SDPA call per group of similar lengths: the work is about the documents' own, ``sum(len ** 2)``.
+    Q, K and V are gathered into the groups' padded layout once each, and the output gathered back once."""
+    b, n_h, s, h_d = q.shape
+    device = q.device
+    ids = ids.to(device)
+    new = torch.ones(b, s, dtype=torch.bool, device=device)
+    new[:, 1:] = ids[:, 1:] != ids[:, :-1]
+    row_of, start = new.nonzero(as_tuple=True)  # one entry per document, in (row, position) order
+    last = torch.cat([row_of[1:] != row_of[:-1], row_of.new_ones(1, dtype=torch.bool)])
+    ends = torch.where(last, s, torch.cat([start[1:], start.new_full((1,), s)]))
+    lengths = ends - start
+    doc_of = new.flatten().long().cumsum(0).view(b, s) - 1  # document of each packed position
+    offset = torch.arange(s, device=device).view(1, s) - start[doc_of]
+    groups, rows, positions = [], [], []
+    where = torch.empty(len(lengths), dtype=torch.long, device=device)
+    base = 0
+    for docs, top in _buckets(lengths.cpu()):
+        docs = torch.tensor(docs, device=device)
+        j = torch.arange(top, device=device)
+        positions.append((start[docs, None] + torch.minimum(j, lengths[docs, None] - 1)).flatten())  # clamped
+        rows.append(row_of[docs, None].expand(-1, top).flatten())
+        where[docs] = base + torch.arange(len(docs), device=device) * top
+        groups.append((len(docs), top, j < lengths[docs, None, None]))
+        base += len(docs) * top
+    rows, positions = torch.cat(rows), torch.cat(positions)
+    gathered = [x.transpose(1, 2)[rows, positions] for x in (q, k, v)]  # [T, heads, h_d]: one gather each
+    outs, at = [], 0
+    for n, top, keys in groups:
+        part = [g[at : at + n * top].view(n, top, g.shape[1], g.shape[2]).transpose(1, 2) for g in gathered]
+        seen = torch.ones(top, top, dtype=torch.bool, device=device).tril() & keys  # [n, top, top]
+        out = F.scaled_dot_product_attention(
+            *part, attn_mask=seen[:, None], dropout_p=dropout_p, scale=scale, enable_gqa=n_h != k.shape[1]
+        )
+        outs.append(out.transpose(1, 2).reshape(n * top, n_h, -1))
+        at += n * top
+    flat = torch.cat(outs) if len(outs) > 1 else outs[0]
+    return flat[where[doc_of] + offset].transpose(1, 2)  # [b, n_h, s, h_dv]
