@@ -34,6 +34,7 @@ from gqa_tune.ops.backends.flex import flex_backend, flex_limits
 from gqa_tune.ops.backends.math import math_backend
 from gqa_tune.ops.backends.sdpa import sdpa_backend, sdpa_limits
 from gqa_tune.ops.backends.triton import auto_validated, triton_backend, triton_limits
+from gqa_tune.ops.kv_quant import dequantize_filled
 from gqa_tune.ops.masks import MaskType, dense_mask
 from gqa_tune.ops.nan_rule import hide_masked_nans
 
@@ -61,6 +62,8 @@ class AttentionCall:
     decode: bool = False
     #: Whether the mask differs between heads.
     per_head_mask: bool = False
+    #: The storage dtype of quantized K/V (``int8``, ``float8_e4m3fn``), read with the spec's ``kv_scales``.
+    kv_dtype: Optional[torch.dtype] = None
 
     @property
     def mask_kind(self) -> str:
@@ -91,17 +94,23 @@ class Backend:
     cache_lengths: bool = False
     #: Takes ``window`` (a sliding window, bounding the blocks it reads).
     windows: bool = False
+    #: The quantized K/V dtypes its decode row reads natively, with their ``kv_scales``. Anything else
+    #: quantized is dequantized when the call runs: the filled prefix only.
+    quantized_kv: Tuple[torch.dtype, ...] = ()
 
 
 def _no_limits(call: AttentionCall) -> Optional[str]:
     return None
 
 
+_INT8_KV = (torch.int8,)
 BACKENDS = {
     "sdpa": Backend("sdpa", sdpa_backend, sdpa_limits, zeroes_nan_query_rows=True),
     "flex": Backend("flex", flex_backend, flex_limits, zeroes_nan_query_rows=True),
     "math": Backend("math", math_backend, _no_limits, offsets=True),
-    "triton": Backend("triton", triton_backend, triton_limits, offsets=True, cache_lengths=True, windows=True),
+    "triton": Backend(
+        "triton", triton_backend, triton_limits, offsets=True, cache_lengths=True, windows=True, quantized_kv=_INT8_KV
+    ),
 }
 BACKEND_NAMES = ("auto", *BACKENDS)
 
@@ -187,21 +196,36 @@ def run_attention(
     return attend(q, k, v, spec, backend)
 
 
+def _build_failure(name: str, err: Exception) -> bool:
+    """Whether ``err`` is a kernel of backend ``name`` failing to *build* on this machine: a Triton error from
+    our kernels, or compiled flex running out of GPU shared memory (torchtune#2218: flex's default block
+    sizes exceed the shared memory of some GPUs)."""
+    module = type(err).__module__
+    if name == "triton":
+        return module.startswith("triton")
+    if name == "flex":
+        compiler = module.startswith(("triton", "torch._inductor", "torch._dynamo"))
+        text = f"{err!r} {err.__cause__!r}"
+        return compiler and ("OutOfResources" in text or "shared memory" in text)
+    return False
+
+
 def call_guarded(name: str, requested: str, run: Callable, rerun: Callable):
-    """Run ``name``'s kernel; under ``"auto"``, a Triton kernel that fails to *build*
-    on this machine (e.g. out of shared memory) is dropped from ``"auto"`` with a
-    warning and ``rerun`` picks the next backend. An explicit backend, or any other
+    """Run ``name``'s kernel; under ``"auto"``, a kernel that fails to *build* on this machine (our Triton
+    kernels, or compiled flex out of shared memory) is dropped from ``"auto"`` with a warning and ``rerun``
+    picks the next backend (for a BlockMask, SDPA over its kept tiles). An explicit backend, or any other
     error, propagates.
     """
-    if requested != "auto" or name != "triton":
+    if requested != "auto" or name not in ("triton", "flex"):
         return run()
     try:
         return run()
     except Exception as err:
-        if not type(err).__module__.startswith("triton"):
+        if not _build_failure(name, err):
             raise
         warnings.warn(
-            f"backend='auto': the Triton kernels failed to build here ({err!r}); using the next backend", stacklevel=2
+            f"backend='auto': the {name} kernels failed to build here ({err!r}); using the next backend",
+            stacklevel=2,
         )
         AUTO_DISABLED.add(name)
         return rerun()
@@ -231,6 +255,9 @@ class AttentionSpec:
         sinks (Optional[torch.Tensor]): ``[n_h]`` sink logits.
         scale (Optional[float]): score multiplier, default ``h_d ** -0.5`` (resolved here, once).
         dropout_p (float): dropout on the weights.
+        kv_scales (Optional[Tuple[torch.Tensor, torch.Tensor]]): K/V are quantized (int8 or float8, e.g. a
+            quantized KV cache's buffers) with these float32 scales ``[b, n_kv, s_kv]``: key ``j`` is
+            ``k[..., j, :] * k_scale[..., j]`` (:mod:`gqa_tune.ops.kv_quant`).
     """
 
     mask: Optional[MaskType] = None
@@ -243,6 +270,7 @@ class AttentionSpec:
     sinks: Optional[torch.Tensor] = None
     scale: Optional[float] = None
     dropout_p: float = 0.0
+    kv_scales: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
 
     @property
     def cached(self) -> bool:
@@ -293,6 +321,7 @@ def _lower(
     causal, offset = spec.causal, spec.causal_offset
     lengths = {}
     window = spec.window if row.windows else None  # read natively, else folded into the mask below
+    scales = spec.kv_scales
     if spec.cached and row.cache_lengths:
         seqlens = spec.seqlens
         if seqlens is None:
@@ -301,6 +330,8 @@ def _lower(
     else:
         if spec.max_seqlen is not None:
             k, v = k[:, :, : spec.max_seqlen], v[:, :, : spec.max_seqlen]
+            if scales is not None:
+                scales = tuple(t[:, :, : spec.max_seqlen] for t in scales)
             if isinstance(mask, torch.Tensor) and mask.shape[-1] > spec.max_seqlen:
                 mask = mask[..., : spec.max_seqlen]
             if spec.seqlens is None and causal:
@@ -328,6 +359,14 @@ def _lower(
     if spec.softcap is not None or spec.sinks is not None:
         kwargs.update(softcap=spec.softcap, sinks=spec.sinks)
     kwargs.update(lengths)
+    if scales is not None and lengths and k.dtype in row.quantized_kv:
+        kwargs["kv_scales"] = scales
+    elif scales is not None:
+        # Dequantized by _run up to the fill: all of K/V where they are sliced to it, else up to the host
+        # bound (max_seqlen) or, compiled, the longest of the device-side seqlens.
+        sliced = not lengths and (spec.max_seqlen is not None or spec.seqlens is None)
+        filled = None if sliced else (spec.max_seqlen if spec.max_seqlen is not None else spec.seqlens)
+        kwargs["dequantize"] = (*scales, filled)
     return k, v, kwargs
 
 
@@ -353,7 +392,7 @@ def _predicted_call(q, k, v, spec: AttentionSpec, row: Backend, need_weights: bo
     return AttentionCall(
         q.device, q.dtype, q.shape[-1], mask, spec.dropout_p, need_weights, torch.is_grad_enabled() and grads,
         v.shape[-1] if v.shape[-1] != q.shape[-1] else None, q.numel() == 0 or s_kv == 0, spec.softcap,
-        sinks is not None, decode, per_head,
+        sinks is not None, decode, per_head, k.dtype if spec.kv_scales is not None else None,
     )  # fmt: skip
 
 
@@ -394,6 +433,10 @@ def plan_attention(
 
 
 def _run(chosen: Backend, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    if "dequantize" in kwargs:  # quantized K/V for a backend that reads floats: the filled prefix only
+        kwargs = dict(kwargs)
+        k_scale, v_scale, seqlens = kwargs.pop("dequantize")
+        k, v = dequantize_filled(k, k_scale, q.dtype, seqlens), dequantize_filled(v, v_scale, q.dtype, seqlens)
     if "seqlens" in kwargs:  # the decode kernel reads only each row's filled keys
         k, v, restore = hide_masked_nans(q, k, v, None, False, chosen.zeroes_nan_query_rows)
     else:

@@ -249,3 +249,44 @@ def test_explicit_triton_and_other_errors_propagate(monkeypatch):
     with pytest.raises(ZeroDivisionError):
         dispatch.call_guarded("triton", "auto", _fail(ZeroDivisionError()), lambda: 7)
     assert dispatch.AUTO_DISABLED == set()
+
+
+class _FakeInductorError(RuntimeError):
+    """What compiled flex raises when its kernel needs more shared memory than the GPU has (torchtune#2218)."""
+
+
+_FakeInductorError.__module__ = "torch._inductor.exc"
+
+
+def _raising(error):
+    def fn(*args, **kwargs):
+        raise error
+
+    return fn
+
+
+def test_auto_falls_back_from_flex_out_of_shared_memory_to_sdpa_over_tiles(monkeypatch, block_mask):
+    import dataclasses
+
+    from gqa_tune.ops import dispatch
+
+    monkeypatch.setattr(dispatch, "AUTO_DISABLED", set())
+    error = _FakeInductorError(
+        "OutOfResources: out of resource: shared memory, Required: 131072, Hardware limit: 101376"
+    )
+    broken = dataclasses.replace(dispatch.BACKENDS["flex"], fn=_raising(error))
+    monkeypatch.setitem(dispatch.BACKENDS, "flex", broken)
+    q, k, v = qkv()
+    assert chosen(q, k, v, block_mask) == "flex"  # CPU, no grad: flex first
+    with pytest.warns(UserWarning, match="the flex kernels failed to build here"):
+        out = scaled_dot_product_gqa(q, k, v, block_mask)
+    assert dispatch.AUTO_DISABLED == {"flex"}
+    ref = scaled_dot_product_gqa(q, k, v, block_mask, backend="math")
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    # any other flex error, and an explicit backend="flex", propagate
+    monkeypatch.setattr(dispatch, "AUTO_DISABLED", set())
+    with pytest.raises(_FakeInductorError):
+        scaled_dot_product_gqa(q, k, v, block_mask, backend="flex")
+    monkeypatch.setitem(dispatch.BACKENDS, "flex", dataclasses.replace(broken, fn=_raising(_FakeInductorError("bug"))))
+    with pytest.raises(_FakeInductorError):
+        scaled_dot_product_gqa(q, k, v, block_mask)
