@@ -11,6 +11,7 @@ from torch.nn.attention.flex_attention import BlockMask
 
 from gqa_tune.modules.kv_cache import KVCache
 from gqa_tune.ops.dispatch import AttentionSpec, check_backend_name, execute, plan_attention
+from gqa_tune.ops.kv_quant import QUANTIZED_KV_DTYPES, resolve_kv_cache_dtype
 from gqa_tune.ops.masks import MaskType
 
 logger = logging.getLogger(__name__)
@@ -171,15 +172,43 @@ class MultiHeadAttention(nn.Module):
         # As in torchtune: only setup_cache() turns the cache on.
         self.cache_enabled = False
 
-    def setup_cache(self, batch_size: int, dtype: torch.dtype, max_seq_len: int) -> None:
+    def setup_cache(
+        self,
+        batch_size: int,
+        dtype: torch.dtype,
+        max_seq_len: int,
+        *,
+        kv_cache_dtype: Optional[torch.dtype] = None,
+    ) -> None:
         """Create a ``KVCache`` with ``num_kv_heads`` heads on the weights' device.
 
         Skipped, with a warning, if a cache already exists (as in torchtune).
+
+        Args:
+            batch_size (int): rows the cache holds.
+            dtype (torch.dtype): the cache's dtype. A quantized dtype (``torch.int8``,
+                ``torch.float8_e4m3fn``) asks for a quantized cache read back in the weights' dtype, so
+                torchtune's ``model.setup_caches(batch_size, torch.int8, ...)`` and ``local_kv_cache(...,
+                dtype=torch.int8)`` set up int8 caches in every gqa_tune attention layer.
+            max_seq_len (int): positions per row.
+            kv_cache_dtype (Optional[torch.dtype]): store K/V quantized in this dtype (or its name,
+                ``"int8"``, ``"float8_e4m3fn"``), read back in ``dtype``; ``None``: in ``dtype``.
+
+        Raises:
+            ValueError: a ``kv_cache_dtype`` that is not one of those, one that contradicts ``dtype``, or
+                one whose ops do not run on the weights' device (naming the dtype and the device).
         """
         if self.kv_cache is not None:
             logger.warning("Key value caches are already setup. You cannot call ``setup_caches()`` twice. Skipping.")
             return
         param = next(self.parameters(), None)
+        kv_cache_dtype = resolve_kv_cache_dtype(kv_cache_dtype)
+        if dtype in QUANTIZED_KV_DTYPES:  # torchtune's door: setup_caches(batch_size, torch.int8, ...)
+            if kv_cache_dtype not in (None, dtype):
+                raise ValueError(f"dtype {dtype} and kv_cache_dtype {kv_cache_dtype} disagree; give one of them")
+            kv_cache_dtype = dtype
+            floating = param is not None and param.is_floating_point()
+            dtype = param.dtype if floating else torch.get_default_dtype()
         window = self.sliding_window_size
         self.kv_cache = KVCache(
             batch_size=batch_size,
@@ -189,6 +218,7 @@ class MultiHeadAttention(nn.Module):
             dtype=dtype,
             device=param.device if param is not None else None,
             window=window if window is not None and window < max_seq_len else None,  # a ring of the window
+            kv_cache_dtype=kv_cache_dtype,
         )
         self.cache_enabled = True
 
@@ -317,8 +347,9 @@ class MultiHeadAttention(nn.Module):
                 cache.check_update(b, s_new)
         start = cache.size if cache is not None and not compiling else 0
         filled = start + s_new
-        if cache is not None and cache.k_cache.dtype != x.dtype:
-            raise ValueError(f"the KV cache holds {cache.k_cache.dtype}, the input is {x.dtype}: set up caches in it")
+        if cache is not None and cache.dtype != x.dtype:
+            held = cache.dtype if not cache.quantized else f"{cache.kv_cache_dtype} read as {cache.dtype}"
+            raise ValueError(f"the KV cache holds {held}, the input is {x.dtype}: set up caches in it")
         kv_lens = (cache.max_seq_len, filled) if cache is not None else (s_new,)
         if mask is not None:
             self._check_mask(mask, x, b, s_x, kv_lens, cache is not None)
@@ -358,8 +389,9 @@ class MultiHeadAttention(nn.Module):
             causal = mask is None and self.is_causal
             spec = AttentionSpec(mask=attn_mask, causal=causal, window=self.sliding_window_size, **features)
         elif cache.window is not None:  # a ring of the window: its keys, with the positions they stand for
-            k_seen, v_seen, key_pos = cache.window_keys(b, k, v)
-            spec = AttentionSpec(mask=self._ring_mask(mask, cache, key_pos, s_x, s_new, start), **features)
+            k_seen, v_seen, key_pos, kv_scales = cache.window_keys(b, k, v, with_scales=True)
+            ring_mask = self._ring_mask(mask, cache, key_pos, s_x, s_new, start)
+            spec = AttentionSpec(mask=ring_mask, kv_scales=kv_scales, **features)
         else:
             # The whole buffers; the queries are the last s_x of the positions filled after the write.
             k_seen, v_seen = cache.k_cache[:b], cache.v_cache[:b]
@@ -368,7 +400,10 @@ class MultiHeadAttention(nn.Module):
                 fill = dict(seqlens=cache.cache_pos[:1].expand(b) + s_new)
             else:
                 fill = dict(max_seqlen=filled, causal_offset=filled - s_x)
-            spec = AttentionSpec(mask=attn_mask, causal=causal, window=self.sliding_window_size, **fill, **features)
+            spec = AttentionSpec(
+                mask=attn_mask, causal=causal, window=self.sliding_window_size, kv_scales=cache.scales(b), **fill,
+                **features,
+            )  # fmt: skip
         plan = plan_attention(q, k_seen, v_seen, spec, self.backend)  # raises before the cache is written
 
         if cache is not None and y is not None:
@@ -376,3 +411,64 @@ class MultiHeadAttention(nn.Module):
         out = execute(plan, q)
         out = out.transpose(1, 2).reshape(b, s_x, -1)  # [b, s_x, n_h * h_d]
         return self.output_proj(out)
+
+
+def setup_caches(
+    model: nn.Module,
+    batch_size: int,
+    dtype: torch.dtype,
+    *,
+    encoder_max_seq_len: Optional[int] = None,
+    decoder_max_seq_len: Optional[int] = None,
+    kv_cache_dtype: Optional[torch.dtype] = None,
+) -> None:
+    """``model.setup_caches(batch_size, dtype, ...)``, optionally with every cache quantized.
+
+    With ``kv_cache_dtype`` (``torch.int8``, ``torch.float8_e4m3fn`` or their names) every gqa_tune
+    attention layer stores K/V in that dtype with a float32 scale per token and kv head, and reads them
+    back in ``dtype``. This calls torchtune's ``model.setup_caches(batch_size, kv_cache_dtype, ...)``:
+    :meth:`MultiHeadAttention.setup_cache` reads a quantized dtype as the storage dtype, so that call (or
+    ``local_kv_cache(model, ..., dtype=torch.int8)``) does the same thing without this helper.
+
+    Args:
+        model (nn.Module): a torchtune ``TransformerDecoder`` (or a model with the same ``setup_caches``)
+            whose attention layers are gqa_tune's (after ``swap_attention``, or built by gqa_tune).
+        batch_size (int): rows per cache.
+        dtype (torch.dtype): the model's dtype (what K/V are read back in).
+        encoder_max_seq_len, decoder_max_seq_len (Optional[int]): as in torchtune.
+        kv_cache_dtype (Optional[torch.dtype]): ``None``: caches in ``dtype``.
+
+    Raises:
+        ValueError: an unknown ``kv_cache_dtype``; a quantized one with torchtune attention layers left,
+            or with ``dtype`` other than the attention weights' dtype; one not supported on the device.
+
+    Example:
+        >>> setup_caches(model, 1, torch.float32, decoder_max_seq_len=4096, kv_cache_dtype=torch.int8)
+    """
+    from torchtune.modules import MultiHeadAttention as TorchtuneMultiHeadAttention
+
+    kv_cache_dtype = resolve_kv_cache_dtype(kv_cache_dtype)
+    lengths = {}
+    if encoder_max_seq_len is not None:
+        lengths["encoder_max_seq_len"] = encoder_max_seq_len
+    if decoder_max_seq_len is not None:
+        lengths["decoder_max_seq_len"] = decoder_max_seq_len
+    if kv_cache_dtype is None:
+        model.setup_caches(batch_size, dtype, **lengths)
+        return
+    theirs = [type(m).__name__ for m in model.modules() if isinstance(m, TorchtuneMultiHeadAttention)]
+    if theirs:
+        raise ValueError(
+            f"kv_cache_dtype {kv_cache_dtype} needs gqa_tune attention; the model has {len(theirs)} torchtune "
+            f"{theirs[0]} layer(s): convert it with gqa_tune.swap_attention(model) first"
+        )
+    ours = [m for m in model.modules() if isinstance(m, MultiHeadAttention)]
+    if not ours:
+        raise ValueError(f"kv_cache_dtype {kv_cache_dtype} needs gqa_tune attention layers; the model has none")
+    weights = {p.dtype for m in ours for p in m.parameters() if p.is_floating_point()}
+    if weights and weights != {dtype}:
+        raise ValueError(
+            f"dtype {dtype} differs from the attention weights' {sorted(map(str, weights))}: a quantized cache "
+            "is read back in the weights' dtype"
+        )
+    model.setup_caches(batch_size, kv_cache_dtype, **lengths)

@@ -1,9 +1,17 @@
-"""A KV cache sized by key/value heads, compatible with torchtune's ``KVCache``."""
+"""A KV cache sized by key/value heads, compatible with torchtune's ``KVCache``, optionally quantized."""
 
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import nn
+
+from gqa_tune.ops.kv_quant import (
+    QUANTIZED_KV_DTYPES,
+    check_kv_cache_dtype,
+    quantize_kv,
+    resolve_kv_cache_dtype,
+    storage_view,
+)
 
 
 def _append_problem(filled: int, rows: int, max_seq_len: int, batch: int, seq_len: int) -> Optional[str]:
@@ -23,6 +31,23 @@ def _append_problem(filled: int, rows: int, max_seq_len: int, batch: int, seq_le
     return None
 
 
+def _write_all(pairs: Sequence[Tuple[torch.Tensor, torch.Tensor]], slot_pos: torch.Tensor, start: int) -> None:
+    """Write positions ``start .. start + s - 1`` (dim 2) of each ``(buffer, values)`` pair: in order, or
+    (a ring: ``slot_pos`` non-empty) at slot ``position % slots``, keeping the last ``slots`` of them and
+    recording their positions in ``slot_pos``."""
+    batch, _, seq_len = pairs[0][1].shape[:3]
+    if slot_pos.numel() == 0:
+        for buffer, values in pairs:
+            buffer[:batch, :, start : start + seq_len].copy_(values)
+        return
+    keep = min(seq_len, pairs[0][0].shape[2])
+    positions = torch.arange(start + seq_len - keep, start + seq_len, device=slot_pos.device)
+    slots = positions % pairs[0][0].shape[2]
+    for buffer, values in pairs:
+        buffer[:batch].index_copy_(2, slots, values[:, :, seq_len - keep :])
+    slot_pos.index_copy_(0, slots, positions)
+
+
 def _write(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
@@ -31,19 +56,15 @@ def _write(
     k_val: torch.Tensor,
     v_val: torch.Tensor,
 ) -> None:
-    """Write positions ``start .. start + s - 1``: in order, or (a ring: ``slot_pos`` non-empty) at slot
-    ``position % slots``, keeping the last ``slots`` of them and recording their positions in ``slot_pos``."""
-    batch, _, seq_len, _ = k_val.shape
-    if slot_pos.numel() == 0:
-        k_cache[:batch, :, start : start + seq_len].copy_(k_val)
-        v_cache[:batch, :, start : start + seq_len].copy_(v_val)
-        return
-    keep = min(seq_len, k_cache.shape[2])
-    positions = torch.arange(start + seq_len - keep, start + seq_len, device=slot_pos.device)
-    slots = positions % k_cache.shape[2]
-    k_cache[:batch].index_copy_(2, slots, k_val[:, :, seq_len - keep :])
-    v_cache[:batch].index_copy_(2, slots, v_val[:, :, seq_len - keep :])
-    slot_pos.index_copy_(0, slots, positions)
+    """Write ``k_val``/``v_val`` at positions ``start ..`` (see :func:`_write_all`)."""
+    _write_all(((k_cache, k_val), (v_cache, v_val)), slot_pos, start)
+
+
+def _write_quantized(
+    buffers: Sequence[torch.Tensor], slot_pos: torch.Tensor, start: int, values: Sequence[torch.Tensor]
+) -> None:
+    """Write quantized K/V and their scales (``k_cache, v_cache, k_scale, v_scale`` and the same four values)."""
+    _write_all([(storage_view(b), storage_view(v)) for b, v in zip(buffers, values)], slot_pos, start)
 
 
 @torch.library.custom_op(
@@ -76,6 +97,39 @@ def _kv_cache_append(
 
 @_kv_cache_append.register_fake
 def _(k_cache, v_cache, cache_pos, rows, slot_pos, k_val, v_val) -> None:
+    return None
+
+
+@torch.library.custom_op(
+    "gqa_tune::kv_cache_append_quantized",
+    mutates_args=("k_cache", "v_cache", "k_scale", "v_scale", "cache_pos", "rows", "slot_pos"),
+)
+def _kv_cache_append_quantized(
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k_scale: torch.Tensor,
+    v_scale: torch.Tensor,
+    cache_pos: torch.Tensor,
+    rows: torch.Tensor,
+    slot_pos: torch.Tensor,
+    k_val: torch.Tensor,
+    v_val: torch.Tensor,
+    k_val_scale: torch.Tensor,
+    v_val_scale: torch.Tensor,
+) -> None:
+    """:func:`_kv_cache_append` for a quantized cache: the values and their scales, after the same checks."""
+    batch, _, seq_len, _ = k_val.shape
+    filled = int(cache_pos[0])
+    problem = _append_problem(filled, int(rows[0]), cache_pos.shape[0], batch, seq_len)
+    if problem is not None:
+        raise ValueError(problem)
+    _write_quantized((k_cache, v_cache, k_scale, v_scale), slot_pos, filled, (k_val, v_val, k_val_scale, v_val_scale))
+    cache_pos.add_(seq_len)
+    rows.fill_(batch)
+
+
+@_kv_cache_append_quantized.register_fake
+def _(k_cache, v_cache, k_scale, v_scale, cache_pos, rows, slot_pos, k_val, v_val, k_val_scale, v_val_scale):
     return None
 
 
@@ -112,17 +166,28 @@ class KVCache(nn.Module):
     than the one written since :meth:`reset` (its rows would attend over zeros),
     or more positions than are free raise ``ValueError`` and leave the cache as it was.
 
+    Quantized (``kv_cache_dtype=torch.int8`` or ``torch.float8_e4m3fn``): ``k_cache``/``v_cache`` hold
+    the values in that dtype and ``k_scale``/``v_scale`` ``[b, n_kv, max_seq_len]`` one float32 scale per
+    token and kv head, written with them (:mod:`gqa_tune.ops.kv_quant`: absmax, symmetric). K/V are
+    given and read back in ``dtype``; attention reads the values with their scales
+    (:meth:`scales`), never a dequantized copy of the whole buffer. A quantized cache is for inference:
+    what is written to it carries no gradient. For a float cache ``k_scale``/``v_scale`` are ``None``.
+
     Args:
         batch_size (int): largest batch the cache will hold.
         max_seq_len (int): positions per row.
         num_kv_heads (int): key/value heads (not query heads).
         head_dim (int): per-head dimension.
-        dtype (torch.dtype): buffer dtype.
+        dtype (torch.dtype): buffer dtype; for a quantized cache, the floating dtype K/V come in and are
+            read back in (the model's).
         device (Optional[torch.device]): buffer device (default: torch's default).
         window (Optional[int]): for a sliding-window layer: keep only the last ``window`` positions,
             in a ring buffer of ``min(window, max_seq_len)`` slots (``slot_pos`` records the position
             each slot holds, -1 if none); positions still run up to ``max_seq_len``. Attention over it
             goes through :meth:`window_keys`, which sees the ring before the new positions overwrite it.
+        kv_cache_dtype (Optional[torch.dtype]): ``None``: K/V stored in ``dtype``; ``torch.int8`` or
+            ``torch.float8_e4m3fn`` (or their names): stored quantized. ``ValueError`` naming the dtype and
+            the device where the ops it needs do not run there (probed once per dtype and device).
     """
 
     def __init__(
@@ -134,6 +199,8 @@ class KVCache(nn.Module):
         dtype: torch.dtype,
         device: Optional[torch.device] = None,
         window: Optional[int] = None,
+        *,
+        kv_cache_dtype: Optional[torch.dtype] = None,
     ) -> None:
         super().__init__()
         for name, value in (
@@ -146,11 +213,27 @@ class KVCache(nn.Module):
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
             raise ValueError(f"window must be None or a positive int, got {window!r}")
+        kv_cache_dtype = resolve_kv_cache_dtype(kv_cache_dtype)
+        if kv_cache_dtype is None and dtype in QUANTIZED_KV_DTYPES:
+            raise ValueError(
+                f"dtype {dtype} is a storage dtype: pass dtype=<the model's floating dtype>, kv_cache_dtype={dtype}"
+            )
+        if kv_cache_dtype is not None:
+            if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point or dtype in QUANTIZED_KV_DTYPES:
+                raise ValueError(f"dtype must be the floating dtype K/V are read back in, got {dtype!r}")
+            check_kv_cache_dtype(kv_cache_dtype, torch.empty(0, device=device).device)  # before allocating
         self.window = window
+        self.kv_cache_dtype = kv_cache_dtype
+        self._dtype = dtype
         slots = max_seq_len if window is None else min(window, max_seq_len)
         shape = (batch_size, num_kv_heads, slots, head_dim)
-        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        storage = dtype if kv_cache_dtype is None else kv_cache_dtype
+        self.register_buffer("k_cache", torch.zeros(shape, dtype=storage, device=device), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(shape, dtype=storage, device=device), persistent=False)
+        scales = shape[:3] if kv_cache_dtype is not None else None
+        for name in ("k_scale", "v_scale"):  # one float32 scale per token and kv head; None: a float cache
+            buffer = torch.zeros(scales, dtype=torch.float32, device=device) if scales is not None else None
+            self.register_buffer(name, buffer, persistent=False)
         self.register_buffer("cache_pos", torch.arange(max_seq_len, device=device), persistent=False)
         # Rows written since reset() (0: none yet), on the device for compiled writes.
         self.register_buffer("rows", torch.zeros(1, dtype=torch.long, device=device), persistent=False)
@@ -164,6 +247,28 @@ class KVCache(nn.Module):
         self._size = 0
         self._rows = 0
         self._device_ahead = False  # set by compiled writes: the host copies are stale
+
+    @property
+    def quantized(self) -> bool:
+        """Whether K/V are stored quantized (``kv_cache_dtype`` set), with scales."""
+        return self.kv_cache_dtype is not None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype K/V are written in and read back in (a float cache's buffer dtype)."""
+        return self._dtype if self.quantized else self.k_cache.dtype
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the stored keys and values, with their scales."""
+        return sum(t.nbytes for t in (self.k_cache, self.v_cache, self.k_scale, self.v_scale) if t is not None)
+
+    def scales(self, batch: int) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        """``(k_scale, v_scale)`` ``[batch, n_kv, max_seq_len]`` of a quantized cache, or ``None``: key ``j`` of
+        kv head ``h`` is ``k_cache[b, h, j] * k_scale[b, h, j]``."""
+        if not self.quantized:
+            return None
+        return self.k_scale[:batch], self.v_scale[:batch]
 
     def _sync_from_device(self) -> None:
         if self._device_ahead:
@@ -207,6 +312,9 @@ class KVCache(nn.Module):
         """Empty the cache: zero the buffers and rewind the position."""
         self.k_cache.zero_()
         self.v_cache.zero_()
+        if self.quantized:
+            self.k_scale.zero_()
+            self.v_scale.zero_()
         torch.arange(self.max_seq_len, out=self.cache_pos)
         self.rows.zero_()
         self.slot_pos.fill_(-1)
@@ -247,6 +355,7 @@ class KVCache(nn.Module):
         Returns:
             The key and value buffers ``[b, n_kv, max_seq_len, h_d]`` (the first
             ``b`` rows); positions ``< size`` hold everything written so far.
+            For a quantized cache these hold the quantized values (their scales: :meth:`scales`).
 
         Raises:
             ValueError: different k/v shapes, wrong head count or head_dim, a batch
@@ -262,6 +371,9 @@ class KVCache(nn.Module):
             )
         b, heads, seq_len, head_dim = k_val.shape
         self.check_update(b, seq_len, heads, head_dim)
+        if self.quantized:
+            self._update_quantized(k_val, v_val)
+            return self.k_cache[:b], self.v_cache[:b]
         k_val, v_val = k_val.to(self.k_cache.dtype), v_val.to(self.v_cache.dtype)
         if torch.compiler.is_compiling():
             _kv_cache_append(self.k_cache, self.v_cache, self.cache_pos, self.rows, self.slot_pos, k_val, v_val)
@@ -276,9 +388,31 @@ class KVCache(nn.Module):
             self._rows = b
         return self.k_cache[:b], self.v_cache[:b]
 
+    def _update_quantized(self, k_val: torch.Tensor, v_val: torch.Tensor) -> None:
+        """Quantize (nothing written yet), then write values and scales as :meth:`update` writes a float cache."""
+        b, _, seq_len, _ = k_val.shape
+        (k_q, k_s), (v_q, v_s) = quantize_kv(k_val, self.kv_cache_dtype), quantize_kv(v_val, self.kv_cache_dtype)
+        buffers = (self.k_cache, self.v_cache, self.k_scale, self.v_scale)
+        if torch.compiler.is_compiling():
+            _kv_cache_append_quantized(*buffers, self.cache_pos, self.rows, self.slot_pos, k_q, v_q, k_s, v_s)
+            self._device_ahead = True
+            return
+        start = self._size
+        _write_quantized(buffers, self.slot_pos, start, (k_q, v_q, k_s, v_s))
+        self.cache_pos.add_(seq_len)
+        if self._rows != b:
+            self.rows.fill_(b)
+        self._size = start + seq_len
+        self._rows = b
+
     def window_keys(
-        self, batch: int, k_val: Optional[torch.Tensor] = None, v_val: Optional[torch.Tensor] = None
-    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        self,
+        batch: int,
+        k_val: Optional[torch.Tensor] = None,
+        v_val: Optional[torch.Tensor] = None,
+        *,
+        with_scales: bool = False,
+    ) -> Tuple[torch.Tensor, ...]:
         """A ring cache's keys for attention over ``k_val``/``v_val`` ``[batch, n_kv, s, h_d]`` and what it holds.
 
         One new position (a decode step) overwrites only the position ``window`` before it, which its
@@ -289,18 +423,28 @@ class KVCache(nn.Module):
         Returns:
             ``(k, v, key_pos)``: keys and values ``[batch, n_kv, n, h_d]`` and the position each stands
             for ``[n]`` (-1: an empty slot). Attention is over a set of keys, so their order does not
-            matter; masks are built from ``key_pos``.
+            matter; masks are built from ``key_pos``. With ``with_scales``, a fourth item: the scales
+            ``(k_scale, v_scale)`` ``[batch, n_kv, n]`` of a quantized cache's keys (the chunk quantized as
+            :meth:`update` will store it), or ``None`` for a float cache.
         """
         k, v, key_pos = self.k_cache[:batch], self.v_cache[:batch], self.slot_pos
-        if k_val is None:
-            return k, v, key_pos
-        seq_len = k_val.shape[2]
-        if torch.compiler.is_compiling():
-            new_pos = self.cache_pos[:seq_len]
-        else:
-            new_pos = torch.arange(self.size, self.size + seq_len, device=self.slot_pos.device)
-        if seq_len == 1 and self.k_cache.shape[2] >= self.window:
-            return k, v, key_pos.index_put((new_pos % self.k_cache.shape[2],), new_pos)  # written in place
-        k = torch.cat([k, k_val.to(k.dtype)], dim=2)
-        v = torch.cat([v, v_val.to(v.dtype)], dim=2)
-        return k, v, torch.cat([key_pos, new_pos])
+        scales = self.scales(batch)
+        if k_val is not None:
+            seq_len = k_val.shape[2]
+            if torch.compiler.is_compiling():
+                new_pos = self.cache_pos[:seq_len]
+            else:
+                new_pos = torch.arange(self.size, self.size + seq_len, device=self.slot_pos.device)
+            if seq_len == 1 and self.k_cache.shape[2] >= self.window:
+                key_pos = key_pos.index_put((new_pos % self.k_cache.shape[2],), new_pos)  # written in place
+            else:
+                if scales is None:
+                    k = torch.cat([k, k_val.to(k.dtype)], dim=2)
+                    v = torch.cat([v, v_val.to(v.dtype)], dim=2)
+                else:  # the chunk as update() will store it
+                    (k_q, k_s), (v_q, v_s) = (quantize_kv(t, self.kv_cache_dtype) for t in (k_val, v_val))
+                    k = torch.cat([storage_view(k), storage_view(k_q)], dim=2).view(k.dtype)
+                    v = torch.cat([storage_view(v), storage_view(v_q)], dim=2).view(v.dtype)
+                    scales = (torch.cat([scales[0], k_s], dim=2), torch.cat([scales[1], v_s], dim=2))
+                key_pos = torch.cat([key_pos, new_pos])
+        return (k, v, key_pos, scales) if with_scales else (k, v, key_pos)

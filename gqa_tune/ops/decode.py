@@ -7,10 +7,11 @@ import torch.nn.functional as F
 
 from gqa_tune.ops.backends.triton import kernel_problem
 from gqa_tune.ops.functional import check_flag, check_scale
+from gqa_tune.ops.kv_quant import QUANTIZED_KV_DTYPES, dequantize_kv
 from gqa_tune.ops.nan_rule import hide_masked_nans
 
 
-def _check(query, k_cache, v_cache, cache_seqlens, mask, scale, causal, max_seqlen) -> None:
+def _check(query, k_cache, v_cache, cache_seqlens, mask, scale, causal, max_seqlen, k_scale=None, v_scale=None):
     for name, t in (("query", query), ("k_cache", k_cache), ("v_cache", v_cache)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             raise ValueError(f"{name} must be a 4-D tensor, got {getattr(t, 'shape', type(t).__name__)}")
@@ -30,7 +31,23 @@ def _check(query, k_cache, v_cache, cache_seqlens, mask, scale, causal, max_seql
         raise ValueError(f"query heads ({n_h}) must be a multiple of cache heads ({n_kv})")
     if s_q > max_len:
         raise ValueError(f"{s_q} query positions do not fit a cache of length {max_len}")
-    if not (query.dtype == k_cache.dtype == v_cache.dtype):
+    if (k_scale is None) != (v_scale is None):
+        raise ValueError("k_scale and v_scale must be given together (a quantized cache) or not at all")
+    if k_scale is not None:
+        if k_cache.dtype not in QUANTIZED_KV_DTYPES or v_cache.dtype != k_cache.dtype:
+            raise ValueError(
+                f"with scales, k_cache and v_cache must both be int8 or float8_e4m3fn, got {k_cache.dtype} and "
+                f"{v_cache.dtype}"
+            )
+        for name, t in (("k_scale", k_scale), ("v_scale", v_scale)):
+            if not isinstance(t, torch.Tensor) or t.shape != k_cache.shape[:3] or not t.is_floating_point():
+                raise ValueError(
+                    f"{name} must be a floating tensor [b, n_kv, max_len] = {list(k_cache.shape[:3])}, "
+                    f"got {getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}"
+                )
+            if t.device != query.device:
+                raise ValueError(f"{name} is on {t.device}, query on {query.device}")
+    elif not (query.dtype == k_cache.dtype == v_cache.dtype):
         raise ValueError(f"dtypes differ: query {query.dtype}, k_cache {k_cache.dtype}, v_cache {v_cache.dtype}")
     if not (isinstance(cache_seqlens, torch.Tensor) and cache_seqlens.shape == (b,)) or (
         cache_seqlens.is_floating_point() or cache_seqlens.is_complex() or cache_seqlens.dtype == torch.bool
@@ -83,6 +100,8 @@ def flash_decode_gqa(
     causal: bool = True,
     mask: Optional[torch.Tensor] = None,
     max_seqlen: Optional[int] = None,
+    k_scale: Optional[torch.Tensor] = None,
+    v_scale: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Attention of ``s_q`` new queries over a grouped KV cache (flash-decoding).
 
@@ -94,6 +113,10 @@ def flash_decode_gqa(
 
     On CUDA (or under ``TRITON_INTERPRET=1`` on CPU) this runs the split-K
     Triton kernel; elsewhere an equivalent PyTorch computation.
+
+    A quantized cache (``k_scale``/``v_scale`` given) holds int8 or float8_e4m3fn values: key ``j`` is
+    ``k_cache[..., j, :] * k_scale[..., j]`` (:mod:`gqa_tune.ops.kv_quant`). The kernel reads int8
+    natively; otherwise only the filled prefix (up to the longest row) is dequantized.
 
     Args:
         query (torch.Tensor): ``[b, n_h, s_q, h_d]``.
@@ -108,14 +131,15 @@ def flash_decode_gqa(
             (e.g. the cache's fill), so the kernel splits only the filled part;
             default: the buffer length (no host sync needed, compile-friendly).
             A bound below a row's length raises ``ValueError`` (read on the host when given).
+        k_scale, v_scale (Optional[torch.Tensor]): ``[b, n_kv, max_len]`` scales of a quantized cache.
 
     Returns:
         torch.Tensor: ``[b, n_h, s_q, h_d]``; a row that sees no key gives 0.
     """
-    _check(query, k_cache, v_cache, cache_seqlens, mask, scale, causal, max_seqlen)
+    _check(query, k_cache, v_cache, cache_seqlens, mask, scale, causal, max_seqlen, k_scale, v_scale)
     if query.numel() == 0:
         return query.new_zeros(query.shape)
-    return decode_attention(query, k_cache, v_cache, cache_seqlens, scale, causal, mask, max_seqlen)
+    return decode_attention(query, k_cache, v_cache, cache_seqlens, scale, causal, mask, max_seqlen, k_scale, v_scale)
 
 
 def decode_attention(
@@ -127,16 +151,27 @@ def decode_attention(
     causal: bool,
     mask: Optional[torch.Tensor],
     max_seqlen: Optional[int],
+    k_scale: Optional[torch.Tensor] = None,
+    v_scale: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """:func:`flash_decode_gqa` without its checks, for callers that guarantee them (the module)."""
+    """:func:`flash_decode_gqa` without its checks, for callers that guarantee them."""
     scale = query.shape[-1] ** -0.5 if scale is None else float(scale)
-    if kernel_problem(query.device, query.dtype, query.shape[-1]) is None:
+    native = k_scale is None or k_cache.dtype == torch.int8
+    if native and kernel_problem(query.device, query.dtype, query.shape[-1]) is None:
         from gqa_tune.kernels.triton.ops import flash_decode
 
         if mask is not None:
             mask = mask.expand(query.shape[0], -1, -1)
         bound = -1 if max_seqlen is None else int(max_seqlen)
-        return flash_decode(query, k_cache, v_cache, cache_seqlens.to(torch.int32), mask, scale, causal, bound)
+        scales = {} if k_scale is None else dict(k_scale=k_scale.float(), v_scale=v_scale.float())
+        return flash_decode(
+            query, k_cache, v_cache, cache_seqlens.to(torch.int32), mask, scale, causal, bound, **scales
+        )
+    if k_scale is not None:  # dequantize the filled prefix only
+        filled = int(cache_seqlens.max()) if max_seqlen is None else int(max_seqlen)
+        k_cache = dequantize_kv(k_cache[:, :, :filled], k_scale[:, :, :filled], query.dtype)
+        v_cache = dequantize_kv(v_cache[:, :, :filled], v_scale[:, :, :filled], query.dtype)
+        mask = None if mask is None else mask[..., :filled]
     b, n_h, s_q, head_dim = query.shape
     n_kv = k_cache.shape[1]
     visible = decode_visibility(cache_seqlens, s_q, k_cache.shape[2], causal, mask)

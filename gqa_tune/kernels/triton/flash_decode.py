@@ -9,6 +9,11 @@ Rows of batch ``b`` see cache positions ``< cache_seqlens[b]``; with
 ``causal``, new position ``i`` (of ``s_q``) sits at ``cache_seqlens[b] - s_q + i``
 and sees keys up to there. An optional bool ``mask`` ``[b, s_q, max_len]``
 (torchtune's decoding mask) further restricts them.
+
+An int8 cache (``QUANT``) comes with float32 scales ``[b, n_kv, max_len]``, one per token and kv head:
+each K/V tile is loaded as int8 and multiplied by its positions' scales in the kernel (then cast to the
+query's dtype, as a dequantized float cache would hold it), so the cache is read at one byte per element
+and never dequantized in memory.
 """
 
 from typing import Optional
@@ -25,15 +30,17 @@ LOG2E = 1.4426950408889634
 
 @triton.jit
 def _decode_split_kernel(
-    Q, K, V, SEQLENS, MASK, OPART, LPART,
+    Q, K, V, SEQLENS, MASK, OPART, LPART, KS, VS,
     sqb, sqh, sqm, sqd,
     skb, skh, skn, skd,
     svb, svh, svn, svd,
     smb, smm, smn,
+    sksb, sksh, sksn,
+    svsb, svsh, svsn,
     n_kv, s_q, head_dim, chunk, n_splits, qk_scale, sm_scale, window, softcap,
     GROUP: tl.constexpr, SQ_PAD: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, PREC: tl.constexpr,
-    WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
+    WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, QUANT: tl.constexpr,
 ):  # fmt: skip
     pid_s = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -61,6 +68,9 @@ def _decode_split_kernel(
         n = start_n + tl.arange(0, BLOCK_N)
         n_ok = n < end
         kt = load_tile(K + b * skb + kvh * skh, d * skd, n * skn, d_ok, n_ok)  # [BLOCK_D, BLOCK_N]
+        if QUANT:  # int8 times each position's scale, in the query's dtype
+            k_sc = tl.load(KS + b * sksb + kvh * sksh + n * sksn, mask=n_ok, other=0.0)
+            kt = (kt.to(tl.float32) * k_sc[None, :]).to(Q.dtype.element_ty)
         s, _ = capped_scores(mma(q, kt, PREC), qk_scale, sm_scale, softcap, SOFTCAP)
         allowed = row_ok[:, None] & n_ok[None, :]
         if CAUSAL:
@@ -71,6 +81,9 @@ def _decode_split_kernel(
             keep = load_tile(MASK + b * smb, i * smm, n * smn, row_ok, n_ok)
             allowed = allowed & (keep != 0)
         v = load_tile(V + b * svb + kvh * svh, n * svn, d * svd, n_ok, d_ok)
+        if QUANT:
+            v_sc = tl.load(VS + b * svsb + kvh * svsh + n * svsn, mask=n_ok, other=0.0)
+            v = (v.to(tl.float32) * v_sc[:, None]).to(Q.dtype.element_ty)
         m_i, l_i, acc = softmax_block(s, allowed, v, m_i, l_i, acc, PREC)
 
     dead = l_i == 0.0
@@ -134,11 +147,14 @@ def flash_decode_triton(
     window: int = 0,
     softcap: float = 0.0,
     sinks: Optional[torch.Tensor] = None,
+    k_scale: Optional[torch.Tensor] = None,
+    v_scale: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Kernel launch for :func:`gqa_tune.flash_decode_gqa` (inputs already checked).
 
     ``max_seqlen`` (a host-side upper bound of ``cache_seqlens``, or -1 for the
-    buffer length) sizes the splits to the filled part of the cache.
+    buffer length) sizes the splits to the filled part of the cache. ``k_scale``/``v_scale``
+    ``[b, n_kv, max_len]`` (float32, given together): the caches are int8 with these scales.
     """
     b, n_h, s_q, head_dim = q.shape
     n_kv = k_cache.shape[1]
@@ -159,13 +175,16 @@ def flash_decode_triton(
         mask_arg, mask_strides = mask.view(torch.uint8), mask.stride()
     else:
         mask_arg, mask_strides = q, (0, 0, 0)
+    quant = k_scale is not None
+    ks_arg, ks_strides = (k_scale, k_scale.stride()) if quant else (lpart, (0, 0, 0))
+    vs_arg, vs_strides = (v_scale, v_scale.stride()) if quant else (lpart, (0, 0, 0))
     _decode_split_kernel[(n_splits, b * n_kv)](
-        q, k_cache, v_cache, cache_seqlens, mask_arg, opart, lpart,
-        *q.stride(), *k_cache.stride(), *v_cache.stride(), *mask_strides,
+        q, k_cache, v_cache, cache_seqlens, mask_arg, opart, lpart, ks_arg, vs_arg,
+        *q.stride(), *k_cache.stride(), *v_cache.stride(), *mask_strides, *ks_strides, *vs_strides,
         n_kv, s_q, head_dim, chunk, n_splits, scale * LOG2E, scale, window, softcap,
         GROUP=group, SQ_PAD=sq_pad, ROWS=rows, BLOCK_N=block_n, BLOCK_D=block_d,
         CAUSAL=causal, HAS_MASK=mask is not None, PREC=dot_precision(q.dtype), WINDOW=window > 0,
-        SOFTCAP=softcap > 0,
+        SOFTCAP=softcap > 0, QUANT=quant,
     )  # fmt: skip
     _decode_merge_kernel[(rows, b * n_kv)](
         opart, lpart, out, sinks if sinks is not None else lpart, *out.stride(), n_kv, s_q, head_dim, n_splits,

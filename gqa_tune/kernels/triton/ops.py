@@ -6,7 +6,7 @@ Registered ops (``torch.compile`` traces around them as opaque calls):
 - ``gqa_tune::flash_attn_backward(do, q, k, v, out, lse, mask, scale, causal, causal_offset, window, softcap)
   -> (dq, dk, dv)``
 - ``gqa_tune::flash_decode(q, k_cache, v_cache, cache_seqlens, mask, scale, causal, max_seqlen, window, softcap,
-  sinks) -> out``
+  sinks, k_scale, v_scale) -> out`` (int8 caches with their per-position scales, or float caches)
 
 Importing this module imports Triton; :mod:`gqa_tune.ops.backends.triton`
 does so only when the Triton backend is first used.
@@ -101,12 +101,17 @@ def flash_decode(
     window: int = 0,
     softcap: float = 0.0,
     sinks: Optional[torch.Tensor] = None,
+    k_scale: Optional[torch.Tensor] = None,
+    v_scale: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     return flash_decode_triton(
-        q, k_cache, v_cache, cache_seqlens, mask, scale, causal, max_seqlen, window, softcap, sinks
+        q, k_cache, v_cache, cache_seqlens, mask, scale, causal, max_seqlen, window, softcap, sinks, k_scale, v_scale
     )
 
 
 @flash_decode.register_fake
-def _(q, k_cache, v_cache, cache_seqlens, mask, scale, causal, max_seqlen, window=0, softcap=0.0, sinks=None):
+def _(
+    q, k_cache, v_cache, cache_seqlens, mask, scale, causal, max_seqlen, window=0, softcap=0.0, sinks=None,
+    k_scale=None, v_scale=None,
+):  # fmt: skip
     return torch.empty_like(q)

@@ -79,9 +79,12 @@ def kernel_problem(device: torch.device, dtype: torch.dtype, head_dim: int) -> O
 
 def triton_backend(
     q, k, v, *, mask, scale, is_causal, dropout_p, softcap=None, sinks=None, causal_offset=0, window=None,
-    seqlens=None, max_seqlen=None,
+    seqlens=None, max_seqlen=None, kv_scales=None,
 ):  # fmt: skip
     """Flash attention, or with ``seqlens`` (a KV cache's per-row filled lengths) the split-K decode kernel.
+
+    With ``kv_scales`` (decode only) K/V are int8 with per-position scales ``[b, n_kv, s_kv]``, which the
+    decode kernel applies to the tiles it loads.
 
     ``scale`` comes resolved from the dispatcher and ``mask`` 4-D. Query ``i`` sits at key position
     ``i + causal_offset``, or with ``seqlens`` at the end of its row's keys (``seqlens[b] - s_q + i``); the
@@ -95,6 +98,8 @@ def triton_backend(
             mask3 = F.pad(mask[:, 0], (0, k.shape[2] - mask.shape[-1]), value=False)
             mask3 = mask3.expand(q.shape[0], q.shape[2], -1)
         bound = -1 if max_seqlen is None else int(max_seqlen)
+        if kv_scales is not None:
+            features.update(k_scale=kv_scales[0], v_scale=kv_scales[1])
         return _kernels().flash_decode(
             q, k, v, seqlens.to(torch.int32), mask3, float(scale), is_causal, bound, **features
         )
