@@ -115,3 +115,11 @@ def test_an_optimizer_state_that_does_not_fit_is_refused_by_name(tmp_path, monke
             recipe._check_optimizer_state(no_state)
     finally:
         recipe.cleanup()
+
+
+def test_two_processes_train_on_packed_rows(tmp_path):
+    out = tmp_path / "packed"
+    packed = ["dataset.packed=true", "tokenizer.max_seq_len=256", "model.max_seq_len=256", "batch_size=2"]
+    _run(DISTRIBUTED, [*TINY, *packed, "max_steps_per_epoch=3", f"output_dir={out}"], nproc=2)
+    losses = read_logged(out / "logs")
+    assert len(losses) == 3 and all(math.isfinite(x) for x in losses)

@@ -4,6 +4,7 @@ One base checkpoint and one LoRA run (10 steps, a checkpoint at step 5) are shar
 """
 
 import json
+import math
 import shutil
 
 import pytest
@@ -165,3 +166,11 @@ def test_base_builder_is_derived_from_the_lora_builder():
     assert base_builder_config(private) == {"_component_": "gqa_tune.models.gqa_decoder"}
     with pytest.raises(ValueError, match="set base_model"):
         base_builder_config({"_component_": "gqa_tune.models.gqa_tiny"})
+
+
+def test_lora_trains_on_packed_rows(base, tmp_path):
+    out = tmp_path / "packed"
+    packed = ["dataset.packed=true", "tokenizer.max_seq_len=256", "model.max_seq_len=256", "batch_size=2"]
+    run(RECIPE, CONFIG, [*FAST, *packed, "max_steps_per_epoch=4", f"base_checkpoint_dir={base}", f"output_dir={out}"])
+    losses = read_logged(out / "logs")
+    assert len(losses) == 4 and all(math.isfinite(x) for x in losses)

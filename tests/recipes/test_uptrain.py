@@ -192,3 +192,11 @@ def test_resuming_an_interrupted_uptraining_gives_the_same_run(mha_run, tmp_path
     assert config_a == config_b and config_b["num_key_value_heads"] == 2
     for key in final_a:
         torch.testing.assert_close(final_a[key], final_b[key], rtol=1e-5, atol=1e-6)
+
+
+def test_uptrain_trains_on_packed_rows(mha_run, tmp_path):
+    cfg = uptrain_cfg(mha_run, tmp_path / "packed", uptrain_steps=3, batch_size=2,
+                      **{"dataset.packed": True, "tokenizer.max_seq_len": 256, "model.max_seq_len": 256})  # fmt: skip
+    recipe = run_in_process(cfg)
+    assert recipe.packed and recipe.global_step == 3
+    assert all(math.isfinite(x) for x in recipe.loss_history)
