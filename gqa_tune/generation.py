@@ -100,9 +100,10 @@ SKINNY_ROWS = 16
 class _SkinnyLinear(TorchFunctionMode):
     """``F.linear`` on a few rows as ``(W @ x.T).T``: the same products, summed in another order.
 
-    For ``x`` ``[4, 512]`` and ``W`` ``[1536, 512]`` this CPU's BLAS reads ``W`` at about 24 GB/s this way
-    and at about 3-9 GB/s as ``x @ W.T`` (``benchmarks/bench_generate.py``); a decode step is mostly
-    such products. Traced by ``torch.compile`` like the rest of the step.
+    A decode step is mostly such products. On the CPU this was written on (torch 2.13, MKL), the 28
+    layer projections of a 4-layer, width-512 model (46 MiB) on 4 rows took 3.2 ms this way against
+    5.0 ms as ``x @ W.T`` on one thread, and 3 ms against 23 ms of CPU time on two threads of a
+    shared machine. ``torch.compile`` traces the mode like the rest of the step.
     """
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -146,10 +147,16 @@ def _decode_step(
     """
     mask = (valid & (slots <= slot))[:, None, :]  # [b, 1, L]: the real tokens up to this one
     input_pos = (pos_offset + slot)[:, None]  # [b, 1]
-    with _SkinnyLinear():
-        logits = model(token, mask=mask, input_pos=input_pos)[:, -1]  # [b, v]
+    logits = model(token, mask=mask, input_pos=input_pos)[:, -1]  # [b, v]
     slot.add_(1)
     return _sample(logits, q, temperature, top_k), logits
+
+
+def _skinny_decode_step(*args) -> Tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_decode_step` with the few-row linears of :class:`_SkinnyLinear` (what ``compile=True`` compiles;
+    eagerly, the mode's Python call per op would cost more than it saves)."""
+    with _SkinnyLinear():
+        return _decode_step(*args)
 
 
 _COMPILED_STEP: Optional[Callable] = None
@@ -159,7 +166,7 @@ def _compiled_step() -> Callable:
     """The decode step compiled once per process (``dynamic=False``: one graph per model and shape)."""
     global _COMPILED_STEP
     if _COMPILED_STEP is None:
-        _COMPILED_STEP = torch.compile(_decode_step, dynamic=False, fullgraph=True)
+        _COMPILED_STEP = torch.compile(_skinny_decode_step, dynamic=False, fullgraph=True)
     return _COMPILED_STEP
 
 
