@@ -170,6 +170,10 @@ class GenerateConfig:
     seed: Optional[int] = setting(0, "sampling seed; null: random", minimum=0)
     device: str = setting("cpu", "the torch device", check=_torch_device)
     dtype: str = setting("fp32", "parameter and compute precision", choices=DTYPES)
+    kv_cache_dtype: Optional[str] = setting(
+        None, "KV caches stored quantized, with a float32 scale per token and kv head; null: in dtype",
+        choices=(None, "int8", "float8_e4m3fn"),
+    )  # fmt: skip
     output_file: Optional[str] = setting(None, "write prompts, ids, texts and timings as JSON here")
 
 

@@ -22,6 +22,9 @@ Config keys (see ``configs/gqa_tiny/generate.yaml``):
   may contain ``=``, which torchtune's own override parser rejects.
 - ``max_new_tokens``, ``temperature`` (0: greedy), ``top_k`` (``null``: all), ``seed``
   (sampling and the global seed), ``device``, ``dtype``.
+- ``kv_cache_dtype``: ``null`` (caches in ``dtype``), ``int8`` or ``float8_e4m3fn``: KV caches
+  stored quantized, with a float32 scale per token and kv head (0.27x the bytes of fp32 at
+  head_dim 64); a dtype the device cannot run is refused, naming both.
 - ``output_file``: optional; writes prompts, generated token ids, texts and timings as JSON.
 
 With one prompt, the text is printed as it is generated; with several, all are printed at
@@ -39,6 +42,7 @@ from omegaconf import DictConfig, OmegaConf
 from torchtune import config, training
 
 from gqa_tune.config_check import check_config, exits_on_config_error
+from gqa_tune.ops.kv_quant import check_kv_cache_dtype, resolve_kv_cache_dtype
 from gqa_tune.training.checkpoint import model_shape
 from gqa_tune.training.generation import GenerationResult, generate
 from gqa_tune.training.weights import fit_weights, load_weights
@@ -82,6 +86,9 @@ class GenerateRecipe:
     def __init__(self, cfg: DictConfig) -> None:
         self.device = torch.device(cfg.get("device", "cpu"))
         self.dtype = training.get_dtype(cfg.get("dtype", "fp32"), device=self.device)
+        self.kv_cache_dtype = resolve_kv_cache_dtype(cfg.get("kv_cache_dtype"))
+        if self.kv_cache_dtype is not None:
+            check_kv_cache_dtype(self.kv_cache_dtype, self.device)  # before anything is loaded
         self.seed = training.set_seed(cfg.get("seed", 0))
         self.source = ""
 
@@ -176,6 +183,7 @@ class GenerateRecipe:
             top_k=top_k,
             seed=cfg.get("seed") if temperature > 0 else None,
             on_tokens=stream,
+            kv_cache_dtype=self.kv_cache_dtype,
         )
         texts = [self.tokenizer.decode(ids) for ids in result.tokens]
         if stream is not None:

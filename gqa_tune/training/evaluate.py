@@ -39,9 +39,12 @@ def heldout_loss(model, dataset, tokenizer, batch_size: int = 64, device="cpu") 
 
 
 def task_accuracy(
-    model, tokenizer, data_file: str, max_examples: Optional[int] = 200, batch_size: int = 64
+    model, tokenizer, data_file: str, max_examples: Optional[int] = 200, batch_size: int = 64, kv_cache_dtype=None
 ) -> Dict[str, float]:
-    """Exact-match accuracy of greedy answers on ``data_file`` (JSONL with prompt/answer/task)."""
+    """Exact-match accuracy of greedy answers on ``data_file`` (JSONL with prompt/answer/task).
+
+    ``kv_cache_dtype``: the generation's caches quantized (``torch.int8``, ...); ``None``: the model's dtype.
+    """
     rows = [json.loads(line) for line in resolve_data_file(data_file).read_text().splitlines() if line.strip()]
     rows = rows[:max_examples] if max_examples else rows
     was_training = model.training
@@ -52,7 +55,12 @@ def task_accuracy(
         prompts = [tokenizer.encode(r["prompt"], add_bos=True, add_eos=False) for r in chunk]
         longest = max(len(tokenizer.encode(r["answer"], add_bos=False, add_eos=False)) for r in chunk)
         result = generate(
-            model, prompts, max_new_tokens=longest + 1, pad_id=tokenizer.pad_id, stop_tokens=tokenizer.stop_tokens
+            model,
+            prompts,
+            max_new_tokens=longest + 1,
+            pad_id=tokenizer.pad_id,
+            stop_tokens=tokenizer.stop_tokens,
+            kv_cache_dtype=kv_cache_dtype,
         )
         for row, ids in zip(chunk, result.tokens):
             correct.setdefault(row.get("task", "all"), []).append(tokenizer.decode(ids) == row["answer"])

@@ -8,6 +8,8 @@ import torch
 from torchtune.generation import get_causal_mask_from_padding_mask, get_position_ids_from_padding_mask
 from torchtune.modules.common_utils import local_kv_cache
 
+from gqa_tune.ops.kv_quant import resolve_kv_cache_dtype
+
 
 @dataclass
 class GenerationResult:
@@ -29,11 +31,13 @@ class GenerationResult:
 
 
 def kv_cache_bytes(model: torch.nn.Module) -> int:
-    """Bytes held by every KV cache in ``model``."""
+    """Bytes held by every KV cache in ``model`` (keys and values, with the scales of quantized caches)."""
     total = 0
     for module in model.modules():
         cache = getattr(module, "kv_cache", None)
-        if cache is not None and hasattr(cache, "k_cache"):
+        if isinstance(getattr(cache, "nbytes", None), int):
+            total += cache.nbytes
+        elif cache is not None and hasattr(cache, "k_cache"):
             total += cache.k_cache.nbytes + cache.v_cache.nbytes
     return total
 
@@ -64,12 +68,15 @@ def generate(
     top_k: Optional[int] = None,
     seed: Optional[int] = None,
     on_tokens: Optional[Callable[[torch.Tensor], None]] = None,
+    kv_cache_dtype: Optional[torch.dtype] = None,
 ) -> GenerationResult:
     """Generate up to ``max_new_tokens`` for each prompt (left-padded into one batch).
 
     KV caches are created for the call (``n_kv`` heads, ``prompt + max_new_tokens``
     positions) and removed afterwards. ``on_tokens`` receives each step's
-    ``[b]`` new ids, for streaming.
+    ``[b]`` new ids, for streaming. ``kv_cache_dtype`` (``torch.int8``, ``torch.float8_e4m3fn`` or their
+    names) stores the caches quantized (:meth:`gqa_tune.modules.MultiHeadAttention.setup_cache`);
+    ``None``: in the model's dtype.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
@@ -77,6 +84,7 @@ def generate(
         raise ValueError("every prompt needs at least one token")
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
+    cache_dtype = resolve_kv_cache_dtype(kv_cache_dtype) or dtype
     b, width = len(prompts), max(len(p) for p in prompts)
     total = width + max_new_tokens
     if total > model.max_seq_len:
@@ -95,7 +103,7 @@ def generate(
     out: List[torch.Tensor] = []
     result = GenerationResult(tokens=[], prefill_tokens=b * width)
 
-    with local_kv_cache(model, batch_size=b, device=device, dtype=dtype, decoder_max_seq_len=total):
+    with local_kv_cache(model, batch_size=b, device=device, dtype=cache_dtype, decoder_max_seq_len=total):
         result.kv_cache_bytes = kv_cache_bytes(model)
         start = time.perf_counter()
         logits = model(tokens, mask=masks[:, :width], input_pos=positions[:, :width])[:, -1]

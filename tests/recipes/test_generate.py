@@ -15,6 +15,7 @@ from omegaconf import OmegaConf
 from gqa_tune.data import ByteTokenizer
 from gqa_tune.models import gqa_tiny
 from gqa_tune.training.checkpoint import save_checkpoint
+from gqa_tune.training.generation import generate
 
 CONFIG = "configs/gqa_tiny/generate.yaml"
 BUILDER = {"_component_": "gqa_tune.models.gqa_tiny", "max_seq_len": 64}
@@ -181,3 +182,26 @@ def test_tune_run_cli(run_dir, tmp_path, tune):
     assert data["num_heads"] == 8 and data["num_kv_heads"] == 2
     assert data["mha_kv_cache_bytes"] == 4 * data["kv_cache_bytes"]
     assert "decode:" in proc.stdout and "KV cache:" in proc.stdout
+
+
+def test_tune_run_with_an_int8_kv_cache(run_dir, tmp_path, tune):
+    """kv_cache_dtype=int8 through ``tune run``: the library's int8 greedy ids, at (16 + 4) / 64 of fp32's bytes.
+
+    (Equality with fp32's tokens is shown on models with clear margins in tests/modules/test_kv_cache_int8.py;
+    this random model's top two logits come within 0.1 of each other, which int8 noise may flip.)
+    """
+    out_file = tmp_path / "gen.json"
+    tune("generate", CONFIG, [f"checkpoint_dir={run_dir}", "max_new_tokens=12", "kv_cache_dtype=int8",
+                              f"output_file={out_file}", *(f"prompt={p}" for p in PROMPTS)])  # fmt: skip
+    data = json.loads(Path(out_file).read_text())
+    model, tok = random_model(2).eval(), ByteTokenizer()
+    kwargs = dict(max_new_tokens=12, pad_id=tok.pad_id, stop_tokens=tok.stop_tokens)
+    assert data["tokens"] == generate(model, data["prompt_tokens"], kv_cache_dtype=torch.int8, **kwargs).tokens
+    positions = max(len(ids) for ids in data["prompt_tokens"]) + 12
+    fp32_bytes = 2 * 2 * len(PROMPTS) * 2 * positions * 16 * 4  # K and V, 2 layers, 3 rows, 2 kv heads, head_dim 16
+    assert data["kv_cache_bytes"] == fp32_bytes * 20 // 64  # 16 int8 values + one float32 scale per token and head
+
+
+def test_bad_kv_cache_dtype_is_refused_naming_it():
+    with pytest.raises(ValueError, match="kv_cache_dtype must be None .* got 'int4'"):
+        GenerateRecipe(make_cfg(kv_cache_dtype="int4"))
