@@ -28,10 +28,34 @@ weights) runs (1) the same ``torchtune.generation.generate`` with the same cache
 gqa_tune's ``generate``, which sizes its caches to the request (prompt + new tokens). Decode
 time: from the start of the first one-token step to the end of the call (prefill excluded).
 
+(c) ``packed``: packed training (issue 11), the same shape, configs and init weights as (a), with model and
+tokenizer ``max_seq_len`` ``--seq`` (2048), nothing shuffled (``shuffle=false``) in any run:
+
+1. gqa_tune's recipe with ``dataset.packed=true``: torchtune's ``PackedDataset`` rows of ``--seq`` tokens
+   (about 162 examples each at 2048), ``--batch`` rows per step, collated by
+   ``gqa_tune.data.packing.packed_collate`` (a BlockMask from the document lengths; on a CPU the attention
+   runs document by document);
+2. gqa_tune's recipe unpacked on the same examples: packs hold consecutive examples in file order, so with
+   no shuffling an unpacked batch of (the packed run's examples / steps, rounded) covers the same examples
+   over the run to within steps / 2 of them (step boundaries differ by a few examples), each batch padded to
+   its longest example (``padded_collate_sft``);
+3. torchtune's ``full_finetune_single_device`` with ``dataset.packed=true``: the same rows in the same order,
+   its ``padded_collate_packed`` (a dense ``[b, s, s]`` block-causal mask on a CPU), torchtune's attention,
+   its loss as ``--tt-loss`` (default: its configs' chunked cross-entropy).
+
+tokens/s as in (a); in a packed row the non-padding tokens are those up to its last EOS. Losses: torchtune
+shifts labels across a document boundary (a document's last token gets the next document's first label)
+where gqa_tune's ``packed_labels`` ignores that position, but the label there is the next prompt's BOS, which
+is never supervised (``train_on_input`` false), so runs 1 and 3 compute the same loss over the same tokens;
+they would differ on data whose documents start with a supervised token.
+
 Usage (from the repository root):
-    python benchmarks/bench_recipes.py [--mode train|decode|all] [--steps 100] [--warmup-steps 10]
-        [--rounds 2] [--batch 64] [--seq 64] [--tt-loss chunked|ce|both] [--context 2048] [--cache 4096]
+    python benchmarks/bench_recipes.py [--mode train|decode|packed|all] [--steps N] [--warmup-steps N]
+        [--rounds 2] [--batch N] [--seq N] [--tt-loss chunked|ce|both] [--context 2048] [--cache 4096]
         [--new-tokens 64] [--repeats 3] [--threads N] [--workdir DIR] [--json PATH]
+
+``--steps``, ``--warmup-steps``, ``--batch``, ``--seq`` and ``--tt-loss`` default per mode: train 100, 10,
+64 examples, 64, both; packed 8, 2, 4 rows, 2048, chunked.
 """
 
 import argparse
@@ -45,7 +69,7 @@ import sys
 import time
 from functools import partial
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, NamedTuple, Tuple
 
 from _timing import environment, markdown_table, print_environment, write_json
 
@@ -130,58 +154,84 @@ def write_init_checkpoint(directory: Path, seed: int) -> float:
     return diff
 
 
-def token_counts(steps: int, batch: int, seq: int, data_file: str) -> Dict[str, List[int]]:
-    """Per step: non-padding input tokens, supervised tokens and padded size of the batches both
-    recipes draw (shuffled sampler with seed 0, epoch 0, ``drop_last``, ``padded_collate_sft``)."""
+def token_counts(
+    steps: int, batch: int, seq: int, data_file: str, *, packed: bool = False, shuffle: bool = True
+) -> Dict[str, List[int]]:
+    """Per step: non-padding input tokens, supervised tokens, padded size and examples of the batches the
+    recipes draw (sampler seed 0, epoch 0, ``drop_last``; ``padded_collate_sft``, or packed rows of ``seq``
+    tokens). A packed row's documents are whole examples, each ending with EOS, then padding
+    (``PackedDataset`` pads with token 0, not the tokenizer's ``pad_id``): its non-padding tokens are those
+    up to its last EOS, its examples the number of EOS."""
+    import torch
     from torch.utils.data import DataLoader, DistributedSampler
     from torchtune.data import padded_collate_sft
 
-    from gqa_tune.data import ByteTokenizer, task_dataset
+    from gqa_tune.data import EOS_ID, ByteTokenizer, task_dataset
 
     tok = ByteTokenizer(max_seq_len=seq)
-    dataset = task_dataset(tok, data_file=data_file)
-    sampler = DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=True, seed=0)
+    dataset = task_dataset(tok, data_file=data_file, packed=packed)
+    sampler = DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=shuffle, seed=0)
     sampler.set_epoch(0)
-    loader = DataLoader(
-        dataset,
-        batch_size=batch,
-        sampler=sampler,
-        drop_last=True,
-        collate_fn=partial(padded_collate_sft, padding_idx=tok.pad_id, ignore_idx=-100),
-    )
-    counts: Dict[str, List[int]] = {"input": [], "labels": [], "padded": []}
+    collate = list if packed else partial(padded_collate_sft, padding_idx=tok.pad_id, ignore_idx=-100)
+    loader = DataLoader(dataset, batch_size=batch, sampler=sampler, drop_last=True, collate_fn=collate)
+    counts: Dict[str, List[int]] = {"input": [], "labels": [], "padded": [], "examples": []}
     for index, b in enumerate(loader):
         if index == steps:
             break
-        counts["input"].append(int((b["tokens"] != tok.pad_id).sum()))
-        counts["labels"].append(int((b["labels"] != -100).sum()))
-        counts["padded"].append(b["tokens"].numel())
+        if packed:
+            ends = [int(torch.nonzero(row["tokens"] == EOS_ID).max()) + 1 for row in b]
+            if any(bool((row["tokens"][end:] != 0).any()) for row, end in zip(b, ends)):
+                raise ValueError("a packed row holds tokens other than padding after its last EOS")
+            counts["input"].append(sum(ends))
+            counts["labels"].append(sum(int((row["labels"] != -100).sum()) for row in b))
+            counts["padded"].append(len(b) * seq)
+            counts["examples"].append(sum(int((row["tokens"] == EOS_ID).sum()) for row in b))
+        else:
+            counts["input"].append(int((b["tokens"] != tok.pad_id).sum()))
+            counts["labels"].append(int((b["labels"] != -100).sum()))
+            counts["padded"].append(b["tokens"].numel())
+            counts["examples"].append(b["tokens"].shape[0])
     if len(counts["input"]) < steps:
-        raise ValueError(f"the dataset gives only {len(counts['input'])} batches of {batch}, fewer than {steps} steps")
+        rows = "packed rows" if packed else "examples"
+        raise ValueError(
+            f"the dataset gives only {len(counts['input'])} batches of {batch} {rows}, fewer than {steps} steps"
+        )
     return counts
 
 
-def recipe_command(which: str, args: argparse.Namespace, out: Path, loss: str) -> List[str]:
+class Case(NamedTuple):
+    """One recipe run: ``which`` recipe, its ``loss`` (torchtune: chunked or ce), ``batch`` size and the
+    config overrides beyond the common ones; ``name`` labels its output directory and rows."""
+
+    name: str
+    which: str
+    loss: str
+    batch: int
+    overrides: Tuple[str, ...] = ()
+
+
+def recipe_command(case: Case, args: argparse.Namespace, out: Path) -> List[str]:
     common = [
         f"output_dir={out}",
         f"checkpointer.checkpoint_dir={args.workdir / 'init'}",
         f"max_steps_per_epoch={args.steps}",
-        f"batch_size={args.batch}",
+        f"batch_size={case.batch}",
         f"tokenizer.max_seq_len={args.seq}",
+        *case.overrides,
     ]
-    if which == "gqa_tune":
+    if case.which == "gqa_tune":
         recipe, config = "gqa_tune/recipes/full_finetune_single_device.py", "gqa_tune_full_single_device.yaml"
     else:
         recipe, config = "full_finetune_single_device", "torchtune_full_single_device.yaml"
-        if loss == "ce":
+        if case.loss == "ce":
             common.append("loss=torch.nn.CrossEntropyLoss")
     return [TUNE, "run", recipe, "--config", f"benchmarks/configs/{config}", *common]
 
 
-def run_training(which: str, loss: str, args: argparse.Namespace, round_idx: int, env: dict) -> dict:
-    out = args.workdir / f"{which}_{loss}_r{round_idx}"
+def run_training(case: Case, args: argparse.Namespace, round_idx: int, env: dict) -> dict:
+    out = args.workdir / f"{case.name}_r{round_idx}"
     shutil.rmtree(out, ignore_errors=True)
-    cmd = recipe_command(which, args, out, loss)
+    cmd = recipe_command(case, args, out)
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     total = time.perf_counter() - start
@@ -190,8 +240,10 @@ def run_training(which: str, loss: str, args: argparse.Namespace, round_idx: int
     rows = [json.loads(line) for line in (out / "logs" / STEPS_FILE).read_text().splitlines()]
     rows = [r for r in rows if "loss" in r]
     if [r["step"] for r in rows] != list(range(1, args.steps + 1)):
-        raise RuntimeError(f"{which}: expected steps 1..{args.steps} logged, got {[r['step'] for r in rows][:10]}...")
-    return {"which": which, "loss_fn": loss, "round": round_idx, "command": cmd, "process_s": total, "rows": rows}
+        raise RuntimeError(
+            f"{case.name}: expected steps 1..{args.steps} logged, got {[r['step'] for r in rows][:10]}..."
+        )
+    return {"case": case, "round": round_idx, "command": cmd, "process_s": total, "rows": rows}
 
 
 def summarize_training(run: dict, counts: Dict[str, List[int]], warmup: int) -> dict:
@@ -200,16 +252,20 @@ def summarize_training(run: dict, counts: Dict[str, List[int]], warmup: int) -> 
     seconds = rows[-1]["time"] - rows[warmup - 1]["time"]
     step_times = [b["time"] - a["time"] for a, b in zip(rows[warmup - 1 :], window)]
     tokens = sum(counts["input"][warmup:])
-    own_key = "tokens_per_second" if run["which"] == "gqa_tune" else "tokens_per_second_per_gpu"
+    case = run["case"]
+    own_key = "tokens_per_second" if case.which == "gqa_tune" else "tokens_per_second_per_gpu"
     return {
-        "which": run["which"],
-        "loss_fn": run["loss_fn"],
+        "name": case.name,
+        "which": case.which,
+        "loss_fn": case.loss,
+        "batch": case.batch,
         "round": run["round"],
         "timed_steps": len(window),
         "seconds": seconds,
         "ms_per_step_median": statistics.median(step_times) * 1e3,
         "tokens_per_s": tokens / seconds,
         "padded_tokens_per_s": sum(counts["padded"][warmup:]) / seconds,
+        "examples_per_step": statistics.mean(counts["examples"][warmup:]),
         "own_metric": own_key,
         "own_metric_median": statistics.median(r[own_key] for r in window),
         "losses": [r["loss"] for r in rows],
@@ -218,41 +274,56 @@ def summarize_training(run: dict, counts: Dict[str, List[int]], warmup: int) -> 
     }
 
 
-def bench_training(args: argparse.Namespace) -> dict:
-    import torch
-
-    env = {
+def recipe_env(args: argparse.Namespace) -> dict:
+    """The recipes' environment: ``benchmarks/`` importable (for :class:`StepTimeLogger`), ``--threads``."""
+    return {
         **os.environ,
         "PYTHONPATH": os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")])),
         "OMP_NUM_THREADS": str(args.threads),
         "PYTHONUNBUFFERED": "1",
     }
+
+
+def prepare_runs(args: argparse.Namespace) -> float:
+    """Check the step counts and write the init checkpoint; returns its torchtune vs gqa_tune logit diff."""
     if args.steps <= args.warmup_steps:
         raise SystemExit(f"--steps ({args.steps}) must exceed --warmup-steps ({args.warmup_steps})")
     diff = write_init_checkpoint(args.workdir / "init", args.seed)
     print(f"init checkpoint {args.workdir / 'init' / 'model.pt'}; torchtune vs gqa_tune logits max |diff| {diff:.1e}")
-    counts = token_counts(args.steps, args.batch, args.seq, "data/tasks/train.jsonl")
-    losses = {"chunked": ["chunked"], "ce": ["ce"], "both": ["chunked", "ce"]}[args.tt_loss]
-    cases = [("gqa_tune", "ce")] + [("torchtune", loss) for loss in losses]
+    return diff
+
+
+def run_rounds(cases: List[Case], counts: Dict[str, Dict[str, List[int]]], args: argparse.Namespace) -> List[dict]:
+    """``--rounds`` runs of every case, the order alternating from round to round; one summary per run
+    (``counts``: each case's :func:`token_counts`, by name)."""
+    env = recipe_env(args)
     runs = []
     for r in range(args.rounds):
         order = cases if r % 2 == 0 else cases[::-1]  # alternate who goes first
-        for which, loss in order:
-            run = run_training(which, loss, args, r, env)
-            summary = summarize_training(run, counts, args.warmup_steps)
+        for case in order:
+            run = run_training(case, args, r, env)
+            summary = summarize_training(run, counts[case.name], args.warmup_steps)
             runs.append(summary)
             print(
-                f"round {r} {which:9s} loss_fn {loss:7s}: {summary['tokens_per_s']:8.0f} tokens/s, "
-                f"{summary['ms_per_step_median']:6.1f} ms/step (median), loss step 1 {summary['losses'][0]:.5f}, "
+                f"round {r} {case.name:18s}: {summary['tokens_per_s']:8.0f} tokens/s, "
+                f"{summary['ms_per_step_median']:7.1f} ms/step (median), loss step 1 {summary['losses'][0]:.5f}, "
                 f"step {args.steps} {summary['losses'][-1]:.5f}, process {summary['process_s']:.1f} s"
             )
+    return runs
+
+
+def case_results(cases: List[Case], runs: List[dict]) -> List[dict]:
+    """Per case: medians over its rounds, and the losses of its first round."""
     results = []
-    for which, loss in cases:
-        mine = [s for s in runs if s["which"] == which and s["loss_fn"] == loss]
+    for case in cases:
+        mine = [s for s in runs if s["name"] == case.name]
         results.append(
             {
-                "which": which,
-                "loss_fn": loss,
+                "name": case.name,
+                "which": case.which,
+                "loss_fn": case.loss,
+                "batch": case.batch,
+                "examples_per_step": mine[0]["examples_per_step"],
                 "tokens_per_s_median": statistics.median(s["tokens_per_s"] for s in mine),
                 "tokens_per_s_all": [s["tokens_per_s"] for s in mine],
                 "ms_per_step_median": statistics.median(s["ms_per_step_median"] for s in mine),
@@ -264,6 +335,22 @@ def bench_training(args: argparse.Namespace) -> dict:
                 "command": mine[0]["command"],
             }
         )
+    return results
+
+
+def tt_losses(args: argparse.Namespace) -> List[str]:
+    return {"chunked": ["chunked"], "ce": ["ce"], "both": ["chunked", "ce"]}[args.tt_loss]
+
+
+def bench_training(args: argparse.Namespace) -> dict:
+    import torch
+
+    diff = prepare_runs(args)
+    counts = token_counts(args.steps, args.batch, args.seq, "data/tasks/train.jsonl")
+    cases = [Case("gqa_tune_ce", "gqa_tune", "ce", args.batch)]
+    cases += [Case(f"torchtune_{loss}", "torchtune", loss, args.batch) for loss in tt_losses(args)]
+    runs = run_rounds(cases, {case.name: counts for case in cases}, args)
+    results = case_results(cases, runs)
     ours = results[0]
     for r in results:
         r["gqa_tune_speedup"] = ours["tokens_per_s_median"] / r["tokens_per_s_median"]
@@ -325,6 +412,118 @@ def print_training(train: dict, args: argparse.Namespace) -> None:
         print(f"goal: training >= 1.1x torchtune ({r['loss_fn']} loss): {r['gqa_tune_speedup']:.2f}x, {ok}")
     print("commands (paths as run):")
     for r in res:
+        print(f"  {r['command']}")
+
+
+# ---------------------------------------------------------------- (c) packed training
+
+#: Steps of the packed mode's loss comparison (the first ones, before the runs can drift apart).
+FIRST_STEPS = 5
+
+
+def packed_cases(args: argparse.Namespace, unpacked_batch: int) -> List[Case]:
+    """The packed mode's runs: gqa_tune packed, gqa_tune unpacked (``unpacked_batch`` examples per step),
+    torchtune packed with each ``--tt-loss``; none shuffled, model ``max_seq_len`` ``--seq``."""
+    model_len = f"model.max_seq_len={args.seq}"
+    packed = ("dataset.packed=true", "shuffle=false", model_len)
+    cases = [
+        Case("gqa_tune_packed", "gqa_tune", "ce", args.batch, packed),
+        Case("gqa_tune_unpacked", "gqa_tune", "ce", unpacked_batch, ("shuffle=false", model_len)),
+    ]
+    return cases + [Case(f"torchtune_packed_{loss}", "torchtune", loss, args.batch, packed) for loss in tt_losses(args)]
+
+
+def bench_packed_training(args: argparse.Namespace) -> dict:
+    """gqa_tune packed, gqa_tune unpacked on the same examples, torchtune packed: see the module docstring."""
+    data = "data/tasks/train.jsonl"
+    diff = prepare_runs(args)
+    packed_counts = token_counts(args.steps, args.batch, args.seq, data, packed=True, shuffle=False)
+    # The same examples in the same order: packs hold consecutive examples and nothing is shuffled, so
+    # `steps` unpacked steps of this batch cover the packed run's examples to within steps / 2 examples.
+    unpacked_batch = round(sum(packed_counts["examples"]) / args.steps)
+    unpacked_counts = token_counts(args.steps, unpacked_batch, args.seq, data, shuffle=False)
+    cases = packed_cases(args, unpacked_batch)
+    counts = {case.name: unpacked_counts if case.name == "gqa_tune_unpacked" else packed_counts for case in cases}
+    runs = run_rounds(cases, counts, args)
+    results = case_results(cases, runs)
+    ours, unpacked = results[0], results[1]
+    first = min(FIRST_STEPS, args.steps)
+    for r in results:
+        r["tokens_in_timed_steps"] = sum(counts[r["name"]]["input"][args.warmup_steps :])
+        r["examples_in_run"] = sum(counts[r["name"]]["examples"])
+        r["speedup_of_gqa_tune_packed"] = ours["tokens_per_s_median"] / r["tokens_per_s_median"]
+        diffs = [abs(a - b) for a, b in zip(r["losses"], ours["losses"])]
+        r["loss_diff_first_steps_vs_gqa_tune_packed"] = max(diffs[:first])
+        r["max_loss_diff_vs_gqa_tune_packed"] = max(diffs)
+    return {
+        "results": results,
+        "runs": runs,
+        "tokens": counts,
+        "unpacked_batch": unpacked_batch,
+        "packed_vs_unpacked": ours["tokens_per_s_median"] / unpacked["tokens_per_s_median"],
+        "init_logit_max_diff": diff,
+        "threads": args.threads,
+    }
+
+
+def print_packed_training(res: dict, args: argparse.Namespace) -> None:
+    results = res["results"]
+    ours = results[0]
+    print()
+    print(
+        f"Packed training, CPU fp32, gqa_tiny shape with model max_seq_len {args.seq}, {args.steps} steps (timed: "
+        f"steps {args.warmup_steps + 1}-{args.steps}), {args.threads} threads, median of {args.rounds} round(s), "
+        f"no shuffling; packed: {args.batch} rows of {args.seq} tokens per step; unpacked: {res['unpacked_batch']} "
+        f"examples per step, padded to the longest; tokens/s = non-padding input tokens / wall-clock time "
+        f"between logged steps"
+    )
+    print()
+    rows = []
+    for r in results:
+        loss = {"ce": "cross-entropy", "chunked": "CEWithChunkedOutputLoss"}[r["loss_fn"]]
+        rows.append(
+            [
+                r["name"],
+                loss,
+                r["batch"],
+                f"{r['examples_per_step']:.1f}",
+                f"{r['tokens_per_s_median']:.0f}",
+                f"{r['ms_per_step_median']:.1f}",
+                f"{r['speedup_of_gqa_tune_packed']:.2f}x",
+                f"{r['loss_first']:.4f} / {r['loss_last']:.4f}",
+                f"{r['loss_diff_first_steps_vs_gqa_tune_packed']:.1e}",
+                f"{r['own_metric']} {r['own_metric_median']:.0f}",
+            ]
+        )
+    print(
+        markdown_table(
+            [
+                "run",
+                "loss",
+                "batch",
+                "examples/step",
+                "tokens/s",
+                "ms/step (median)",
+                "gqa_tune packed speedup",
+                "loss step 1 / last",
+                f"loss diff vs gqa_tune packed, steps 1-{min(FIRST_STEPS, args.steps)}",
+                "recipe's own metric (median)",
+            ],
+            rows,
+        )
+    )
+    print()
+    examples = f"{ours['examples_in_run']} packed, {results[1]['examples_in_run']} unpacked"
+    print(f"gqa_tune packed vs unpacked: {res['packed_vs_unpacked']:.2f}x tokens/s (examples in the run: {examples})")
+    for r in results[2:]:
+        ok = "met" if r["speedup_of_gqa_tune_packed"] >= 3 else "NOT met"
+        print(
+            f"goal: gqa_tune packed >= 3x torchtune packed ({r['loss_fn']} loss): "
+            f"{r['speedup_of_gqa_tune_packed']:.2f}x, {ok}; losses differ by at most "
+            f"{r['max_loss_diff_vs_gqa_tune_packed']:.1e} over the {args.steps} steps"
+        )
+    print("commands (paths as run):")
+    for r in results:
         print(f"  {r['command']}")
 
 
@@ -541,19 +740,42 @@ def print_decode(dec: dict, args: argparse.Namespace) -> None:
 # ---------------------------------------------------------------- main
 
 
-def main() -> None:
+#: Per-mode defaults of the training options left unset on the command line.
+TRAIN = {"steps": 100, "warmup_steps": 10, "batch": 64, "seq": 64, "tt_loss": "both"}
+PACKED = {"steps": 8, "warmup_steps": 2, "batch": 4, "seq": 2048, "tt_loss": "chunked"}
+MODE_DEFAULTS = {"train": TRAIN, "packed": PACKED}
+
+
+def with_defaults(args: argparse.Namespace, defaults: Dict[str, object]) -> argparse.Namespace:
+    """``args`` with the training options it leaves unset (None) taken from ``defaults``."""
+    resolved = argparse.Namespace(**vars(args))
+    for key, value in defaults.items():
+        if getattr(resolved, key) is None:
+            setattr(resolved, key, value)
+    return resolved
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--mode", choices=["train", "decode", "all"], default="all")
-    parser.add_argument("--steps", type=int, default=100, help="training steps per run")
-    parser.add_argument("--warmup-steps", type=int, default=10, help="first steps left out of the timing")
+    parser.add_argument("--mode", choices=["train", "decode", "packed", "all"], default="all")
+    per_mode = {key: "; ".join(f"{mode} {values[key]}" for mode, values in MODE_DEFAULTS.items()) for key in TRAIN}
+    parser.add_argument("--steps", type=int, help=f"training steps per run (default {per_mode['steps']})")
+    parser.add_argument(
+        "--warmup-steps", type=int, help=f"first steps left out of the timing (default {per_mode['warmup_steps']})"
+    )
     parser.add_argument("--rounds", type=int, default=2, help="runs of each recipe (alternating order)")
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--seq", type=int, default=64, help="tokenizer max_seq_len (samples truncated to it)")
+    parser.add_argument("--batch", type=int, help=f"examples (packed: rows) per step (default {per_mode['batch']})")
+    parser.add_argument(
+        "--seq",
+        type=int,
+        help=f"tokenizer max_seq_len: samples truncated to it; packed: the row length and the model's "
+        f"max_seq_len (default {per_mode['seq']})",
+    )
     parser.add_argument(
         "--tt-loss",
         choices=["chunked", "ce", "both"],
-        default="both",
-        help="torchtune's loss: CEWithChunkedOutputLoss (its configs' default) and/or torch.nn.CrossEntropyLoss",
+        help="torchtune's loss: CEWithChunkedOutputLoss (its configs' default) and/or torch.nn.CrossEntropyLoss "
+        f"(default {per_mode['tt_loss']})",
     )
     parser.add_argument("--context", type=int, default=2048, help="prompt tokens before decoding")
     parser.add_argument("--cache", type=int, default=4096, help="model max_seq_len and torchtune's cache positions")
@@ -566,7 +788,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/gqa_tune_bench_recipes"))
     parser.add_argument("--json", metavar="PATH", help="also write the results here as JSON")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
 
     import torch
 
@@ -578,8 +804,13 @@ def main() -> None:
     print_environment(env)
     data: Dict[str, object] = {"environment": env, "args": {k: str(v) for k, v in vars(args).items()}}
     if args.mode in ("train", "all"):
-        data["train"] = bench_training(args)
-        print_training(data["train"], args)
+        train_args = with_defaults(args, TRAIN)
+        data["train"] = bench_training(train_args)
+        print_training(data["train"], train_args)
+    if args.mode in ("packed", "all"):
+        packed_args = with_defaults(args, PACKED)
+        data["packed"] = bench_packed_training(packed_args)
+        print_packed_training(data["packed"], packed_args)
     if args.mode in ("decode", "all"):
         data["decode"] = bench_decode(args)
         print_decode(data["decode"], args)
