@@ -313,18 +313,21 @@ def document_attention(q, k, v, ids: torch.Tensor, scale: float, dropout_p: floa
         positions.append((start[docs, None] + torch.minimum(j, lengths[docs, None] - 1)).flatten())  # clamped
         rows.append(row_of[docs, None].expand(-1, top).flatten())
         where[docs] = base + torch.arange(len(docs), device=device) * top
-        groups.append((len(docs), top, j < lengths[docs, None, None]))
+        groups.append((len(docs), top))
         base += len(docs) * top
-    rows, positions = torch.cat(rows), torch.cat(positions)
-    gathered = [x.transpose(1, 2)[rows, positions] for x in (q, k, v)]  # [T, heads, h_d]: one gather each
+    flat_index = torch.cat(rows) * s + torch.cat(positions)
+    # [b, heads, s, h_d] -> [b * s, heads, h_d] (a view when, as in torchtune's attention, the heads were
+    # transposed out of [b, s, heads, h_d]), then one row gather per tensor.
+    gathered = [x.transpose(1, 2).reshape(b * s, x.shape[1], x.shape[3]).index_select(0, flat_index) for x in (q, k, v)]
     outs, at = [], 0
-    for n, top, keys in groups:
+    for n, top in groups:
         part = [g[at : at + n * top].view(n, top, g.shape[1], g.shape[2]).transpose(1, 2) for g in gathered]
-        seen = torch.ones(top, top, dtype=torch.bool, device=device).tril() & keys  # [n, top, top]
+        # Causal within the padded group is exact: a real query j < length sees keys <= j, all real; the padded
+        # rows past a document's end are never gathered back, so they get no gradient and give none.
         out = F.scaled_dot_product_attention(
-            *part, attn_mask=seen[:, None], dropout_p=dropout_p, scale=scale, enable_gqa=n_h != k.shape[1]
+            *part, is_causal=True, dropout_p=dropout_p, scale=scale, enable_gqa=n_h != k.shape[1]
         )
         outs.append(out.transpose(1, 2).reshape(n * top, n_h, -1))
         at += n * top
     flat = torch.cat(outs) if len(outs) > 1 else outs[0]
-    return flat[where[doc_of] + offset].transpose(1, 2)  # [b, n_h, s, h_dv]
+    return flat.index_select(0, (where[doc_of] + offset).flatten()).view(b, s, n_h, -1).transpose(1, 2)
