@@ -13,6 +13,9 @@ weights, fp32 on CPU, each decoding ``--steps`` tokens for a batch of 4 random 1
   Skipped with ``--no-hf-compile``.
 - ``torchtune_swapped``: a copy after ``gqa_tune.swap_attention``, ``torchtune.generation.generate``.
 - ``gqa_generate`` / ``gqa_generate_compiled``: that copy, ``gqa_tune.generate(..., compile=False/True)``.
+- ``gqa_generate_compiled_no_nan_rule`` (only with ``--diagnose-nan-rule``): a diagnostic, not a mode of the
+  library: the compiled step with ``gqa_tune.ops.nan_rule.hide_masked_nans`` replaced by a no-op for the run
+  (its own graph), to measure what the NaN rule costs a compiled step (there it cannot skip its work).
 
 Every cache holds prompt + steps positions. Per decode step: the time from the first decode step's start
 to the last one's end over the decode steps, measured inside each library's own loop (a
@@ -23,10 +26,11 @@ reported (each run's figure is its mean over its decode steps). All cases must g
 the same greedy tokens as torchtune (checked; a mismatch fails the run).
 
 Usage: python benchmarks/bench_generate.py [--steps 16] [--repeats 5] [--threads N] [--vocab 32000]
-       [--no-hf-compile] [--json PATH]
+       [--no-hf-compile] [--diagnose-nan-rule] [--json PATH]
 """
 
 import argparse
+import contextlib
 import copy
 import statistics
 import time
@@ -43,6 +47,7 @@ from transformers import CompileConfig, LlamaConfig, LlamaForCausalLM, LogitsPro
 
 import gqa_tune
 from gqa_tune.generation import GenerationStats
+from gqa_tune.ops import dispatch
 from gqa_tune.training.checkpoint import hf_config, model_shape
 
 NUM_LAYERS, EMBED_DIM, NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, MLP_DIM = 4, 512, 8, 2, 64, 1536
@@ -58,6 +63,17 @@ class StepClock(LogitsProcessor):
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         self.times.append(time.perf_counter())
         return scores
+
+
+@contextlib.contextmanager
+def without_nan_rule():
+    """Diagnostic only: attention without the NaN rule (K/V as given, output unchanged)."""
+    saved = dispatch.hide_masked_nans
+    dispatch.hide_masked_nans = lambda q, k, v, *args, **kwargs: (k, v, lambda out: out)
+    try:
+        yield
+    finally:
+        dispatch.hide_masked_nans = saved
 
 
 def build(vocab: int, max_seq_len: int, seed: int):
@@ -95,6 +111,9 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=32000, help="vocabulary size")
     parser.add_argument("--prompt", type=int, default=PROMPT, help="prompt length")
     parser.add_argument("--no-hf-compile", action="store_true", help="skip transformers' compiled decode step")
+    parser.add_argument(
+        "--diagnose-nan-rule", action="store_true", help="add the compiled step without the NaN rule (diagnostic)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", metavar="PATH", help="also write the results here as JSON")
     args = parser.parse_args()
@@ -148,13 +167,17 @@ def main() -> None:
 
         return run
 
-    def gqa_case(compiled: bool):
+    def gqa_case(compiled: bool, nan_rule: bool = True):
         def run():
             stats = GenerationStats()
-            out, _ = gqa_tune.generate(swapped, prompt, args.steps, compile=compiled, stats=stats)
-            extra.setdefault("compile_seconds" if compiled else "eager_prefill_seconds", []).append(
-                stats.compile_seconds if compiled else stats.prefill_seconds
-            )
+            with contextlib.ExitStack() as stack:
+                if not nan_rule:
+                    stack.enter_context(without_nan_rule())
+                out, _ = gqa_tune.generate(swapped, prompt, args.steps, compile=compiled, stats=stats)
+            if compiled:
+                extra.setdefault(f"compile_seconds_{'with' if nan_rule else 'without'}_nan_rule", []).append(
+                    stats.compile_seconds
+                )
             return out, stats.decode_seconds / stats.decode_steps
 
         return run
@@ -166,6 +189,7 @@ def main() -> None:
         "torchtune_swapped": torchtune_case(swapped),
         "gqa_generate": gqa_case(False),
         "gqa_generate_compiled": gqa_case(True),
+        "gqa_generate_compiled_no_nan_rule": gqa_case(True, nan_rule=False) if args.diagnose_nan_rule else None,
     }
     runs = {name: fn for name, fn in runs.items() if fn is not None}
 
@@ -233,8 +257,8 @@ def main() -> None:
             ],
         )
     )
-    if "compile_seconds" in extra:
-        print(f"\ngqa_tune.generate(compile=True): first call's compile {extra['compile_seconds'][0]:.1f} s (untimed)")
+    for key, seconds in extra.items():
+        print(f"{key}: first call {seconds[0]:.1f} s, then {max(seconds[1:], default=0):.2f} s at most (untimed)")
     write_json(
         args.json,
         {
