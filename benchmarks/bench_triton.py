@@ -13,7 +13,11 @@ Three measurements, bf16:
 - ``decode``: ``flash_decode_gqa`` over a KV cache (s_q = 1, n_h 32, n_kv 8, d 128, every
   row filled to the length) against SDPA and compiled flex over K/V sliced to the filled
   length. Achieved bandwidth = bytes of the filled K/V (``2 b n_kv len d * 2``) / time, also
-  as a fraction of HBM peak (``--hbm-peak``, default 3.35e12 B/s, H100 SXM).
+  as a fraction of HBM peak (``--hbm-peak``, default 3.35e12 B/s, H100 SXM). Each configuration also
+  runs with an int8 cache (``cache int8`` rows: the same K/V quantized per token and kv head,
+  ``gqa_tune.ops.kv_quant``), where the kernel reads int8 tiles and their float32 scales: bytes
+  ``2 b n_kv len (d + 4)``; checked against SDPA over the dequantized cache, and only the kernel is
+  timed (the other columns are the bf16 row's business).
 
 Every configuration is first checked: the Triton output (and for ``fwdbwd`` dQ/dK/dV) must
 match SDPA's within ``--atol``/``--rtol`` (``torch.testing.assert_close``), else the run
@@ -370,35 +374,37 @@ class Runner:
         n_h, n_kv, head_dim = a.decode_heads, a.decode_kv_heads, a.decode_head_dim
         elem = torch.finfo(self.dtype).bits // 8
         results = []
-        for b in a.batches:
-            for length in a.lengths:
-                cache_len = a.cache_len or length
-                kv_bytes = 2 * b * n_kv * length * head_dim * elem  # K and V, filled positions only
-                where = f"decode b={b} len={length} (cache {cache_len}) n_h={n_h} n_kv={n_kv} d={head_dim}"
-                result = {
-                    "mode": "decode", "batch": b, "length": length, "cache_len": cache_len, "n_h": n_h,
-                    "n_kv": n_kv, "head_dim": head_dim, "kv_bytes": kv_bytes, "where": where,
-                    "ms": {}, "bytes_per_s": {}, "peak_fraction": {}, "status": {m: "skipped" for m in METHODS},
-                }  # fmt: skip
-                results.append(result)
-                print(where, flush=True)
-                if cache_len < length:
-                    print(f"  skipped: --cache-len {cache_len} is below the length", flush=True)
-                    continue
-                try:
-                    self._decode_config(result, b, n_h, n_kv, head_dim, length, cache_len)
-                except torch.cuda.OutOfMemoryError:
-                    result["status"] = {m: "oom" for m in METHODS}
-                    print("  oom (cache or the SDPA reference)", flush=True)
-                free_memory()
-                for m in METHODS:
-                    ms = result["ms"].get(m)
-                    result["bytes_per_s"][m] = None if ms is None else kv_bytes / (ms * 1e-3)
-                    result["peak_fraction"][m] = None if ms is None else result["bytes_per_s"][m] / a.hbm_peak
-                result["triton_over_best"] = ratio_vs_best(result, "bytes_per_s")
-                if not self.smoke:
-                    line = "  ".join(f"{m} {cell(result, m, 'peak_fraction', '.1%', False)}" for m in METHODS)
-                    print(f"  of HBM peak: {line}  triton/best {fmt(result['triton_over_best'], '.2f')}", flush=True)
+        for b, length, cache in ((b, n, c) for b in a.batches for n in a.lengths for c in ("fp", "int8")):
+            cache_len = a.cache_len or length
+            per_token = head_dim * elem if cache == "fp" else head_dim + 4  # int8 values + a float32 scale
+            kv_bytes = 2 * b * n_kv * length * per_token  # K and V, filled positions only
+            where = f"decode b={b} len={length} (cache {cache_len}) n_h={n_h} n_kv={n_kv} d={head_dim}"
+            where += " int8 cache" if cache == "int8" else ""
+            result = {
+                "mode": "decode", "batch": b, "length": length, "cache_len": cache_len, "n_h": n_h,
+                "n_kv": n_kv, "head_dim": head_dim, "kv_bytes": kv_bytes, "where": where, "cache": cache,
+                "ms": {}, "bytes_per_s": {}, "peak_fraction": {}, "status": {m: "skipped" for m in METHODS},
+            }  # fmt: skip
+            results.append(result)
+            print(where, flush=True)
+            if cache_len < length:
+                print(f"  skipped: --cache-len {cache_len} is below the length", flush=True)
+                continue
+            try:
+                configure = self._decode_config if cache == "fp" else self._decode_config_int8
+                configure(result, b, n_h, n_kv, head_dim, length, cache_len)
+            except torch.cuda.OutOfMemoryError:
+                result["status"] = {m: "oom" for m in METHODS}
+                print("  oom (cache or the SDPA reference)", flush=True)
+            free_memory()
+            for m in METHODS:
+                ms = result["ms"].get(m)
+                result["bytes_per_s"][m] = None if ms is None else kv_bytes / (ms * 1e-3)
+                result["peak_fraction"][m] = None if ms is None else result["bytes_per_s"][m] / a.hbm_peak
+            result["triton_over_best"] = ratio_vs_best(result, "bytes_per_s")
+            if not self.smoke:
+                line = "  ".join(f"{m} {cell(result, m, 'peak_fraction', '.1%', False)}" for m in METHODS)
+                print(f"  of HBM peak: {line}  triton/best {fmt(result['triton_over_best'], '.2f')}", flush=True)
         return results
 
     def _decode_config(self, result, b, n_h, n_kv, head_dim, length, cache_len) -> None:
@@ -415,6 +421,24 @@ class Runner:
             for method in self.methods:
                 f = decode_fn(method)
                 self.measure(result, method, lambda f=f: f(q, k_cache, v_cache, lens, length), a.cuda_graph)
+
+    def _decode_config_int8(self, result, b, n_h, n_kv, head_dim, length, cache_len) -> None:
+        from gqa_tune import flash_decode_gqa
+        from gqa_tune.ops.kv_quant import dequantize_kv, quantize_kv
+
+        a = self.args
+        q = self.randn(b, n_h, 1, head_dim)
+        (k_cache, k_scale), (v_cache, v_scale) = (quantize_kv(self.randn(b, n_kv, cache_len, head_dim), torch.int8)
+                                                  for _ in range(2))  # fmt: skip
+        lens = torch.full((b,), length, device=self.device, dtype=torch.int32)
+        expected = decode_fn("sdpa")(q, dequantize_kv(k_cache, k_scale, q.dtype),
+                                     dequantize_kv(v_cache, v_scale, q.dtype), lens, length)  # fmt: skip
+        actual = flash_decode_gqa(q, k_cache, v_cache, lens, k_scale=k_scale, v_scale=v_scale)
+        check_close("int8 decode output", actual, expected, a.atol, a.rtol, result["where"])
+        del expected, actual
+        with torch.inference_mode():
+            fn = functools.partial(flash_decode_gqa, q, k_cache, v_cache, lens, k_scale=k_scale, v_scale=v_scale)
+            self.measure(result, "triton", fn, a.cuda_graph)
 
 
 # ----------------------------------------------------------------------------- tables
@@ -436,14 +460,15 @@ def training_table(results: Sequence[Dict[str, object]], smoke: bool) -> str:
 
 
 def decode_table(results: Sequence[Dict[str, object]], smoke: bool) -> str:
-    headers = ["batch", "length", "KV MiB", "triton µs", "triton TB/s"]
+    headers = ["cache", "batch", "length", "KV MiB", "triton µs", "triton TB/s"]
     headers += [f"{m} % of peak" for m in METHODS] + ["triton/best"]
     rows = []
     for r in results:
         ok = r["status"].get("triton") == "ok"
         us = f"{r['ms']['triton'] * 1e3:.1f}" if ok else cell(r, "triton", "ms", "", smoke)
         tbs = r["bytes_per_s"].get("triton")
-        row = [r["batch"], r["length"], f"{r['kv_bytes'] / 2**20:.1f}", us]
+        cache = "int8" if r.get("cache") == "int8" else "bf16" if not smoke else "fp32"
+        row = [cache, r["batch"], r["length"], f"{r['kv_bytes'] / 2**20:.1f}", us]
         row.append("-" if smoke or tbs is None else f"{tbs / 1e12:.2f}")
         row += [cell(r, m, "peak_fraction", ".1%", smoke) for m in METHODS]
         row.append("-" if smoke else fmt(r["triton_over_best"], ".2f"))
