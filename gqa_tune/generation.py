@@ -15,7 +15,8 @@ both. Three differences:
   the mask and the RoPE positions are computed inside the graph from the slot counter, and the loop
   reads nothing back from the device except every :data:`STOP_CHECK_EVERY` steps, when stop tokens are
   given. Steps past the point where every row has stopped are dropped, so the tokens returned are those
-  the eager loop returns.
+  the eager loop returns. (gqa_tune's ``KVCache`` checks each compiled write against its fill, read on the
+  host: free on a CPU, one small sync per layer and step on a GPU.)
 
 Timings go to a :class:`GenerationStats` passed as ``stats=``; the compile (the first, untimed call
 of the compiled step) is reported on its own and left out of the rates.
@@ -85,7 +86,7 @@ def _sample(logits: torch.Tensor, q: Optional[torch.Tensor], temperature: float,
     (top-k pruning, softmax, then the argmax of ``probs / q`` for exponential noise ``q`` ``[b, v]``)."""
     if temperature == 0.0:
         return logits.argmax(dim=-1, keepdim=True)
-    logits = logits / temperature
+    logits = logits / max(temperature, 1e-5)  # torchtune's floor
     if top_k is not None:
         pivot = torch.topk(logits, min(top_k, logits.shape[-1])).values[..., -1:]
         logits = torch.where(logits < pivot, -float("inf"), logits)
