@@ -174,6 +174,11 @@ class GenerateConfig:
         None, "KV caches stored quantized, with a float32 scale per token and kv head; null: in dtype",
         choices=(None, "int8", "float8_e4m3fn"),
     )  # fmt: skip
+    quantizer: Optional[Component] = setting(
+        None,
+        "a torchao quantization config applied to the linear layers after loading (e.g. "
+        "torchao.quantization.Int8WeightOnlyConfig); null: none",
+    )
     output_file: Optional[str] = setting(None, "write prompts, ids, texts and timings as JSON here")
 
 

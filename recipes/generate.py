@@ -25,6 +25,12 @@ Config keys (see ``configs/gqa_tiny/generate.yaml``):
 - ``kv_cache_dtype``: ``null`` (caches in ``dtype``), ``int8`` or ``float8_e4m3fn``: KV caches
   stored quantized, with a float32 scale per token and kv head (0.27x the bytes of fp32 at
   head_dim 64); a dtype the device cannot run is refused, naming both.
+- ``quantizer``: optional; a torchao quantization config (``_component_``), applied to the linear
+  layers after the weights are loaded (:mod:`gqa_tune.quantization`): e.g.
+  ``torchao.quantization.Int8WeightOnlyConfig``, ``Int8DynamicActivationInt8WeightConfig``, or
+  ``Int4WeightOnlyConfig`` with ``layout: {_component_: torchao.dtypes.Int4CPULayout}`` and
+  ``version: 1`` on a CPU. A config that cannot run on this device and dtype is refused at setup,
+  naming it and why.
 - ``output_file``: optional; writes prompts, generated token ids, texts and timings as JSON.
 
 With one prompt, the text is printed as it is generated; with several, all are printed at
@@ -43,6 +49,14 @@ from torchtune import config, training
 
 from gqa_tune.config_check import check_config, exits_on_config_error
 from gqa_tune.ops.kv_quant import check_kv_cache_dtype, resolve_kv_cache_dtype
+from gqa_tune.quantization import (
+    build_quantizer,
+    describe,
+    quantize_model,
+    quantizer_error,
+    quantizer_limits,
+    weight_bytes,
+)
 from gqa_tune.training.checkpoint import model_shape
 from gqa_tune.training.generation import GenerationResult, generate
 from gqa_tune.training.weights import fit_weights, load_weights
@@ -89,8 +103,14 @@ class GenerateRecipe:
         self.kv_cache_dtype = resolve_kv_cache_dtype(cfg.get("kv_cache_dtype"))
         if self.kv_cache_dtype is not None:
             check_kv_cache_dtype(self.kv_cache_dtype, self.device)  # before anything is loaded
+        self.quantizer = build_quantizer(cfg.quantizer) if cfg.get("quantizer") is not None else None
+        if self.quantizer is not None:  # what is known to fail, before anything is loaded
+            reason = quantizer_limits(self.quantizer, self.device, self.dtype)
+            if reason is not None:
+                raise quantizer_error(self.quantizer, self.device, self.dtype, reason)
         self.seed = training.set_seed(cfg.get("seed", 0))
         self.source = ""
+        self.quantized = 0  # linear weights the quantizer replaced
 
     # ------------------------------------------------------------ setup
 
@@ -103,6 +123,8 @@ class GenerateRecipe:
         # As in the fine-tune recipes: a LoRA builder's adapters may be absent (merged weights, B = 0).
         fit_weights(model, state_dict, weights)
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
+        if self.quantizer is not None:  # after the weights are in place; a kernel missing here fails now
+            self.quantized = quantize_model(self.model, self.quantizer)
 
     def load_weights(self, cfg: DictConfig) -> tuple:
         """``(weights, builder config, source)`` (:func:`gqa_tune.training.weights.load_weights`): from
@@ -200,6 +222,11 @@ class GenerateRecipe:
     def report(self, result: GenerationResult, temperature: float, top_k: Optional[int]) -> None:
         mode = "greedy" if temperature <= 0 else f"sampling (temperature {temperature}, top_k {top_k})"
         print(f"--- {len(result.tokens)} prompt(s), {mode}, weights from {self.source}")
+        if self.quantizer is not None:
+            print(
+                f"weights: {self.quantized} linear layers quantized with {describe(self.quantizer)}; "
+                f"{weight_bytes(self.model) / 2**20:.3f} MiB of parameters"
+            )
         print(
             f"prefill: {result.prefill_tokens} tokens in {result.prefill_seconds * 1e3:.1f} ms "
             f"({result.prefill_tokens_per_s:.0f} tokens/s)"
@@ -232,6 +259,8 @@ class GenerateRecipe:
             "decode_seconds": result.decode_seconds,
             "decode_tokens_per_s": result.decode_tokens_per_s,
             "kv_cache_bytes": result.kv_cache_bytes,
+            "quantizer": describe(self.quantizer) if self.quantizer is not None else None,
+            "weight_bytes": weight_bytes(self.model),
         }
         shape = _attention_shape(self.model)
         if shape is not None:

@@ -226,6 +226,20 @@ def test_torch_flex_block_mask_internals():
         pytest.fail(moved("torch", "BlockMask's full/partial block fields no longer rebuild the mask", used_by))
 
 
+# ---- torchao -------------------------------------------------------------------------------------------------------
+
+
+def test_torchao_int4_config_fields_read_by_quantizer_limits():
+    used_by = "gqa_tune/quantization.py (quantizer_limits, describe)"
+    from torchao.quantization import Int4WeightOnlyConfig
+
+    config = Int4WeightOnlyConfig()
+    packing = getattr(config.int4_packing_format, "value", config.int4_packing_format)
+    if (config.version, packing, type(config.layout).__name__) != (2, "plain", "TensorCoreTiledLayout"):
+        what = f"Int4WeightOnlyConfig() is now version {config.version}, packing {packing!r}, {config.layout}"
+        pytest.fail(moved("torchao", what, used_by))
+
+
 # ---- transformers ------------------------------------------------------------------------------------------------
 
 
