@@ -195,7 +195,9 @@ RECIPES: Dict[str, Recipe] = {
         "full fine-tuning on one device"
     ),
     "full_finetune_distributed": Recipe(FinetuneConfig, ("gqa_tiny/full_distributed",), "full fine-tuning, FSDP2"),
-    "lora_finetune_single_device": Recipe(LoRAConfig, ("gqa_tiny/lora",), "LoRA fine-tuning on one device"),
+    "lora_finetune_single_device": Recipe(
+        LoRAConfig, ("gqa_tiny/lora", "gqa_tiny/qlora"), "LoRA (and QLoRA: an NF4 base) fine-tuning on one device"
+    ),
     "uptrain": Recipe(UptrainConfig, ("gqa_small/uptrain",), "MHA -> GQA conversion and uptraining"),
     "generate": Recipe(GenerateConfig, ("gqa_tiny/generate",), "generation from a checkpoint"),
 }

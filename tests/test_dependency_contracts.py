@@ -229,6 +229,23 @@ def test_torch_flex_block_mask_internals():
 # ---- torchao -------------------------------------------------------------------------------------------------------
 
 
+def test_torchao_nf4_behaviour_the_qlora_builders_rely_on():
+    """A plain tensor copied into an NF4 parameter is quantized (``load_state_dict`` into a QLoRA model), and the
+    block sizes are kept: gqa_tune/models/_lora_builders.py."""
+    used_by = "gqa_tune/models/_lora_builders.py (QLoRA)"
+    from torchao.dtypes.nf4tensor import NF4Tensor, to_nf4
+
+    require_parameters("torchao", to_nf4, ["block_size", "scaler_block_size"], used_by)
+    weight = torch.randn(32, 128)
+    param = torch.nn.Parameter(to_nf4(torch.zeros(32, 128), block_size=64, scaler_block_size=64), requires_grad=False)
+    with torch.no_grad():
+        param.copy_(weight)
+    if not isinstance(param, NF4Tensor) or (param.block_size, param.scaler_block_size) != (64, 64):
+        pytest.fail(moved("torchao", "copy_ into an NF4 parameter no longer keeps it NF4 with its blocks", used_by))
+    if not torch.equal(param.get_original_weight(), to_nf4(weight, 64, 64).get_original_weight()):
+        pytest.fail(moved("torchao", "copy_ of a plain tensor into NF4 no longer quantizes it", used_by))
+
+
 def test_torchao_int4_config_fields_read_by_quantizer_limits():
     used_by = "gqa_tune/quantization.py (quantizer_limits, describe)"
     from torchao.quantization import Int4WeightOnlyConfig

@@ -19,7 +19,11 @@ from gqa_tune.models._lora_builders import (
     lora_gqa_decoder,
     lora_gqa_gemma2_decoder,
     lora_gqa_gemma_decoder,
+    lora_gqa_llama3_2_1b,
     lora_gqa_tiny,
+    qlora_gqa_decoder,
+    qlora_gqa_llama3_2_1b,
+    qlora_gqa_tiny,
 )
 from gqa_tune.models._model_builders import (
     BYTE_VOCAB_SIZE,
@@ -49,5 +53,9 @@ __all__ = [
     "lora_gqa_decoder",
     "lora_gqa_gemma2_decoder",
     "lora_gqa_gemma_decoder",
+    "lora_gqa_llama3_2_1b",
     "lora_gqa_tiny",
+    "qlora_gqa_decoder",
+    "qlora_gqa_llama3_2_1b",
+    "qlora_gqa_tiny",
 ]

@@ -4,6 +4,7 @@ from typing import Optional
 
 import torch
 from torch import nn
+from torchao.dtypes.nf4tensor import NF4Tensor
 from torchtune.models.llama3_1._position_embeddings import Llama3ScaledRoPE
 from torchtune.modules import (
     FeedForward,
@@ -129,13 +130,20 @@ def init_from_scratch(model: nn.Module, std: float = 0.02) -> nn.Module:
     Linear and embedding weights get ``N(0, std)``, biases zero; norms keep
     their ones. torchtune's builders leave ``nn.Embedding`` at ``N(0, 1)``,
     which is meant to be overwritten by a checkpoint and gives huge initial
-    logits when the output projection is tied to it.
+    logits when the output projection is tied to it. A QLoRA model's frozen
+    NF4 linears (``FrozenNF4Linear``) get the same draws, quantized: the same
+    seed gives the NF4 of the unquantized model's weights.
     """
-    for module in model.modules():
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=std)
-            if getattr(module, "bias", None) is not None:
-                nn.init.zeros_(module.bias)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                if isinstance(module.weight, NF4Tensor):  # NF4 has no normal_: draw in its dtype, quantize
+                    weight = module.weight
+                    weight.copy_(torch.empty(weight.shape, dtype=weight.dtype, device=weight.device).normal_(0.0, std))
+                else:
+                    nn.init.normal_(module.weight, mean=0.0, std=std)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
     return model
 
 

@@ -36,27 +36,39 @@ LORA_BUILDER_KEYS = (
     "lora_rank",
     "lora_alpha",
     "lora_dropout",
+    "quantize_base",
 )
+#: Name prefixes of LoRA builders: ``lora_gqa_tiny`` and QLoRA's ``qlora_gqa_tiny`` (``lora_gqa_tiny`` with
+#: ``quantize_base=True``) both derive the plain ``gqa_tiny``.
+LORA_PREFIXES = ("qlora_", "lora_")
 #: The settings an adapter is checked against when it is loaded back.
 _CHECKED_SETTINGS = ("lora_rank", "lora_alpha", "target_modules")
 
 
+def lora_prefix(component: Any) -> Optional[str]:
+    """``"lora_"`` or ``"qlora_"`` where ``component`` (a builder path) names a LoRA or QLoRA builder, else None."""
+    name = str(component or "").rpartition(".")[2]
+    return next((prefix for prefix in LORA_PREFIXES if name.startswith(prefix)), None)
+
+
 def base_builder_config(model_cfg: Dict[str, Any]) -> Dict[str, Any]:
-    """The plain builder's config for a LoRA builder's: ``..lora_gqa_tiny`` -> ``gqa_tune.models.gqa_tiny``.
+    """The plain builder's config for a LoRA builder's: ``..lora_gqa_tiny`` (or QLoRA's ``..qlora_gqa_tiny``)
+    -> ``gqa_tune.models.gqa_tiny``, without the LoRA arguments (:data:`LORA_BUILDER_KEYS`).
 
     Raises:
-        ValueError: a builder whose name does not start with ``lora_``.
+        ValueError: a builder whose name does not start with ``lora_`` or ``qlora_``.
     """
     module, _, name = str(model_cfg.get("_component_", "")).rpartition(".")
-    if not name.startswith("lora_"):
+    prefix = lora_prefix(name)
+    if prefix is None:
         raise ValueError(
             f"cannot derive the plain model builder from {model_cfg.get('_component_')!r} (expected a name "
-            "starting with 'lora_'): set base_model to the builder config of the merged model"
+            "starting with 'lora_' or 'qlora_'): set base_model to the builder config of the merged model"
         )
     if module.endswith("._lora_builders"):
         module = module.rpartition(".")[0]
     base = {k: v for k, v in model_cfg.items() if k not in LORA_BUILDER_KEYS}
-    base["_component_"] = f"{module}.{name[len('lora_') :]}"
+    base["_component_"] = f"{module}.{name[len(prefix) :]}"
     return base
 
 
@@ -248,11 +260,13 @@ __all__ = [
     "adapter_from_peft",
     "adapter_state_dict",
     "adapter_to_peft",
+    "LORA_PREFIXES",
     "base_builder_config",
     "check_merged",
     "load_adapter",
     "load_base_weights",
     "lora_modules",
+    "lora_prefix",
     "lora_settings",
     "merged_state_dict",
     "save_adapter",

@@ -39,7 +39,7 @@ from gqa_tune.training.checkpoint import (
     load_checkpoint,
     resolve_checkpoint_dir,
 )
-from gqa_tune.training.lora import LORA_BUILDER_KEYS
+from gqa_tune.training.lora import LORA_BUILDER_KEYS, lora_prefix
 
 log = utils.get_logger("INFO")
 
@@ -253,18 +253,22 @@ def _component(model_cfg: Any) -> Optional[str]:
 
 def _hf_builder(derived: Dict[str, Any], model_cfg: Optional[Dict[str, Any]]) -> Dict[str, Any]:
     """``derived`` (from ``hf_model_dir``) adapted to the config's ``model``: a LoRA builder there makes it the
-    LoRA builder with those LoRA settings; ``backend`` is kept; a ``model`` without ``_component_`` overrides
-    single arguments."""
+    LoRA builder with those LoRA settings (a QLoRA builder, ``qlora_*``: the LoRA builder with
+    ``quantize_base=True``); ``backend`` is kept; a ``model`` without ``_component_`` overrides single
+    arguments."""
     builder = dict(derived)
     if not model_cfg:
         return builder
     component = _component(model_cfg)
     if component is None:
         return {**builder, **model_cfg}
-    if component.rpartition(".")[2].startswith("lora_"):
+    prefix = lora_prefix(component)
+    if prefix is not None:
         module, _, name = builder["_component_"].rpartition(".")
         builder["_component_"] = f"{module}.lora_{name}"
         builder.update({k: v for k, v in model_cfg.items() if k in LORA_BUILDER_KEYS})
+        if prefix == "qlora_":
+            builder["quantize_base"] = True
     if "backend" in model_cfg:
         builder["backend"] = model_cfg["backend"]
     return builder
@@ -361,6 +365,7 @@ def _load_weights(
             log.info(
                 f"hf_model_dir={path}: a {hf_cfg['model_type']} model, built by {builder['_component_']} from its "
                 f"{CONFIG}, with its weights"
+                + (" (its base in NF4: quantize_base=true)" if builder.get("quantize_base") else "")
                 + (f"; it replaces {', '.join(replaced)}" if replaced else "")
                 + (f" (keeping model's {', '.join(kept)})" if kept else "")
             )
