@@ -6,7 +6,8 @@
 The model comes from a LoRA builder (``gqa_tune.models.lora_gqa_tiny`` / ``lora_gqa_decoder``); only
 the adapters train. QLoRA is the same recipe with a QLoRA builder (``qlora_gqa_tiny``,
 ``configs/gqa_tiny/qlora.yaml``) or ``model.quantize_base=true``: the frozen base in torchao NF4; its
-checkpoints are saved in the base dtype, like LoRA's. Base weights, first found of (:func:`gqa_tune.training.weights.load_weights`):
+checkpoints are saved in the base dtype, like LoRA's. Base weights, first found of
+(:func:`gqa_tune.training.weights.load_weights`):
 
 * ``hf_model_dir``: a Hugging Face model directory; its architecture replaces ``model``'s (the LoRA
   builder of that architecture, with ``model``'s LoRA settings);
