@@ -17,7 +17,7 @@ into it (``load_state_dict`` quantizes each weight into its NF4 parameter).
 """
 
 from functools import partial
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Callable, Dict, Optional, Sequence
 
 import torch
 from torch import nn
@@ -286,58 +286,42 @@ def lora_gqa_decoder(
     )
 
 
-def lora_gqa_gemma_decoder(
-    *,
-    lora_attn_modules: Sequence[str],
-    apply_lora_to_mlp: bool = False,
-    lora_rank: int,
-    lora_alpha: float,
-    lora_dropout: float = 0.0,
-    quantize_base: bool = False,
-    **model_args,
-) -> TransformerDecoder:
-    """:func:`~gqa_tune.models.gqa_gemma_decoder` (``**model_args``) with ``LoRALinear`` in the chosen projections
-    (``quantize_base``: QLoRA, the frozen base in NF4).
+def _lora_of_tied(base: Callable[..., TransformerDecoder], name: str) -> Callable[..., TransformerDecoder]:
+    """The LoRA builder of ``base``, a decoder whose output is tied to its embedding (so there is no
+    ``apply_lora_to_output``)."""
 
-    The output is tied to the embedding, so there is no ``apply_lora_to_output``.
-    """
-    _check_lora_args(lora_attn_modules, apply_lora_to_mlp, False, lora_rank, lora_alpha, lora_dropout)
-    return add_lora(
-        gqa_gemma_decoder(**model_args),
-        lora_attn_modules=lora_attn_modules,
-        apply_lora_to_mlp=apply_lora_to_mlp,
-        lora_rank=lora_rank,
-        lora_alpha=lora_alpha,
-        lora_dropout=lora_dropout,
-        quantize_base=quantize_base,
+    def build(
+        *,
+        lora_attn_modules: Sequence[str],
+        apply_lora_to_mlp: bool = False,
+        lora_rank: int,
+        lora_alpha: float,
+        lora_dropout: float = 0.0,
+        quantize_base: bool = False,
+        **model_args,
+    ) -> TransformerDecoder:
+        _check_lora_args(lora_attn_modules, apply_lora_to_mlp, False, lora_rank, lora_alpha, lora_dropout)
+        return add_lora(
+            base(**model_args),
+            lora_attn_modules=lora_attn_modules,
+            apply_lora_to_mlp=apply_lora_to_mlp,
+            lora_rank=lora_rank,
+            lora_alpha=lora_alpha,
+            lora_dropout=lora_dropout,
+            quantize_base=quantize_base,
+        )
+
+    build.__name__ = build.__qualname__ = name
+    build.__doc__ = (
+        f":func:`~gqa_tune.models.{base.__name__}` (``**model_args``) with ``LoRALinear`` in the chosen projections "
+        "(``quantize_base``: QLoRA, the frozen base in NF4). The output is tied to the embedding, so there is no "
+        "``apply_lora_to_output``."
     )
+    return build
 
 
-def lora_gqa_gemma2_decoder(
-    *,
-    lora_attn_modules: Sequence[str],
-    apply_lora_to_mlp: bool = False,
-    lora_rank: int,
-    lora_alpha: float,
-    lora_dropout: float = 0.0,
-    quantize_base: bool = False,
-    **model_args,
-) -> TransformerDecoder:
-    """:func:`~gqa_tune.models.gqa_gemma2_decoder` (``**model_args``) with ``LoRALinear`` in the chosen projections
-    (``quantize_base``: QLoRA, the frozen base in NF4).
-
-    The output is tied to the embedding, so there is no ``apply_lora_to_output``.
-    """
-    _check_lora_args(lora_attn_modules, apply_lora_to_mlp, False, lora_rank, lora_alpha, lora_dropout)
-    return add_lora(
-        gqa_gemma2_decoder(**model_args),
-        lora_attn_modules=lora_attn_modules,
-        apply_lora_to_mlp=apply_lora_to_mlp,
-        lora_rank=lora_rank,
-        lora_alpha=lora_alpha,
-        lora_dropout=lora_dropout,
-        quantize_base=quantize_base,
-    )
+lora_gqa_gemma_decoder = _lora_of_tied(gqa_gemma_decoder, "lora_gqa_gemma_decoder")
+lora_gqa_gemma2_decoder = _lora_of_tied(gqa_gemma2_decoder, "lora_gqa_gemma2_decoder")
 
 
 def lora_gqa_tiny(

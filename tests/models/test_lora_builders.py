@@ -135,3 +135,26 @@ def test_decoder_rejects_bad_values(overrides, message):
 def test_tiny_rejects_bad_module_name():
     with pytest.raises(ValueError, match="unknown LoRA attention module 'gate_proj'"):
         lora_gqa_tiny(lora_attn_modules=("q_proj", "gate_proj"))
+
+
+@pytest.mark.parametrize("which", ["gemma", "gemma2"])
+def test_gemma_lora_builders_start_as_their_base_model(which):
+    from gqa_tune.models import gqa_gemma2_decoder, gqa_gemma_decoder, lora_gqa_gemma2_decoder, lora_gqa_gemma_decoder
+
+    base_builder, lora_builder = {
+        "gemma": (gqa_gemma_decoder, lora_gqa_gemma_decoder),
+        "gemma2": (gqa_gemma2_decoder, lora_gqa_gemma2_decoder),
+    }[which]
+    args = dict(vocab_size=64, num_layers=2, num_heads=4, head_dim=16, num_kv_heads=2, embed_dim=64,
+                intermediate_dim=128, max_seq_len=32)  # fmt: skip
+    torch.manual_seed(0)
+    lora = lora_builder(lora_attn_modules=["q_proj", "v_proj"], lora_rank=4, lora_alpha=8, **args)
+    assert lora_builder.__name__ == f"lora_gqa_{which}_decoder" and "tied" in lora_builder.__doc__
+    assert isinstance(lora.layers[0].attn.q_proj, LoRALinear) and not isinstance(lora.layers[0].attn.k_proj, LoRALinear)
+    base = base_builder(**args)
+    base.load_state_dict(get_merged_lora_ckpt(dict(lora.state_dict()), 4, 8), strict=True)
+    tokens = torch.randint(0, 64, (1, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(lora(tokens), base(tokens))  # the adapters start at zero
+    with pytest.raises(TypeError):
+        lora_builder(lora_attn_modules=["q_proj"], lora_rank=4, lora_alpha=8, apply_lora_to_output=True, **args)
