@@ -272,13 +272,13 @@ def documents_of_dense(mask: torch.Tensor) -> Optional[torch.Tensor]:
     return found
 
 
-def _buckets(lengths: torch.Tensor, most: int = 3):
-    """Documents grouped by length, longest first, so that padding a group to its longest wastes at most half
-    of it (the last of at most ``most`` groups takes the rest): ``[(document indices, padded length)]``."""
+def _buckets(lengths: torch.Tensor, most: int = 6):
+    """Documents grouped by length, longest first, so that padding a group to its longest wastes at most a
+    third of it (the last of at most ``most`` groups takes the rest): ``[(document indices, padded length)]``."""
     order = torch.argsort(lengths, descending=True, stable=True)
     groups, current, top = [], [], None
     for i, n in zip(order.tolist(), lengths[order].tolist()):
-        if current and n * 2 < top and len(groups) < most - 1:
+        if current and n * 3 < top * 2 and len(groups) < most - 1:
             groups.append((current, top))
             current = []
         if not current:
