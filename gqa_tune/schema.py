@@ -180,6 +180,7 @@ class GenerateConfig:
         "torchao.quantization.Int8WeightOnlyConfig); null: none",
     )
     output_file: Optional[str] = setting(None, "write prompts, ids, texts and timings as JSON here")
+    compile: bool = setting(False, "compile the decode step once (gqa_tune.generate); the rates leave compiling out")
 
 
 class Recipe(NamedTuple):

@@ -48,6 +48,9 @@ from omegaconf import DictConfig, OmegaConf
 from torchtune import config, training
 
 from gqa_tune.config_check import check_config, exits_on_config_error
+from gqa_tune.generation import GenerationStats
+from gqa_tune.generation import generate as gqa_generate
+from gqa_tune.modules import setup_caches
 from gqa_tune.ops.kv_quant import check_kv_cache_dtype, resolve_kv_cache_dtype
 from gqa_tune.quantization import (
     build_quantizer,
@@ -58,7 +61,7 @@ from gqa_tune.quantization import (
     weight_bytes,
 )
 from gqa_tune.training.checkpoint import model_shape
-from gqa_tune.training.generation import GenerationResult, generate
+from gqa_tune.training.generation import GenerationResult, generate, kv_cache_bytes
 from gqa_tune.training.weights import fit_weights, load_weights
 
 #: ``prompt=...`` arguments taken off the command line before torchtune parses it (see :func:`main`).
@@ -192,21 +195,24 @@ class GenerateRecipe:
         pad_id = self.tokenizer.pad_id
 
         stream = None
-        if len(prompts) == 1:
-            stream = StreamPrinter(self.tokenizer, stop_tokens, pad_id)
-            print(prompts[0], end="", flush=True)
-        result = generate(
-            self.model,
-            encoded,
-            max_new_tokens=max_new_tokens,
-            pad_id=pad_id,
-            stop_tokens=stop_tokens,
-            temperature=temperature,
-            top_k=top_k,
-            seed=cfg.get("seed") if temperature > 0 else None,
-            on_tokens=stream,
-            kv_cache_dtype=self.kv_cache_dtype,
-        )
+        if cfg.get("compile", False):
+            result = self.generate_compiled(encoded, max_new_tokens, pad_id, stop_tokens, temperature, top_k, cfg)
+        else:
+            if len(prompts) == 1:
+                stream = StreamPrinter(self.tokenizer, stop_tokens, pad_id)
+                print(prompts[0], end="", flush=True)
+            result = generate(
+                self.model,
+                encoded,
+                max_new_tokens=max_new_tokens,
+                pad_id=pad_id,
+                stop_tokens=stop_tokens,
+                temperature=temperature,
+                top_k=top_k,
+                seed=cfg.get("seed") if temperature > 0 else None,
+                on_tokens=stream,
+                kv_cache_dtype=self.kv_cache_dtype,
+            )
         texts = [self.tokenizer.decode(ids) for ids in result.tokens]
         if stream is not None:
             stream.finish()
@@ -217,6 +223,32 @@ class GenerateRecipe:
         self.report(result, temperature, top_k)
         if cfg.get("output_file"):
             self.write_output(Path(cfg.output_file), result)
+        return result
+
+    def generate_compiled(self, encoded, max_new_tokens, pad_id, stop_tokens, temperature, top_k, cfg):
+        """``compile: true``: the batch through :func:`gqa_tune.generate` with its decode step compiled once
+        (fixed shapes, no recompiles); the rates leave the compilation out (``compile_seconds`` in extra)."""
+        longest = max(len(ids) for ids in encoded)
+        prompt = torch.full((len(encoded), longest), pad_id, dtype=torch.long, device=self.device)
+        for row, ids in enumerate(encoded):  # left padding: positions restart at each row's first token
+            prompt[row, longest - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+        setup_caches(self.model, len(encoded), self.dtype, decoder_max_seq_len=longest + max_new_tokens,
+                     kv_cache_dtype=self.kv_cache_dtype)  # fmt: skip
+        rng = None
+        if temperature > 0 and cfg.get("seed") is not None:
+            rng = torch.Generator(device=self.device).manual_seed(int(cfg.seed))
+        stats = GenerationStats()
+        tokens, _ = gqa_generate(self.model, prompt, max_new_tokens, pad_id=pad_id, temperature=temperature,
+                                 top_k=top_k, stop_tokens=stop_tokens, rng=rng, compile=True, stats=stats)  # fmt: skip
+        rows = []
+        for row in tokens[:, longest:].tolist():
+            cut = next((i for i, t in enumerate(row) if t in stop_tokens), len(row))
+            rows.append(row[:cut])
+        result = GenerationResult(
+            rows, stats.prefill_seconds, stats.decode_seconds, stats.prefill_tokens, stats.decode_tokens,
+            kv_cache_bytes(self.model),
+        )  # fmt: skip
+        result.extra["compile_seconds"] = stats.compile_seconds
         return result
 
     def report(self, result: GenerationResult, temperature: float, top_k: Optional[int]) -> None:
@@ -231,9 +263,11 @@ class GenerateRecipe:
             f"prefill: {result.prefill_tokens} tokens in {result.prefill_seconds * 1e3:.1f} ms "
             f"({result.prefill_tokens_per_s:.0f} tokens/s)"
         )
+        compiled = result.extra.get("compile_seconds")
         print(
             f"decode: {result.decode_tokens} tokens in {result.decode_seconds * 1e3:.1f} ms "
             f"({result.decode_tokens_per_s:.0f} tokens/s)"
+            + (f"; compiled step (its first call, {compiled:.1f} s, not counted)" if compiled is not None else "")
         )
         shape = _attention_shape(self.model)
         line = f"KV cache: {result.kv_cache_bytes} bytes ({result.kv_cache_bytes / 2**20:.3f} MiB)"

@@ -205,3 +205,12 @@ def test_tune_run_with_an_int8_kv_cache(run_dir, tmp_path, tune):
 def test_bad_kv_cache_dtype_is_refused_naming_it():
     with pytest.raises(ValueError, match="kv_cache_dtype must be None .* got 'int4'"):
         GenerateRecipe(make_cfg(kv_cache_dtype="int4"))
+
+
+def test_compile_true_gives_the_eager_tokens_and_reports_rates(run_dir, capsys):
+    eager_recipe, eager = run_recipe(checkpoint_dir=str(run_dir), prompts=PROMPTS, max_new_tokens=12)
+    recipe, compiled = run_recipe(checkpoint_dir=str(run_dir), prompts=PROMPTS, max_new_tokens=12, compile=True)
+    assert compiled.tokens == eager.tokens  # left-padded batch, stop tokens cut, as the eager loop gives
+    assert compiled.extra["compile_seconds"] > 0 and compiled.decode_tokens > 0 and compiled.decode_seconds > 0
+    assert compiled.kv_cache_bytes > 0
+    assert "compiled step (its first call" in capsys.readouterr().out
