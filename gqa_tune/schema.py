@@ -192,8 +192,9 @@ class Recipe(NamedTuple):
 #: The project's recipes (modules of ``gqa_tune.recipes``), their schemas and their configs.
 RECIPES: Dict[str, Recipe] = {
     "full_finetune_single_device": Recipe(
-        FinetuneConfig, ("gqa_tiny/full", "gqa_tiny/full_packed", "gqa_small/mha_pretrain"),
-        "full fine-tuning on one device"
+        FinetuneConfig,
+        ("gqa_tiny/full", "gqa_tiny/full_packed", "gqa_small/mha_pretrain"),
+        "full fine-tuning on one device",
     ),
     "full_finetune_distributed": Recipe(FinetuneConfig, ("gqa_tiny/full_distributed",), "full fine-tuning, FSDP2"),
     "lora_finetune_single_device": Recipe(
