@@ -103,21 +103,26 @@ def _causal_layout(s_q: int, s_kv: int, device: torch.device, block: int = BLOCK
 _DENSE_LAYOUTS: dict = {}
 
 
+def _per_mask(kind: str, mask: torch.Tensor, compute: Callable):
+    """``compute()`` once per mask (and per ``kind`` of summary), while the mask lives and is unchanged."""
+    owner = mask if mask._base is None else mask._base
+    key = (kind, mask.data_ptr(), tuple(mask.shape), mask.stride(), mask._version)
+    cached = _DENSE_LAYOUTS.get(key)
+    if cached is not None and cached[0]() is owner:
+        return cached[1]
+    value = compute()
+    while len(_DENSE_LAYOUTS) >= 8:
+        _DENSE_LAYOUTS.pop(next(iter(_DENSE_LAYOUTS)))
+    _DENSE_LAYOUTS[key] = (weakref.ref(owner), value)
+    return value
+
+
 def layout_for(mask, is_causal: bool, s_q: int, s_kv: int, device: torch.device) -> TileLayout:
     """The tile layout of a call's mask (a BlockMask, a bool tensor, causal, or none: every tile full)."""
     if isinstance(mask, BlockMask):
         return layout_of_block_mask(mask)
     if isinstance(mask, torch.Tensor):
-        owner = mask if mask._base is None else mask._base
-        key = (mask.data_ptr(), tuple(mask.shape), mask.stride(), mask._version)
-        cached = _DENSE_LAYOUTS.get(key)
-        if cached is not None and cached[0]() is owner:
-            return cached[1]
-        layout = layout_of_dense(mask.view((1,) * (4 - mask.dim()) + tuple(mask.shape)))
-        while len(_DENSE_LAYOUTS) >= 8:
-            _DENSE_LAYOUTS.pop(next(iter(_DENSE_LAYOUTS)))
-        _DENSE_LAYOUTS[key] = (weakref.ref(owner), layout)
-        return layout
+        return _per_mask("tiles", mask, lambda: layout_of_dense(mask.view((1,) * (4 - mask.dim()) + tuple(mask.shape))))
     if is_causal:
         return _causal_layout(s_q, s_kv, device)
     n_q, n_kv = math.ceil(s_q / BLOCK), math.ceil(s_kv / BLOCK)
@@ -253,11 +258,10 @@ def documents_of_dense(mask: torch.Tensor) -> Optional[torch.Tensor]:
     (what torchtune's packed collate builds on CPU), else None. One pass over the mask, cached per mask."""
     if mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[-1] != mask.shape[-2] or mask.shape[-1] < 2:
         return None
-    key = ("docs", mask.data_ptr(), tuple(mask.shape), mask.stride(), mask._version)
-    owner = mask if mask._base is None else mask._base
-    cached = _DENSE_LAYOUTS.get(key)
-    if cached is not None and cached[0]() is owner:
-        return cached[1]
+    return _per_mask("documents", mask, lambda: _documents_of_dense(mask))
+
+
+def _documents_of_dense(mask: torch.Tensor) -> Optional[torch.Tensor]:
     rows = mask[:, 0]
     s = rows.shape[-1]
     starts = torch.ones(rows.shape[0], s, dtype=torch.bool, device=mask.device)
@@ -265,11 +269,7 @@ def documents_of_dense(mask: torch.Tensor) -> Optional[torch.Tensor]:
     ids = starts.long().cumsum(-1) - 1
     causal = torch.ones(s, s, dtype=torch.bool, device=mask.device).tril()
     same = ids[:, :, None] == ids[:, None, :]
-    found = ids if torch.equal(rows, causal & same) else None
-    while len(_DENSE_LAYOUTS) >= 8:
-        _DENSE_LAYOUTS.pop(next(iter(_DENSE_LAYOUTS)))
-    _DENSE_LAYOUTS[key] = (weakref.ref(owner), found)
-    return found
+    return ids if torch.equal(rows, causal & same) else None
 
 
 def _buckets(lengths: torch.Tensor, most: int = 6):
