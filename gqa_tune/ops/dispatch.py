@@ -358,6 +358,12 @@ def _lower(
         kwargs["window"] = window
     if spec.softcap is not None or spec.sinks is not None:
         kwargs.update(softcap=spec.softcap, sinks=spec.sinks)
+    if spec.sinks is not None:
+        # A +inf sink takes every row's whole softmax mass, so its head's output is 0 (its value is zero);
+        # inside a backend inf - inf is NaN, so the head runs with a finite sink and is zeroed after.
+        infinite = torch.isposinf(spec.sinks)  # [n_h]
+        kwargs["sinks"] = torch.where(infinite, 0.0, spec.sinks)
+        kwargs["zero_heads"] = infinite
     kwargs.update(lengths)
     if scales is not None and lengths and k.dtype in row.quantized_kv:
         kwargs["kv_scales"] = scales
@@ -437,13 +443,19 @@ def _run(chosen: Backend, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kwa
         kwargs = dict(kwargs)
         k_scale, v_scale, seqlens = kwargs.pop("dequantize")
         k, v = dequantize_filled(k, k_scale, q.dtype, seqlens), dequantize_filled(v, v_scale, q.dtype, seqlens)
+    zero_heads = kwargs.get("zero_heads")
+    if zero_heads is not None:
+        kwargs = {key: value for key, value in kwargs.items() if key != "zero_heads"}
     if "seqlens" in kwargs:  # the decode kernel reads only each row's filled keys
         k, v, restore = hide_masked_nans(q, k, v, None, False, chosen.zeroes_nan_query_rows)
     else:
         k, v, restore = hide_masked_nans(
             q, k, v, kwargs["mask"], kwargs["is_causal"], chosen.zeroes_nan_query_rows, kwargs.get("causal_offset", 0)
         )
-    return restore(chosen.fn(q, k, v, **kwargs))
+    out = restore(chosen.fn(q, k, v, **kwargs))
+    if zero_heads is not None:
+        out = torch.where(zero_heads.view(1, -1, 1, 1), 0.0, out)  # heads with a +inf sink
+    return out
 
 
 def execute(plan: AttentionPlan, q: torch.Tensor) -> torch.Tensor:

@@ -41,16 +41,34 @@ def check_scale(scale: Any) -> None:
         raise ValueError(f"scale must be None or a finite positive number, got {scale!r}")
 
 
+#: The largest soft-cap: every backend computes the cap in float32 (``softcap * tanh(s / softcap)``).
+MAX_SOFTCAP = torch.finfo(torch.float32).max
+
+
+def check_softcap(name: str, value: Any) -> None:
+    """Raise ``ValueError`` unless ``value`` is ``None`` or a positive number a float32 computation holds.
+
+    A soft-cap past float32's range (``1e39``) would become ``inf`` inside every backend, and
+    ``inf * tanh(s / inf)`` is NaN; a cap that large caps nothing, so leave it out (``None``) instead.
+    """
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be None or a finite positive number, got {value!r}")
+    if value > MAX_SOFTCAP:
+        raise ValueError(
+            f"{name} must be at most {MAX_SOFTCAP:.4g} (float32's largest value, in which the cap is computed), "
+            f"got {value!r}; None means no capping"
+        )
+
+
 def check_features(query: torch.Tensor, sliding_window: Any, softcap: Any, sinks: Optional[torch.Tensor]) -> None:
     """Raise ``ValueError`` unless the window, soft-cap and sinks are usable with ``query`` ``[b, n_h, s_q, h_d]``."""
     if sliding_window is not None and (
         isinstance(sliding_window, bool) or not isinstance(sliding_window, int) or sliding_window < 1
     ):
         raise ValueError(f"sliding_window must be None or a positive int, got {sliding_window!r}")
-    if softcap is not None and (
-        isinstance(softcap, bool) or not isinstance(softcap, numbers.Real) or not math.isfinite(softcap) or softcap <= 0
-    ):
-        raise ValueError(f"softcap must be None or a finite positive number, got {softcap!r}")
+    check_softcap("softcap", softcap)
     if sinks is None:
         return
     n_h = query.shape[1]

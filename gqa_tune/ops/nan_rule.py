@@ -1,24 +1,27 @@
 """The one NaN rule every attention backend is held to.
 
-A NaN reaches exactly the output rows that attend to it:
+A non-finite value (NaN, ``inf`` or ``-inf``) reaches exactly the output rows that attend to it:
 
-* a NaN in a query row makes that row NaN (torch's SDPA and flex zero such a
-  row when there is no mask; here it stays NaN, as plain arithmetic gives);
-* a NaN in a key or value that a query may attend to makes that query's row NaN;
+* a non-finite value in a query row makes that row NaN (torch's SDPA and flex zero a
+  NaN row when there is no mask; here it stays NaN, as plain arithmetic gives);
+* a non-finite value in a key or value that a query may attend to makes that query's
+  row NaN (plain arithmetic gives NaN for an infinite key, and ``inf`` or NaN in some
+  columns for an infinite value: the rule makes the whole row NaN, on every backend);
 * a key or value hidden from a query (by a bool mask, a ``-inf`` entry of a
-  float mask, or the causal mask) never reaches its row, NaN or not (torch's
-  SDPA leaks a hidden NaN key through the scores, and every backend leaks a
-  hidden NaN value through ``0 * NaN``).
+  float mask, or the causal mask) never reaches its row, finite or not (torch's
+  SDPA leaks a hidden NaN or ``inf`` key through the scores, and every backend
+  leaks a hidden NaN or ``inf`` value through ``0 * NaN`` and ``0 * inf``, which
+  made the whole head NaN).
 
 A fully masked row still gives 0. With a flex ``BlockMask`` the hidden blocks
 are never read; within its partial blocks flex's own masking applies.
 
-:func:`hide_masked_nans` enforces this around any backend: it zeroes NaN
-keys/values before the call and sets back to NaN the rows that could see one.
+:func:`hide_masked_nans` enforces this around any backend: it zeroes non-finite
+keys/values before the call and sets to NaN the rows that could see one.
 The cost is a few elementwise passes over ``q``/``k``/``v`` (``O(s h_d)``) plus,
 with a dense mask, one pass over the mask (``O(s_q s_kv)``), with no host sync. On
 CPU, in eager mode, K/V are first looked at (a host read is free there) and
-the work is skipped when they hold no NaN, which is the usual case.
+the work is skipped when they hold only finite values, which is the usual case.
 """
 
 from typing import Callable, Optional, Tuple
@@ -61,16 +64,16 @@ def _rows_seeing(
 
 def _surely_no_nans(*tensors: Optional[torch.Tensor]) -> bool:
     """On CPU, eagerly: look (one pass over each tensor, a host read that costs nothing there) so the
-    rule's work is skipped when there is no NaN, the usual case. On an accelerator or under
+    rule's work is skipped when every value is finite, the usual case. On an accelerator or under
     ``torch.compile`` a host read would stall the device or break the graph: there the sync-free
     path always runs."""
     present = [t for t in tensors if t is not None]
     if not present or present[0].device.type != "cpu" or torch.compiler.is_compiling():
         return False
     with torch.no_grad():
-        # A NaN anywhere makes the sum NaN (inf - inf does too: a false alarm only costs the full path).
-        # One reduction per tensor, far cheaper than isnan().any() on a decode step's cache.
-        return not any(bool(torch.isnan(t.sum())) for t in present)
+        # A NaN or an infinity anywhere makes the sum non-finite (so does a sum that overflows: a false
+        # alarm only costs the full path). One reduction per tensor, far cheaper than isfinite().all().
+        return all(bool(torch.isfinite(t.sum())) for t in present)
 
 
 def _keep(out: torch.Tensor) -> torch.Tensor:
@@ -86,7 +89,8 @@ def hide_masked_nans(
     fix_query_rows: bool = True,
     causal_offset: int = 0,
 ) -> Tuple[torch.Tensor, torch.Tensor, Restore]:
-    """``(k, v, restore)``: K/V with hidden NaNs made harmless, and the function to apply to the output.
+    """``(k, v, restore)``: K/V with hidden non-finite values made harmless, and the function to apply to the
+    output.
 
     Args:
         q (torch.Tensor): ``[b, n_h, s_q, h_d]``.
@@ -104,10 +108,10 @@ def hide_masked_nans(
     restore_q = _propagate_query_nans(q) if fix_query_rows else _keep
     if not hidden:
         return k, v, restore_q  # no key is hidden (or flex reads only the blocks it keeps)
-    k_nan, v_nan = torch.isnan(k), torch.isnan(v)
-    nan_keys = k_nan.any(-1) | v_nan.any(-1)  # [b, n_kv, s_kv]
-    k = torch.where(k_nan, 0.0, k)
-    v = torch.where(v_nan, 0.0, v)
+    k_bad, v_bad = ~torch.isfinite(k), ~torch.isfinite(v)
+    nan_keys = k_bad.any(-1) | v_bad.any(-1)  # [b, n_kv, s_kv]: keys holding a NaN or an infinity
+    k = torch.where(k_bad, 0.0, k)
+    v = torch.where(v_bad, 0.0, v)
     sees = _rows_seeing(nan_keys, mask, is_causal, q.shape[1], q.shape[2], causal_offset)
 
     def restore(out: torch.Tensor) -> torch.Tensor:

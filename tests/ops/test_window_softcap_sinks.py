@@ -167,6 +167,8 @@ def test_fully_masked_rows_give_zero_with_sinks_and_windows():
         (dict(softcap=0.0), "softcap must be None or a finite positive number, got 0.0"),
         (dict(softcap=-1.0), "softcap must be None or a finite positive number, got -1.0"),
         (dict(softcap=float("inf")), "softcap must be None or a finite positive number, got inf"),
+        (dict(softcap=1e39), "softcap must be at most 3.403e+38 (float32's largest value"),
+        (dict(softcap=1e300), "softcap must be at most 3.403e+38 (float32's largest value"),
         (dict(sinks=torch.zeros(2)), "sinks must be a floating-point tensor of shape [n_h] = [4], got (2,)"),
         (dict(sinks=torch.zeros(1, 4)), "sinks must be a floating-point tensor of shape [n_h] = [4], got (1, 4)"),
         (dict(sinks=torch.zeros(4, dtype=torch.long)), "sinks must be a floating-point tensor of shape [n_h]"),
@@ -178,3 +180,46 @@ def test_bad_feature_values_raise(kwargs, message):
     with pytest.raises(ValueError) as info:
         scaled_dot_product_gqa(q, k, v, **kwargs)
     assert message in str(info.value)
+
+
+@pytest.mark.parametrize("backend", ["auto", "math", "flex", "triton"])
+@pytest.mark.parametrize("softcap", [1e4, 1e8, 1e30, 3e38])
+def test_a_large_softcap_caps_nothing_on_every_backend(softcap, backend):
+    """``c * tanh(s / c)`` tends to ``s``: a cap far above the scores, up to float32's largest, gives the uncapped
+    answer (the Triton kernel's ``2 sigmoid(2x) - 1`` rounded tanh to 0 there: uniform attention)."""
+    q, k, v, _ = inputs()
+    q = q * 3
+    with torch.no_grad():
+        out = scaled_dot_product_gqa(q, k, v, is_causal=True, softcap=softcap, backend=backend)
+    torch.testing.assert_close(out.double(), oracle(q, k, v, is_causal=True), atol=1e-5, rtol=1e-5)
+
+
+def test_a_large_softcap_has_the_uncapped_gradients_in_the_kernels():
+    q, k, v, _ = inputs(requires_grad=True)
+    dout = torch.randn(1, 4, 6, 16)
+    grads = {}
+    for softcap in (None, 1e8):
+        for t in (q, k, v):
+            t.grad = None
+        scaled_dot_product_gqa(q, k, v, is_causal=True, softcap=softcap, backend="triton").backward(dout)
+        grads[softcap] = [t.grad.clone() for t in (q, k, v)]
+    for got, want in zip(grads[1e8], grads[None]):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["auto", "math", "sdpa", "triton"])
+def test_an_infinite_sink_takes_its_heads_whole_softmax(backend):
+    """A ``+inf`` sink logit has all the weight and a zero value: its head's output is 0, with zero gradients;
+    a ``-inf`` sink is no sink; the other heads are unchanged."""
+    q, k, v, sinks = inputs()
+    sinks = sinks.clone()
+    sinks[1], sinks[2] = float("inf"), -float("inf")
+    sinks.requires_grad_()
+    out = scaled_dot_product_gqa(q, k, v, is_causal=True, sinks=sinks, backend=backend)
+    assert not out.isnan().any()
+    assert torch.count_nonzero(out[0, 1]) == 0
+    expected = oracle(q, k, v, is_causal=True, sinks=sinks.detach())
+    expected[0, 1] = 0.0  # the oracle's softmax over an inf logit is NaN: the limit is all weight on the sink
+    torch.testing.assert_close(out.detach().double(), expected, atol=1e-5, rtol=1e-5)
+    out.sum().backward()
+    assert sinks.grad[1] == 0 and sinks.grad[2] == 0 and torch.isfinite(sinks.grad).all()

@@ -74,8 +74,18 @@ def capped_scores(raw, qk_scale, sm_scale, softcap, SOFTCAP: tl.constexpr):
     With ``SOFTCAP`` the scaled score ``x`` becomes ``softcap * tanh(x / softcap)`` (Gemma 2).
     """
     if SOFTCAP:
-        t = 2.0 * tl.sigmoid(2.0 * raw * (sm_scale / softcap)) - 1.0
-        return t * (softcap * 1.4426950408889634), t
+        # tanh(x) = 2 sigmoid(2x) - 1 rounds to 0 for |x| << 1 (a large softcap): there the odd Taylor series,
+        # tanh(x) = x r(x), and the capped score is x * r(x) * softcap = s * r(x), never softcap * (tiny)
+        # (which a denormal x would flush to 0). Past |x| = 1/8 the series' error is below 3e-8.
+        s = raw * sm_scale
+        x = s / softcap
+        x2 = x * x
+        small = tl.abs(x) < 0.125
+        r = 1.0 - x2 * (0.3333333333333333 - x2 * 0.13333333333333333)
+        t_big = 2.0 * tl.sigmoid(2.0 * x) - 1.0
+        capped = tl.where(small, s * r, softcap * t_big)
+        t = tl.where(small, x * r, t_big)
+        return capped * 1.4426950408889634, t
     else:
         return raw * qk_scale, raw
 
