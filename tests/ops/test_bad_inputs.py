@@ -172,14 +172,17 @@ def test_a_nan_query_row_gives_a_nan_row_and_nothing_else(backend, masking):
     assert not out[rest].isnan().any()
 
 
+@pytest.mark.parametrize("poison", [float("nan"), float("inf"), -float("inf")], ids=["nan", "inf", "-inf"])
 @pytest.mark.parametrize("masking", ["causal", "bool", "float"])
 @pytest.mark.parametrize("which", ["key", "value"])
-def test_a_nan_in_a_hidden_key_or_value_never_reaches_the_output(masking, which):
+def test_a_non_finite_hidden_key_or_value_never_reaches_the_output(masking, which, poison):
+    """The NaN rule holds for every non-finite value: a hidden inf value used to turn the whole head NaN
+    through ``0 * inf``."""
     for backend in _backends_for(masking):
         q, k, v = qkv()
         clean = scaled_dot_product_gqa(q, k, v, backend=backend, **MASKS[masking])
         poisoned = (k if which == "key" else v).clone()
-        poisoned[0, 0, 4, 0] = float("nan")  # key 4: hidden from rows 0..3, seen by row 4 (kv head 0 = q heads 0, 1)
+        poisoned[0, 0, 4, 0] = poison  # key 4: hidden from rows 0..3, seen by row 4 (kv head 0 = q heads 0, 1)
         k2, v2 = (poisoned, v) if which == "key" else (k, poisoned)
         out = scaled_dot_product_gqa(q, k2, v2, backend=backend, **MASKS[masking])
         torch.testing.assert_close(out[:, :, :4], clean[:, :, :4], msg=backend)
@@ -187,11 +190,23 @@ def test_a_nan_in_a_hidden_key_or_value_never_reaches_the_output(masking, which)
         torch.testing.assert_close(out[0, 2:, 4], clean[0, 2:, 4], msg=backend)  # the other kv head's rows
 
 
-def test_nan_rule_with_weights():
+@pytest.mark.parametrize("poison", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_nan_rule_with_weights(poison):
     q, k, v = qkv()
-    v[0, 0, 4, 0] = float("nan")
+    v[0, 0, 4, 0] = poison
     out, _ = scaled_dot_product_gqa(q, k, v, is_causal=True, need_weights=True)
     assert not out[:, :, :4].isnan().any() and out[0, :2, 4].isnan().all()
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_an_infinite_query_row_gives_a_nan_row_and_nothing_else(backend):
+    q, k, v = qkv()
+    q[0, 1, 2, 3] = float("inf")
+    out = scaled_dot_product_gqa(q, k, v, backend=backend, is_causal=True)
+    assert out[0, 1, 2].isnan().all()
+    rest = torch.ones_like(out, dtype=torch.bool)
+    rest[0, 1, 2] = False
+    assert torch.isfinite(out[rest]).all()
 
 
 # ---------------------------------------------------------------- flash_decode_gqa
@@ -280,11 +295,11 @@ def test_flex_retries_a_call_whose_dynamic_kernel_fails_to_build(monkeypatch):
     def broken(*args, **kwargs):
         raise InductorError("CppCompileError: C++ compile error")
 
-    monkeypatch.setattr(flex, "_compiled_flex", lambda: broken)
+    monkeypatch.setattr(flex, "_compiled_flex", lambda key: broken)
     q, k, v = qkv()
     with torch.no_grad(), pytest.warns(UserWarning, match="dynamic-shape kernel failed to build"):
         out = scaled_dot_product_gqa(q, k, v, is_causal=True, backend="flex")
     torch.testing.assert_close(out, expected(q, k, v, is_causal=True), atol=1e-5, rtol=1e-5)
-    monkeypatch.setattr(flex, "_compiled_flex", lambda: lambda *a, **kw: (_ for _ in ()).throw(KeyError("other")))
+    monkeypatch.setattr(flex, "_compiled_flex", lambda key: lambda *a, **kw: (_ for _ in ()).throw(KeyError("other")))
     with torch.no_grad(), pytest.raises(KeyError):  # anything else propagates
         scaled_dot_product_gqa(q, k, v, is_causal=True, backend="flex")
