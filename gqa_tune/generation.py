@@ -14,9 +14,10 @@ both. Three differences:
   shape (the token ``[b, 1]``, the key-validity row ``[b, max_cache_len]``, the slot counter ``[1]``),
   the mask and the RoPE positions are computed inside the graph from the slot counter, and the loop
   reads nothing back from the device except every :data:`STOP_CHECK_EVERY` steps, when stop tokens are
-  given. Steps past the point where every row has stopped are dropped, so the tokens returned are those
-  the eager loop returns. (gqa_tune's ``KVCache`` checks each compiled write against its fill, read on the
-  host: free on a CPU, one small sync per layer and step on a GPU.)
+  given (every step for a model with sliding-window ring caches, which cannot rewind). Steps past the
+  point where every row has stopped are dropped, so the tokens returned are those the eager loop returns.
+  (gqa_tune's ``KVCache`` checks each compiled write against its fill, read on the host: free on a CPU,
+  one small sync per layer and step on a GPU.)
 
 Timings go to a :class:`GenerationStats` passed as ``stats=``; the compile (the first, untimed call
 of the compiled step) is reported on its own and left out of the rates.
@@ -393,7 +394,9 @@ def _generate(
 
     # Decode: one token per step; the host looks at the tokens only to stop early.
     stops = torch.tensor(list(stop_tokens), dtype=torch.long, device=device) if stop_tokens else None
-    check_every = STOP_CHECK_EVERY if compile else 1
+    # A ring (sliding-window) cache cannot rewind steps run past the end, so there the host looks every step.
+    rings = any(layer.kv_cache.window is not None for layer in layers)
+    check_every = STOP_CHECK_EVERY if compile and not rings else 1
     done = torch.zeros(b, dtype=torch.bool, device=device)
     checked = 0  # tokens already looked at
 

@@ -11,19 +11,29 @@ from torch.nn.attention.flex_attention import BlockMask
 
 from gqa_tune.modules.kv_cache import KVCache
 from gqa_tune.ops.dispatch import AttentionSpec, check_backend_name, execute, plan_attention
+from gqa_tune.ops.functional import check_softcap
 from gqa_tune.ops.kv_quant import QUANTIZED_KV_DTYPES, resolve_kv_cache_dtype
 from gqa_tune.ops.masks import MaskType
 
 logger = logging.getLogger(__name__)
 
 
-def _out_features(module: nn.Module) -> Optional[int]:
-    """Output width of a linear-like projection, when it says (nn.Linear, LoRALinear)."""
-    for attr in ("out_features", "out_dim"):
+def _width(module: nn.Module, attrs: tuple) -> Optional[int]:
+    for attr in attrs:
         value = getattr(module, attr, None)
-        if isinstance(value, int):
+        if isinstance(value, int) and not isinstance(value, bool):
             return value
     return None
+
+
+def _out_features(module: nn.Module) -> Optional[int]:
+    """Output width of a linear-like projection, when it says (nn.Linear, LoRALinear)."""
+    return _width(module, ("out_features", "out_dim"))
+
+
+def _in_features(module: nn.Module) -> Optional[int]:
+    """Input width of a linear-like projection, when it says (nn.Linear, LoRALinear)."""
+    return _width(module, ("in_features", "in_dim"))
 
 
 class CacheNotSetUpError(RuntimeError, ValueError):
@@ -134,16 +144,27 @@ class MultiHeadAttention(nn.Module):
             got = _out_features(proj)
             if got is not None and got != width:
                 raise ValueError(f"{name} outputs {got} features, expected {width} (heads x head_dim {head_dim})")
+        got = _in_features(output_proj)
+        if got is not None and got != num_heads * head_dim:
+            raise ValueError(
+                f"output_proj takes {got} features, expected {num_heads * head_dim} (num_heads {num_heads} x "
+                f"head_dim {head_dim})"
+            )
         check_backend_name(backend)
         if sliding_window_size is not None and (
             isinstance(sliding_window_size, bool) or not isinstance(sliding_window_size, int) or sliding_window_size < 1
         ):
             raise ValueError(f"sliding_window_size must be None or a positive int, got {sliding_window_size!r}")
-        for name, value in (("softcapping", softcapping), ("query_pre_attn_scalar", query_pre_attn_scalar)):
-            if value is not None and (
-                isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0
-            ):
-                raise ValueError(f"{name} must be None or a finite positive number, got {value!r}")
+        check_softcap("softcapping", softcapping)
+        if query_pre_attn_scalar is not None and (
+            isinstance(query_pre_attn_scalar, bool)
+            or not isinstance(query_pre_attn_scalar, numbers.Real)
+            or not math.isfinite(query_pre_attn_scalar)
+            or query_pre_attn_scalar <= 0
+        ):
+            raise ValueError(
+                f"query_pre_attn_scalar must be None or a finite positive number, got {query_pre_attn_scalar!r}"
+            )
         if not isinstance(is_causal, bool):
             raise ValueError(f"is_causal must be True or False, got {is_causal!r}")
 
@@ -247,23 +268,45 @@ class MultiHeadAttention(nn.Module):
                 f"with s_kv in {sorted(set(kv_lens))}"
             )
 
-    def _check_input_pos(self, input_pos: torch.Tensor, b: int, s_x: int) -> None:
+    def _position_limit(self) -> int:
+        """Positions the position embedding has a table for (its ``max_seq_len``, else the module's)."""
+        return getattr(self.pos_embeddings, "max_seq_len", self.max_seq_len)
+
+    def _check_input_pos(self, input_pos: torch.Tensor, b: int, s_x: int) -> torch.Tensor:
+        """``input_pos`` as ``[b or 1, s_x]``, accepting every shape torchtune's attention accepts.
+
+        ``[b, s_x]``, ``[1, s_x]`` and ``[s_x]``; and for one new token per row (``s_x = 1``) also ``[b]``,
+        what ``torchtune.generation.generate`` passes at each decode step of a padded batch
+        (``input_pos[:, curr_pos]``), and a 0-d tensor, what it passes for a one-token prompt of one row
+        (``input_pos[:, :1].squeeze()``).
+        """
         if not isinstance(input_pos, torch.Tensor) or input_pos.is_floating_point() or input_pos.dtype == torch.bool:
             raise ValueError(f"input_pos must be an integer tensor [b, s_x], got {input_pos!r}")
-        if (
-            input_pos.dim() not in (1, 2)
-            or input_pos.shape[-1] != s_x
-            or input_pos.dim() == 2
-            and input_pos.shape[0] not in (1, b)
-        ):
-            raise ValueError(f"input_pos of shape {tuple(input_pos.shape)} does not fit [b={b}, s_x={s_x}] or [s_x]")
-        if input_pos.numel() == 0 or torch.compiler.is_compiling():
+        shape = tuple(input_pos.shape)
+        fits = (
+            (len(shape) == 2 and shape[0] in (1, b) and shape[1] == s_x)
+            or (len(shape) == 1 and (shape[0] == s_x or (s_x == 1 and shape[0] == b)))
+            or (len(shape) == 0 and s_x == 1)
+        )
+        if not fits:
+            raise ValueError(
+                f"input_pos of shape {shape} does not fit [b={b}, s_x={s_x}] or [s_x]"
+                + (" (or [b] / a scalar for s_x=1)" if s_x == 1 else "")
+            )
+        input_pos = input_pos.reshape(-1, s_x)  # [b or 1, s_x]
+        if input_pos.numel() and not torch.compiler.is_compiling():
+            low, high = torch.aminmax(input_pos)
+            self._check_positions(int(low), int(high), "input_pos")
+        return input_pos
+
+    def _check_positions(self, low: int, high: int, what: str) -> None:
+        """``ValueError`` if positions ``low..high`` fall outside the position embedding's table."""
+        if self.pos_embeddings is None:
             return
-        limit = getattr(self.pos_embeddings, "max_seq_len", self.max_seq_len)
-        low, high = int(input_pos.min()), int(input_pos.max())
+        limit = self._position_limit()
         if low < 0 or high >= limit:
             raise ValueError(
-                f"input_pos must lie in [0, {limit}) (the position embedding's max_seq_len), got {low}..{high}"
+                f"{what} must lie in [0, {limit}) (the position embedding's max_seq_len), got {low}..{high}"
             )
 
     def _ring_mask(
@@ -313,12 +356,15 @@ class MultiHeadAttention(nn.Module):
                 cache positions of the new tokens when decoding.
 
         Returns:
-            torch.Tensor: ``[b, s_x, d]``.
+            torch.Tensor: ``[b, s_x, d]``. For ``b = 0`` or ``s_x = 0`` the empty output, and the
+            cache is not written.
 
         Raises:
             ValueError: no ``y`` without an enabled cache, mismatched batch,
-                a mask of the wrong shape, a batch larger than the cache or a
-                write past its end. The cache is left unchanged.
+                a ``y`` whose width the k/v projections do not take, a mask of
+                the wrong shape, positions outside the position embedding's
+                table, a batch larger than the cache or a write past its end.
+                The cache is left unchanged.
         """
         if not isinstance(x, torch.Tensor) or x.dim() != 3 or not x.is_floating_point():
             raise ValueError(f"x must be a floating-point tensor [b, s_x, d], got {getattr(x, 'shape', x)!r}")
@@ -327,6 +373,7 @@ class MultiHeadAttention(nn.Module):
         b, s_x, _ = x.shape
         cache = self.kv_cache if self.cache_enabled and self.kv_cache is not None else None
         compiling = torch.compiler.is_compiling()
+        empty = b == 0 or s_x == 0  # nothing to compute: the empty output, and the cache is not written
 
         # Validate and plan everything before any state changes: a rejected call leaves the cache as it was.
         if y is None:
@@ -334,7 +381,7 @@ class MultiHeadAttention(nn.Module):
                 raise ValueError("Must provide y input or use kv_cache to enable streaming decoding")
             if b > cache.batch_size:
                 raise ValueError(f"batch size {b} is larger than the cache's batch_size {cache.batch_size}")
-            if not compiling and cache.filled_rows and b != cache.filled_rows:
+            if not compiling and not empty and cache.filled_rows and b != cache.filled_rows:
                 raise ValueError(f"batch size {b} differs from the {cache.filled_rows} row(s) the cache holds")
             s_new = 0
         else:
@@ -342,8 +389,11 @@ class MultiHeadAttention(nn.Module):
                 raise ValueError(f"y must be [b={b}, s_y, d], got shape {tuple(getattr(y, 'shape', ()))}")
             if y.dtype != x.dtype:
                 raise ValueError(f"y's dtype {y.dtype} differs from x's {x.dtype}")
+            width = _in_features(self.k_proj) or self.embed_dim
+            if y.shape[-1] != width:
+                raise ValueError(f"y has {y.shape[-1]} features, k_proj and v_proj take {width}")
             s_new = y.shape[1]
-            if cache is not None:
+            if cache is not None and not empty:
                 cache.check_update(b, s_new)
         start = cache.size if cache is not None and not compiling else 0
         filled = start + s_new
@@ -354,7 +404,13 @@ class MultiHeadAttention(nn.Module):
         if mask is not None:
             self._check_mask(mask, x, b, s_x, kv_lens, cache is not None)
         if input_pos is not None and self.pos_embeddings is not None:
-            self._check_input_pos(input_pos, b, s_x)
+            input_pos = self._check_input_pos(input_pos, b, s_x)
+        elif self.pos_embeddings is not None and not compiling and s_x:
+            # Default positions: 0..s_x-1, or the cache positions the new tokens (or, y=None, the queries) take.
+            first = start if cache is not None and y is not None else 0
+            self._check_positions(first, first + s_x - 1, "the positions (no input_pos given)")
+        if empty:
+            return self.output_proj(x.new_zeros(b, s_x, self.num_heads * self.head_dim))
         if input_pos is None and cache is not None and y is not None and self.pos_embeddings is not None:
             input_pos = cache.next_positions(b, s_x)  # the new tokens' positions (checked, compiled too)
 

@@ -67,6 +67,22 @@ def _write_quantized(
     _write_all([(storage_view(b), storage_view(v)) for b, v in zip(buffers, values)], slot_pos, start)
 
 
+def _in_range(values: torch.Tensor, dtype: torch.dtype, name: str) -> torch.Tensor:
+    """``values`` cast to the cache's ``dtype``; ``ValueError`` (eagerly) if a finite value does not fit in it
+    (a float32 ``1e6`` written to a float16 cache would be stored as ``inf``)."""
+    cast = values.to(dtype)
+    narrower = values.dtype != dtype and torch.finfo(dtype).max < torch.finfo(values.dtype).max
+    if narrower and not torch.compiler.is_compiling():
+        overflow = torch.isinf(cast) & torch.isfinite(values)
+        if bool(overflow.any()):
+            worst = float(values[overflow].abs().max())
+            raise ValueError(
+                f"{name} holds {worst:.4g}, beyond the largest {dtype} value {torch.finfo(dtype).max:.4g} the cache "
+                "stores: set the cache up in a wider dtype"
+            )
+    return cast
+
+
 @torch.library.custom_op(
     "gqa_tune::kv_cache_append", mutates_args=("k_cache", "v_cache", "cache_pos", "rows", "slot_pos")
 )
@@ -296,11 +312,24 @@ class KVCache(nn.Module):
     def truncate(self, length: int) -> None:
         """Forget the positions from ``length`` on (e.g. tokens a speculative step rejected).
 
+        A ring cache (``window``) holds only the last ``window`` positions it was given: it can rewind only
+        as far as the next token still finds the ``window - 1`` keys before it there.
+
         Raises:
-            ValueError: ``length`` outside ``[0, size]``. The cache is unchanged.
+            ValueError: ``length`` outside ``[0, size]``, or for a ring cache a ``length`` whose next token
+                would need a position the ring has overwritten (naming both). The cache is unchanged.
         """
         if isinstance(length, bool) or not isinstance(length, int) or not 0 <= length <= self.size:
             raise ValueError(f"length must be an int in [0, size={self.size}], got {length!r}")
+        if self.window is not None and length > 0:
+            oldest = max(0, self.size - self.k_cache.shape[2])  # the ring's earliest position still held
+            needed = max(0, length - self.window + 1)  # the earliest key the token at ``length`` sees
+            if needed < oldest:
+                raise ValueError(
+                    f"cannot truncate this ring cache (window {self.window}) to {length}: the next token, at "
+                    f"position {length}, sees position {needed}, which the ring overwrote (it holds positions "
+                    f"{oldest}..{self.size - 1}); truncate to {oldest + self.window - 1} or later, or reset()"
+                )
         torch.arange(length, length + self.max_seq_len, out=self.cache_pos)
         self.slot_pos.masked_fill_(self.slot_pos >= length, -1)
         self._size = length
@@ -358,9 +387,10 @@ class KVCache(nn.Module):
             For a quantized cache these hold the quantized values (their scales: :meth:`scales`).
 
         Raises:
-            ValueError: different k/v shapes, wrong head count or head_dim, a batch
-                of 0, larger than the cache or other than the rows already written,
-                or more positions than are free. The cache is unchanged.
+            ValueError: different k/v shapes, values that are not floating-point or (eagerly) do
+                not fit in the cache's dtype, wrong head count or head_dim, a batch of 0, larger
+                than the cache or other than the rows already written, or more positions than are
+                free. The cache is unchanged.
         """
         if not isinstance(k_val, torch.Tensor) or not isinstance(v_val, torch.Tensor):
             raise ValueError(f"k_val and v_val must be tensors, got {type(k_val).__name__}, {type(v_val).__name__}")
@@ -369,12 +399,14 @@ class KVCache(nn.Module):
                 f"k_val and v_val must be [b, n_kv, s, h_d] of one shape, got {tuple(k_val.shape)} "
                 f"and {tuple(v_val.shape)}"
             )
+        if not k_val.is_floating_point() or not v_val.is_floating_point():
+            raise ValueError(f"k_val and v_val must be floating-point, got {k_val.dtype} and {v_val.dtype}")
         b, heads, seq_len, head_dim = k_val.shape
         self.check_update(b, seq_len, heads, head_dim)
         if self.quantized:
             self._update_quantized(k_val, v_val)
             return self.k_cache[:b], self.v_cache[:b]
-        k_val, v_val = k_val.to(self.k_cache.dtype), v_val.to(self.v_cache.dtype)
+        k_val, v_val = _in_range(k_val, self.k_cache.dtype, "k_val"), _in_range(v_val, self.v_cache.dtype, "v_val")
         if torch.compiler.is_compiling():
             _kv_cache_append(self.k_cache, self.v_cache, self.cache_pos, self.rows, self.slot_pos, k_val, v_val)
             self._device_ahead = True  # a Python side effect, replayed after the graph: no guard, no recompile

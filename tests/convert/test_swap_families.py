@@ -94,16 +94,49 @@ def test_cached_decoding_equals_the_full_forward(name):
     assert model.layers[0].attn.kv_cache.k_cache.shape[1] == 2  # n_kv heads, gemma2 included
 
 
+def _prompt(batch, padded, length=5):
+    """``[batch, length]`` token ids in 1..VOCAB-1, left-padded with 0 (row ``i``: ``1 + i % 3`` pads) if ``padded``."""
+    prompt = torch.randint(1, VOCAB, (batch, length))
+    if padded:
+        for row in range(batch):
+            prompt[row, : 1 + row % 3] = 0
+    return prompt
+
+
+@pytest.mark.parametrize("caches", [True, False], ids=["setup_caches", "no-caches"])
+@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "left-padded"])
+@pytest.mark.parametrize("batch", [1, 4])
 @pytest.mark.parametrize("name", list(FAMILIES))
-def test_generate_gives_torchtunes_greedy_tokens(name):
+def test_generate_gives_torchtunes_greedy_tokens(name, batch, padded, caches):
+    """torchtune's own ``generate`` on the swapped model, as users call it: padded batches (each decode step
+    then passes ``input_pos`` of shape ``[b]``), with and without caches. Inside gemma2's window of 8, where
+    torchtune's own cache is right."""
     model = build(name)
-    prompt = torch.randint(0, VOCAB, (1, 3))
+    prompt = _prompt(batch, padded)
     with torch.no_grad():
-        model.setup_caches(batch_size=1, dtype=torch.float32, decoder_max_seq_len=MAX_LEN)
-        expected, _ = generate(model, prompt, max_generated_tokens=4, pad_id=-1, temperature=0.0)  # inside the window
-        model.reset_caches()
+        if caches:
+            model.setup_caches(batch_size=batch, dtype=torch.float32, decoder_max_seq_len=MAX_LEN)
+        expected, expected_logits = generate(model, prompt, max_generated_tokens=3, pad_id=0, temperature=0.0)
+        if caches:
+            model.reset_caches()
         swapped(model)
-        got, _ = generate(model, prompt, max_generated_tokens=4, pad_id=-1, temperature=0.0)
+        got, logits = generate(model, prompt, max_generated_tokens=3, pad_id=0, temperature=0.0)
+    assert torch.equal(got, expected)
+    torch.testing.assert_close(logits, expected_logits, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("caches", [True, False], ids=["setup_caches", "no-caches"])
+def test_generate_on_a_one_token_prompt(caches):
+    """A one-token prompt of one row: torchtune's prefill passes ``input_pos[:, :1].squeeze()``, a 0-d tensor."""
+    model = build("llama3_2")
+    prompt = torch.tensor([[7]])
+    with torch.no_grad():
+        if caches:
+            model.setup_caches(batch_size=1, dtype=torch.float32, decoder_max_seq_len=MAX_LEN)
+        expected, _ = generate(model, prompt, max_generated_tokens=4, pad_id=0, temperature=0.0)
+        if caches:
+            model.reset_caches()
+        got, _ = generate(swapped(model), prompt, max_generated_tokens=4, pad_id=0, temperature=0.0)
     assert torch.equal(got, expected)
 
 

@@ -210,3 +210,142 @@ def test_reset_before_setup_raises_a_value_error_that_is_also_torchtunes_runtime
         attn.reset_cache()
     with pytest.raises(RuntimeError, match="caches are not setup"):
         attn.reset_cache()
+
+
+# ---------------------------------------------------------------- torchtune's shapes, and edge calls
+
+
+def test_input_pos_of_every_shape_torchtunes_attention_takes():
+    """``[b, s_x]``, ``[s_x]``, and for one token per row ``[b]`` (torchtune's generate on a padded batch) or a
+    0-d tensor (its one-token prompt of one row): the same answer as ``[b, 1]``."""
+    x = torch.randn(2, 5, E)
+    step = torch.randn(2, 1, E)
+    outs = []
+    for input_pos in (torch.tensor([[5], [3]]), torch.tensor([5, 3])):
+        torch.manual_seed(0)
+        attn = attention()
+        with torch.no_grad():
+            attn(x, x)
+            outs.append(attn(step, step, input_pos=input_pos))
+    torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=0)
+    torch.manual_seed(0)
+    one = attention(batch=1)
+    with torch.no_grad():
+        by_scalar = one(step[:1], step[:1], input_pos=torch.tensor(0))
+        one.reset_cache()
+        by_row = one(step[:1], step[:1], input_pos=torch.tensor([[0]]))
+    torch.testing.assert_close(by_scalar, by_row, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_positions_past_ropes_table_are_refused(cached):
+    """RoPE's table holds max_seq_len (32) positions: a longer input, or a cache larger than the table decoding
+    past it, is refused naming the positions, not an IndexError inside RoPE."""
+    attn = gqa_attention(embed_dim=E, num_heads=4, num_kv_heads=2, max_seq_len=MAX_LEN).eval()
+    if not cached:
+        message = r"must lie in \[0, 32\) \(the position embedding's max_seq_len\), got 0..39"
+        with pytest.raises(ValueError, match=message):
+            attn(torch.randn(1, 40, E), torch.randn(1, 40, E))
+        return
+    attn.setup_cache(1, torch.float32, 64)  # larger than RoPE's table
+    x = torch.randn(1, 30, E)
+    with torch.no_grad():
+        attn(x, x)
+        refused(attn, "must lie in [0, 32) (the position embedding's max_seq_len), got 30..33", x[:, :4], x[:, :4])
+        attn(x[:, :2], x[:, :2])  # positions 30, 31: the last ones RoPE has
+
+
+@pytest.mark.parametrize("cached", [False, True])
+@pytest.mark.parametrize("b, s", [(0, 3), (2, 0)])
+def test_empty_inputs_give_the_empty_output_and_leave_the_cache(b, s, cached):
+    attn = attention() if cached else gqa_attention(embed_dim=E, num_heads=4, num_kv_heads=2, max_seq_len=MAX_LEN)
+    x = torch.randn(b, s, E)
+    if cached:
+        with torch.no_grad():
+            attn(torch.randn(2, 3, E), torch.randn(2, 3, E))
+        before = state(attn.kv_cache)
+    out = attn(x, x)
+    assert out.shape == (b, s, E)
+    if cached:
+        assert_unchanged(attn.kv_cache, before)
+        assert attn(x).shape == (b, s, E)  # attending to what the cache holds
+        assert_unchanged(attn.kv_cache, before)
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_a_y_of_another_width_is_refused(cached):
+    attn = attention() if cached else gqa_attention(embed_dim=E, num_heads=4, num_kv_heads=2, max_seq_len=MAX_LEN)
+    x, y = torch.randn(2, 3, E), torch.randn(2, 3, 32)
+    if cached:
+        refused(attn, "y has 32 features, k_proj and v_proj take 64", x, y)
+    else:
+        with pytest.raises(ValueError, match="y has 32 features, k_proj and v_proj take 64"):
+            attn(x, y)
+
+
+def test_an_output_projection_of_another_width_is_refused_at_construction():
+    from torch import nn
+
+    from gqa_tune.modules import MultiHeadAttention
+
+    with pytest.raises(ValueError, match=r"output_proj takes 48 features, expected 64 \(num_heads 4 x head_dim 16\)"):
+        MultiHeadAttention(embed_dim=E, num_heads=4, num_kv_heads=2, head_dim=16, q_proj=nn.Linear(E, 64),
+                           k_proj=nn.Linear(E, 32), v_proj=nn.Linear(E, 32), output_proj=nn.Linear(48, E))  # fmt: skip
+
+
+def test_kv_cache_refuses_integer_values_and_values_its_dtype_cannot_hold():
+    cache = KVCache(1, 8, 2, 4, torch.float16)
+    before = state(cache)
+    ones = torch.ones(1, 2, 1, 4)
+    with pytest.raises(ValueError, match="k_val and v_val must be floating-point, got torch.int64 and torch.int64"):
+        cache.update(ones.long(), ones.long())
+    with pytest.raises(ValueError, match=r"k_val holds 1e\+06, beyond the largest torch.float16 value 6.55e\+04"):
+        cache.update(ones * 1e6, ones)
+    assert_unchanged(cache, before)
+    cache.update(ones * 6e4, ones)  # within float16's range
+    assert cache.size == 1 and torch.isfinite(cache.k_cache).all()
+
+
+@pytest.mark.parametrize("poison", [float("nan"), float("inf"), -float("inf")], ids=["nan", "inf", "-inf"])
+def test_a_non_finite_value_in_a_cache_slot_the_mask_hides_never_reaches_the_output(poison):
+    """torchtune's padded decoding hides slots; whatever they hold (a NaN, or an inf) must not reach the row."""
+    torch.manual_seed(0)
+    attn = attention()
+    x = torch.randn(2, 5, E)
+    mask = torch.ones(2, 1, MAX_LEN, dtype=torch.bool)
+    mask[0, :, 1] = False  # row 0 does not see slot 1
+    step = torch.randn(2, 1, E)
+    with torch.no_grad():
+        attn(x, x)
+        clean = attn(step, step, mask=mask)
+        attn.kv_cache.truncate(5)
+        attn.kv_cache.v_cache[:, 0, 1, 0] = poison  # both rows' slot 1
+        attn.kv_cache.k_cache[:, 1, 1, 0] = poison
+        out = attn(step, step, mask=mask)
+    torch.testing.assert_close(out[0], clean[0])
+    assert out[1].isnan().all()  # row 1 sees slot 1
+
+
+def test_a_ring_cache_refuses_to_rewind_past_what_it_holds():
+    """A ring of window 4 after 12 tokens holds positions 8..11: the token at 10 would need position 7."""
+    torch.manual_seed(0)
+    attn = gqa_attention(embed_dim=E, num_heads=4, num_kv_heads=2, max_seq_len=MAX_LEN, sliding_window_size=4).eval()
+    ref = gqa_attention(embed_dim=E, num_heads=4, num_kv_heads=2, max_seq_len=MAX_LEN, sliding_window_size=4).eval()
+    ref.load_state_dict(attn.state_dict())
+    attn.setup_cache(1, torch.float32, MAX_LEN)
+    x = torch.randn(1, 14, E)
+    with torch.no_grad():
+        full = ref(x, x)
+        for i in range(12):
+            attn(x[:, i : i + 1], x[:, i : i + 1])
+        before = state(attn.kv_cache)
+        for length, needed in ((10, 7), (7, 4)):
+            with pytest.raises(ValueError) as info:
+                attn.kv_cache.truncate(length)
+            assert f"to {length}: the next token, at position {length}, sees position {needed}" in str(info.value)
+            assert "holds positions 8..11); truncate to 11 or later" in str(info.value)
+            assert_unchanged(attn.kv_cache, before)
+        attn.kv_cache.truncate(11)  # one step back: the ring still holds 8..10
+        torch.testing.assert_close(attn(x[:, 11:12], x[:, 11:12]), full[:, 11:12], atol=1e-5, rtol=1e-5)
+        attn.kv_cache.truncate(0)  # everything: nothing is needed
+        torch.testing.assert_close(attn(x[:, :1], x[:, :1]), full[:, :1], atol=1e-5, rtol=1e-5)
