@@ -64,10 +64,11 @@ def _print_problems(path: Path, problems: Sequence[str], what: str = "") -> None
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
-    width = max(len(name) for name in RECIPES) + 3
-    print(f"{'RECIPE':<{width}}{'CONFIGS':<44}WHAT")
-    for name, entry in RECIPES.items():
-        print(f"{name:<{width}}{', '.join(entry.configs):<44}{entry.summary}")
+    rows = [("RECIPE", "CONFIGS", "WHAT")]
+    rows += [(name, ", ".join(entry.configs), entry.summary) for name, entry in RECIPES.items()]
+    widths = [max(len(row[i]) for row in rows) + 3 for i in range(2)]  # each column as wide as its longest entry
+    for recipe, configs, what in rows:
+        print(f"{recipe:<{widths[0]}}{configs:<{widths[1]}}{what}")
     return 0
 
 
@@ -97,16 +98,26 @@ def cmd_validate(args: argparse.Namespace) -> int:
     if problems:
         _print_problems(path, problems)
         return 1
+    if args.recipe is None and cc.config_recipe(path) is None:
+        print(
+            f"{path}: its components and files are fine, but no key was checked: gqa-tune cannot tell which "
+            f"recipe reads it. Name it with --recipe NAME (one of {', '.join(cc.recipe_names())}), or start the "
+            "file with a comment such as `# tune run gqa_tune/recipes/full_finetune_single_device.py --config ...`",
+            file=sys.stderr,
+        )
+        return 1
     print(f"{path}: config is valid")
     return 0
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from gqa_tune.convert.hf import convert_hf_checkpoint
+    from gqa_tune.convert.hf import DestinationExists, convert_hf_checkpoint
 
     try:
         dst = convert_hf_checkpoint(args.src, args.dst, args.num_kv_heads, args.method, args.seed,
                                     overwrite=args.force)  # fmt: skip
+    except DestinationExists:
+        raise CLIError(f"{args.dst} exists and is not empty; pass -f (--force) to replace it") from None
     except ValueError as e:
         raise CLIError(str(e)) from None
     print(f"wrote {dst}: {args.num_kv_heads} kv heads ({args.method} of each group's heads)")

@@ -315,12 +315,76 @@ def validate_config(
     if schema is not None:
         _check_schema(cfg, schema, "", problems, check_files, strict=True)
     _walk(cfg, "", problems, check_files)
+    if check_files and not problems:
+        _check_hf_model_dir(cfg, problems)
     return list(dict.fromkeys(problems))
 
 
-def check_config(cfg: Any, recipe: Union[str, os.PathLike, type, None] = None, check_files: bool = True) -> None:
-    """:func:`validate_config`, raising :class:`ConfigError` listing every problem instead."""
-    problems = validate_config(cfg, recipe=recipe, check_files=check_files)
+def _check_hf_model_dir(cfg: DictConfig, problems: List[str]) -> None:
+    """``hf_model_dir``: the directory exists with a readable ``config.json`` of an architecture gqa_tune builds,
+    and its vocabulary holds the config's tokenizer's ids."""
+    value = cfg.get("hf_model_dir")
+    if not isinstance(value, str) or not value.strip():
+        return
+    from gqa_tune.training.weights import builder_from_hf_config, read_hf_config, tokenizer_ids
+
+    try:
+        config = read_hf_config(Path(value))
+        builder_from_hf_config(config, f"hf_model_dir {value!r}: config.json")
+    except ValueError as err:
+        problems.append(str(err))
+        return
+    tokenizer = cfg.get("tokenizer")
+    if not OmegaConf.is_dict(tokenizer) or "_component_" not in tokenizer:
+        return
+    from torchtune import config as tt_config
+
+    try:
+        needed = tokenizer_ids(tt_config.instantiate(tokenizer))
+    except Exception as err:  # the tokenizer's own problem, reported as such
+        problems.append(f"tokenizer: cannot build {tokenizer.get('_component_')}: {err}")
+        return
+    vocab = config.get("vocab_size")
+    if isinstance(vocab, int) and vocab < needed:
+        problems.append(
+            f"hf_model_dir {value!r}: config.json: vocab_size {vocab} is smaller than the tokenizer's "
+            f"({tokenizer.get('_component_')}) {needed} ids; use the model's own tokenizer"
+        )
+
+
+def empty_overrides(overrides: Sequence[str], recipe: Union[str, os.PathLike, type, None]) -> List[str]:
+    """Problems with command-line overrides ``key=`` that give a key no value.
+
+    ``tune run`` reads ``hf_model_dir=`` as null, so a shell variable that is unset (``hf_model_dir=$DIR``)
+    silently drops the key. Where the key's rule refuses an empty string (directories and files to read or
+    write), the empty override is refused too.
+    """
+    schema = schema_of(recipe)
+    if schema is None:
+        return []
+    known = fields(schema)
+    problems = []
+    for override in overrides:
+        key, sep, value = str(override).partition("=")
+        fld = known.get(key)
+        check = fld.metadata.get("check") if fld is not None else None
+        if sep and value == "" and check is not None and check("") is not None:
+            problems.append(
+                f"{key}: given no value on the command line ({key}=), which would read as null; give a value, "
+                f"or {key}=null to mean none"
+            )
+    return problems
+
+
+def check_config(
+    cfg: Any,
+    recipe: Union[str, os.PathLike, type, None] = None,
+    check_files: bool = True,
+    overrides: Sequence[str] = (),
+) -> None:
+    """:func:`validate_config` (and :func:`empty_overrides` of the command line's ``overrides``), raising
+    :class:`ConfigError` listing every problem instead."""
+    problems = empty_overrides(overrides, recipe) + validate_config(cfg, recipe=recipe, check_files=check_files)
     if problems:
         raise ConfigError(problems)
 
@@ -342,6 +406,21 @@ def with_defaults(cfg: DictConfig, schema: type) -> DictConfig:
         elif fld.default_factory is not dataclasses.MISSING:
             defaults[name] = fld.default_factory()
     return OmegaConf.merge(OmegaConf.create(defaults), cfg)
+
+
+def build_component(node: Any, key: str, *args: Any, **kwargs: Any) -> Any:
+    """``torchtune.config.instantiate(node, *args, **kwargs)``, with a ``ValueError`` the component raises
+    (one of its arguments has a value it refuses, e.g. ``lora_rank: 0``) reported as a :class:`ConfigError`
+    naming ``key``, so the recipe refuses cleanly before it trains instead of printing a traceback.
+    """
+    from torchtune import config as tt_config
+
+    try:
+        return tt_config.instantiate(node, *args, **kwargs)
+    except ConfigError:
+        raise
+    except ValueError as err:
+        raise ConfigError(f"{key}: {err}", what=f"the {key}") from err
 
 
 def exits_on_config_error(recipe_main: Callable[..., Any]) -> Callable[..., Any]:
@@ -414,7 +493,8 @@ def check_config_file(path: Union[str, Path], overrides: Sequence[str] = (), rec
         cfg = load_config(path, overrides)
     except Exception as e:
         return [f"cannot load {str(path)!r}: {e}"]
-    return validate_config(cfg, recipe=recipe or config_recipe(path), check_files=check_files)
+    recipe = recipe or config_recipe(path)
+    return empty_overrides(overrides, recipe) + validate_config(cfg, recipe=recipe, check_files=check_files)
 
 
 # ---------------------------------------------------------------- the catalog (gqa_tune.schema.RECIPES)

@@ -33,6 +33,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.overrides import TorchFunctionMode
 from torchtune.modules import MultiHeadAttention as TorchtuneMultiHeadAttention
 from torchtune.modules import TransformerDecoder
@@ -114,7 +115,10 @@ class _SkinnyLinear(TorchFunctionMode):
             x, weight = args[0], args[1]
             bias = args[2] if len(args) > 2 else kwargs.get("bias")
             rows = x.numel() // max(x.shape[-1], 1)
-            if x.device.type == "cpu" and x.dim() >= 2 and weight.dim() == 2 and 0 < rows <= SKINNY_ROWS:
+            # Plain weights only: a torchao quantized weight (a tensor subclass) has its own linear kernel,
+            # which this rewrite would bypass (and Dynamo cannot trace ``W @ x.T`` through it).
+            plain = type(weight) in (torch.Tensor, nn.Parameter)
+            if plain and x.device.type == "cpu" and x.dim() >= 2 and weight.dim() == 2 and 0 < rows <= SKINNY_ROWS:
                 out = (weight @ x.reshape(rows, x.shape[-1]).t()).t()  # [rows, out]
                 out = out.reshape(*x.shape[:-1], weight.shape[0])
                 return out if bias is None else out + bias
@@ -229,7 +233,18 @@ def _check_args(
     low, high = int(prompt.min()), int(prompt.max())  # one host read, before anything runs
     if low < 0 or high >= vocab:
         raise ValueError(f"prompt token ids must lie in [0, {vocab}) (the vocabulary), got {low}..{high}")
+    check_stop_tokens(stop_tokens, vocab)
     return layers
+
+
+def check_stop_tokens(stop_tokens: Optional[Sequence[int]], vocab: int) -> None:
+    """``ValueError`` naming them if any of ``stop_tokens`` lies outside ``[0, vocab)``: the model can never
+    produce such a token, so generation would silently run every step to the end."""
+    outside = [t for t in stop_tokens or () if not 0 <= t < vocab]
+    if outside:
+        raise ValueError(
+            f"stop_tokens {outside} lie outside the vocabulary [0, {vocab}): the model never generates them"
+        )
 
 
 def _model_dtype(model: torch.nn.Module) -> torch.dtype:

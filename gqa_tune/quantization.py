@@ -22,6 +22,7 @@ activations need a CUDA GPU of compute capability 8.9 or newer (or an MI300).
 
 import copy
 import importlib.util
+import warnings
 from typing import Any, Optional
 
 import torch
@@ -33,6 +34,17 @@ from torchtune import config as tt_config
 from torchtune.modules.peft import LoRALinear
 
 from gqa_tune.config_check import ConfigError
+
+# torchao 0.15 calls version 1 of its int8 and int4 configs deprecated, at every quantization and at every
+# int4 CPU tensor it builds. Version 1 is the int8 configs' default and the only int4 config with a CPU
+# kernel (Int4CPULayout), and torchao is pinned below 0.16 (pyproject.toml), so the notice only repeats
+# itself: it is silenced for those two messages from torchao's own modules.
+warnings.filterwarnings(
+    "ignore",
+    message=r"(Config Deprecation: version 1 of|Models quantized with version 1 of)",
+    category=UserWarning,
+    module=r"torchao\.",
+)
 
 #: The float8 configs whose activations are float8 (the weight-only one dequantizes, and runs on a CPU).
 _FLOAT8_ACTIVATION_CONFIGS = (

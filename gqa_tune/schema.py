@@ -65,6 +65,24 @@ def _not_empty(value: str) -> Optional[str]:
     return None if value.strip() else "empty"
 
 
+def _no_offloading(value: bool) -> Optional[str]:
+    if value:
+        return (
+            "gqa_tune does not offload activations; to save activation memory set "
+            "enable_activation_checkpointing: true (and enable_activation_offloading: false)"
+        )
+    return None
+
+
+def _no_adapter_only(value: bool) -> Optional[str]:
+    if value:
+        return (
+            "every LoRA checkpoint already holds the adapter alone, in its adapter/ directory (PEFT format: "
+            "adapter_model.safetensors, adapter_config.json), beside the merged model; set it false or remove it"
+        )
+    return None
+
+
 DTYPES = ("fp32", "bf16", "fp16", "fp64")
 
 
@@ -94,7 +112,9 @@ class FinetuneConfig:
     epochs: int = setting(doc="passes over the dataset", minimum=1)
     checkpointer: Optional[Component] = setting(None, "a torchtune checkpointer to start from; null: none")
     hf_model_dir: Optional[str] = setting(
-        None, "a Hugging Face model directory to start from; replaces model, checkpointer and the other sources"
+        None,
+        "a Hugging Face model directory to start from; replaces model, checkpointer and the other sources",
+        check=_not_empty,
     )
     init_from_scratch: bool = setting(True, "random weights when nothing else loads them")
     init_std: float = setting(0.02, "std of the random initialization", minimum=0, exclusive=True)
@@ -117,6 +137,19 @@ class FinetuneConfig:
     resume_from_checkpoint: bool = setting(False, "continue from output_dir's LATEST checkpoint")
     log_every_n_steps: int = setting(10, "metric logging interval, in optimizer steps", minimum=1)
     eval: Optional[EvalConfig] = setting(None, "held-out evaluation after training; null: none")
+    run_val_every_n_steps: Optional[int] = setting(
+        None, "also run the eval: evaluation every N optimizer steps during training (torchtune's key); null: none",
+        minimum=1,
+    )  # fmt: skip
+    log_peak_memory_stats: bool = setting(
+        False, "log peak memory with the metrics (GPU: allocated and reserved; CPU: the process's peak resident set)"
+    )
+    enable_activation_offloading: bool = setting(
+        False, "torchtune's activation offloading to CPU memory", check=_no_offloading
+    )
+    profiler: Optional[Component] = setting(
+        None, "torchtune.training.setup_torch_profiler and its settings (enabled, output_dir, steps...); null: none"
+    )
     loss: Optional[Component] = setting(None, "the training loss (gqa_tune.training.loss); null: float32 cross-entropy")
 
 
@@ -124,9 +157,14 @@ class FinetuneConfig:
 class LoRAConfig(FinetuneConfig):
     """LoRA fine-tuning (``lora_finetune_single_device``): ``model`` is a LoRA builder."""
 
-    base_checkpoint_dir: Optional[str] = setting(None, "the base model's checkpoint (a run's output_dir)")
+    base_checkpoint_dir: Optional[str] = setting(
+        None, "the base model's checkpoint (a run's output_dir)", check=_not_empty
+    )
     base_model: Optional[Component] = setting(None, "the base model builder, when the checkpoint does not say")
     init_from_scratch: bool = setting(False, "random base weights when nothing else loads them")
+    save_adapter_weights_only: bool = setting(
+        False, "torchtune's key: checkpoints of the adapter alone", check=_no_adapter_only
+    )
 
 
 _DERIVED = "derived from uptrain_steps / uptrain_fraction; leave null"
@@ -137,7 +175,9 @@ class UptrainConfig(FinetuneConfig):
     """MHA -> GQA conversion, then uptraining (``uptrain``)."""
 
     model: Optional[Dict[str, Any]] = setting(dict(), "builder arguments to override; empty: the source's")
-    source_checkpoint_dir: Optional[str] = setting(None, "the MHA model's checkpoint (a run's output_dir)")
+    source_checkpoint_dir: Optional[str] = setting(
+        None, "the MHA model's checkpoint (a run's output_dir)", check=_not_empty
+    )
     num_kv_heads: int = setting(doc="kv heads of the GQA model", minimum=1)
     method: str = setting("mean", "how kv heads are merged", choices=("mean", "first", "random"))
     conversion_seed: Optional[int] = setting(None, "seed of method=random; null: seed", minimum=0)
@@ -156,10 +196,14 @@ class GenerateConfig:
     """Generation from a checkpoint (``generate``)."""
 
     tokenizer: Component = setting(doc="the tokenizer")
-    checkpoint_dir: Optional[str] = setting(None, "a run's output_dir (its LATEST) or a checkpoint directory")
+    checkpoint_dir: Optional[str] = setting(
+        None, "a run's output_dir (its LATEST) or a checkpoint directory", check=_not_empty
+    )
     checkpointer: Optional[Component] = setting(None, "a torchtune checkpointer instead; then give model")
     hf_model_dir: Optional[str] = setting(
-        None, "a Hugging Face model directory to load; replaces checkpoint_dir, checkpointer and model"
+        None,
+        "a Hugging Face model directory to load; replaces checkpoint_dir, checkpointer and model",
+        check=_not_empty,
     )
     model: Optional[Dict[str, Any]] = setting(None, "a builder, or builder arguments overriding the checkpoint's")
     prompts: Optional[List[str]] = setting(None, "prompts, generated as one batch")
@@ -179,7 +223,7 @@ class GenerateConfig:
         "a torchao quantization config applied to the linear layers after loading (e.g. "
         "torchao.quantization.Int8WeightOnlyConfig); null: none",
     )
-    output_file: Optional[str] = setting(None, "write prompts, ids, texts and timings as JSON here")
+    output_file: Optional[str] = setting(None, "write prompts, ids, texts and timings as JSON here", check=_not_empty)
     compile: bool = setting(False, "compile the decode step once (gqa_tune.generate); the rates leave compiling out")
 
 

@@ -21,7 +21,7 @@ class FullFinetuneRecipeSingleDevice(FinetuneRecipe):
 @config.parse
 @exits_on_config_error
 def recipe_main(cfg: DictConfig) -> None:
-    check_config(cfg, recipe=__file__)  # before anything is built
+    check_config(cfg, recipe=__file__, overrides=sys.argv[1:])  # before anything is built
     recipe = FullFinetuneRecipeSingleDevice(cfg)
     recipe.setup(cfg)
     recipe.train()

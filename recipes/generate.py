@@ -47,7 +47,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torchtune import config, training
 
-from gqa_tune.config_check import check_config, exits_on_config_error
+from gqa_tune.config_check import ConfigError, build_component, check_config, exits_on_config_error
 from gqa_tune.generation import GenerationStats
 from gqa_tune.generation import generate as gqa_generate
 from gqa_tune.modules import setup_caches
@@ -62,7 +62,7 @@ from gqa_tune.quantization import (
 )
 from gqa_tune.training.checkpoint import model_shape
 from gqa_tune.training.generation import GenerationResult, generate, kv_cache_bytes
-from gqa_tune.training.weights import fit_weights, load_weights
+from gqa_tune.training.weights import check_vocab, fit_weights, load_weights
 
 #: ``prompt=...`` arguments taken off the command line before torchtune parses it (see :func:`main`).
 _CLI_PROMPTS: List[str] = []
@@ -118,13 +118,15 @@ class GenerateRecipe:
     # ------------------------------------------------------------ setup
 
     def setup(self, cfg: DictConfig) -> None:
-        self.tokenizer = config.instantiate(cfg.tokenizer)
+        self.tokenizer = build_component(cfg.tokenizer, "tokenizer")
         state_dict, builder, weights = self.load_weights(cfg)
         self.source = weights.name
         with training.set_default_dtype(self.dtype), self.device:
-            model = config.instantiate(builder)
+            model = build_component(builder, "model")
         # As in the fine-tune recipes: a LoRA builder's adapters may be absent (merged weights, B = 0).
         fit_weights(model, state_dict, weights)
+        check_vocab(model.tok_embeddings.num_embeddings, self.tokenizer, weights, cfg.tokenizer.get("_component_", ""))
+        self.stop_tokens = list(getattr(self.tokenizer, "stop_tokens", None) or [self.tokenizer.eos_id])
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
         if self.quantizer is not None:  # after the weights are in place; a kernel missing here fails now
             self.quantized = quantize_model(self.model, self.quantizer)
@@ -152,12 +154,13 @@ class GenerateRecipe:
         if isinstance(prompts, str):
             prompts = [prompts]
         if not prompts:
-            raise ValueError("no prompts: set `prompts: [...]` in the config or pass prompt=TEXT on the command line")
+            problem = "no prompts: set `prompts: [...]` in the config or pass prompt=TEXT on the command line"
+            raise ConfigError(problem, what="prompts")
         if not isinstance(prompts, (list, tuple)):
-            raise ValueError(f"prompts must be a list of strings, got {type(prompts).__name__}")
+            raise ConfigError(f"prompts must be a list of strings, got {type(prompts).__name__}", what="prompts")
         for i, prompt in enumerate(prompts):
             if not isinstance(prompt, (str, int, float)) or str(prompt) == "":
-                raise ValueError(f"prompt {i} is empty or not text: {prompt!r}")
+                raise ConfigError(f"prompt {i} is empty or not text: {prompt!r}", what="prompts")
         return [str(p) for p in prompts]
 
     def encode(self, prompts: List[str], max_new_tokens: int) -> List[List[int]]:
@@ -191,7 +194,7 @@ class GenerateRecipe:
             raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
         if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
             raise ValueError(f"top_k must be a positive int or null, got {top_k!r}")
-        stop_tokens = list(getattr(self.tokenizer, "stop_tokens", None) or [self.tokenizer.eos_id])
+        stop_tokens = self.stop_tokens
         pad_id = self.tokenizer.pad_id
 
         stream = None
@@ -240,13 +243,14 @@ class GenerateRecipe:
         stats = GenerationStats()
         tokens, _ = gqa_generate(self.model, prompt, max_new_tokens, pad_id=pad_id, temperature=temperature,
                                  top_k=top_k, stop_tokens=stop_tokens, rng=rng, compile=True, stats=stats)  # fmt: skip
-        rows = []
+        rows, stopped = [], []
         for row in tokens[:, longest:].tolist():
             cut = next((i for i, t in enumerate(row) if t in stop_tokens), len(row))
             rows.append(row[:cut])
+            stopped.append(cut < len(row))
         result = GenerationResult(
             rows, stats.prefill_seconds, stats.decode_seconds, stats.prefill_tokens, stats.decode_tokens,
-            kv_cache_bytes(self.model),
+            kv_cache_bytes(self.model), stopped=stopped,
         )  # fmt: skip
         result.extra["compile_seconds"] = stats.compile_seconds
         return result
@@ -269,6 +273,13 @@ class GenerateRecipe:
             f"({result.decode_tokens_per_s:.0f} tokens/s)"
             + (f"; compiled step (its first call, {compiled:.1f} s, not counted)" if compiled is not None else "")
         )
+        at_once = [i for i, (ids, stop) in enumerate(zip(result.tokens, result.stopped)) if stop and not ids]
+        if at_once:
+            which = "every prompt" if len(at_once) == len(result.tokens) else f"prompt(s) {at_once}"
+            print(
+                f"{which}: the first new token was a stop token ({self.stop_tokens}), so the answer is empty"
+                + (" and nothing was decoded" if len(at_once) == len(result.tokens) else "")
+            )
         shape = _attention_shape(self.model)
         line = f"KV cache: {result.kv_cache_bytes} bytes ({result.kv_cache_bytes / 2**20:.3f} MiB)"
         if shape is not None:
@@ -315,7 +326,7 @@ def _attention_shape(model: torch.nn.Module) -> Optional[Dict[str, int]]:
 @config.parse
 @exits_on_config_error
 def recipe_main(cfg: DictConfig) -> None:
-    check_config(cfg, recipe=__file__)  # before anything is built
+    check_config(cfg, recipe=__file__, overrides=sys.argv[1:])  # before anything is built
     recipe = GenerateRecipe(cfg)
     recipe.setup(cfg)
     recipe.generate(cfg)

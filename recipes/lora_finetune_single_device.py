@@ -88,13 +88,15 @@ class LoRAFinetuneRecipeSingleDevice(FinetuneRecipe):
             try:
                 self.base_model = config.instantiate(OmegaConf.create(self.base_model_cfg))
             except Exception as err:
-                raise ValueError(f"cannot build the plain model {self.base_model_cfg}: {err}; set base_model") from err
+                problem = f"base_model: cannot build the plain model {self.base_model_cfg}: {err}; set base_model"
+                raise ConfigError(problem, what="base_model") from err
         base_sd = self.base_model.state_dict()
         lora_sd = {k: v for k, v in model.state_dict().items() if "lora_" not in k}
         if base_sd.keys() != lora_sd.keys() or any(base_sd[k].shape != lora_sd[k].shape for k in base_sd):
             diff = sorted(set(base_sd) ^ set(lora_sd)) or [k for k in base_sd if base_sd[k].shape != lora_sd[k].shape]
-            raise ValueError(
-                f"base_model {self.base_model_cfg} does not match the LoRA model's base weights: {diff[:5]}"
+            raise ConfigError(
+                f"base_model {self.base_model_cfg} does not match the LoRA model's base weights: {diff[:5]}",
+                what="base_model",
             )
         return model
 
@@ -153,7 +155,7 @@ class LoRAFinetuneRecipeSingleDevice(FinetuneRecipe):
 @config.parse
 @exits_on_config_error
 def recipe_main(cfg: DictConfig) -> None:
-    check_config(cfg, recipe=__file__)  # before anything is built
+    check_config(cfg, recipe=__file__, overrides=sys.argv[1:])  # before anything is built
     recipe = LoRAFinetuneRecipeSingleDevice(cfg)
     recipe.setup(cfg)
     recipe.train()

@@ -43,7 +43,7 @@ from omegaconf import DictConfig, OmegaConf
 from torchtune import config
 from torchtune.config._utils import _get_component_from_path
 
-from gqa_tune.config_check import check_config, exits_on_config_error
+from gqa_tune.config_check import ConfigError, build_component, check_config, exits_on_config_error
 from gqa_tune.convert.pooling import METHODS, check_conversion, convert_model_
 from gqa_tune.schema import UptrainConfig
 from gqa_tune.training.finetune import FinetuneRecipe
@@ -74,21 +74,21 @@ class UptrainRecipe(FinetuneRecipe):
         self.target_kv_heads = cfg.get("num_kv_heads")
         self.method = cfg.get("method", "mean")
         if self.method not in METHODS:
-            raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+            raise ConfigError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         if not isinstance(self.target_kv_heads, int) or isinstance(self.target_kv_heads, bool):
-            raise ValueError(f"num_kv_heads must be set to a positive int, got {self.target_kv_heads!r}")
+            raise ConfigError(f"num_kv_heads must be set to a positive int, got {self.target_kv_heads!r}")
         if self.target_kv_heads < 1:
-            raise ValueError(f"num_kv_heads must be a positive int, got {self.target_kv_heads!r}")
+            raise ConfigError(f"num_kv_heads must be a positive int, got {self.target_kv_heads!r}")
         steps, fraction = cfg.get("uptrain_steps"), cfg.get("uptrain_fraction")
         if (steps is None) == (fraction is None):
-            raise ValueError(
+            raise ConfigError(
                 "set exactly one of uptrain_steps (optimizer steps) and uptrain_fraction (a fraction of the "
                 f"source's pre-training steps); got uptrain_steps={steps!r}, uptrain_fraction={fraction!r}"
             )
         if steps is not None and (not isinstance(steps, int) or steps < 1):
-            raise ValueError(f"uptrain_steps must be a positive int, got {steps!r}")
+            raise ConfigError(f"uptrain_steps must be a positive int, got {steps!r}")
         if fraction is not None and (not isinstance(fraction, (int, float)) or not 0 < fraction):
-            raise ValueError(f"uptrain_fraction must be a positive number, got {fraction!r}")
+            raise ConfigError(f"uptrain_fraction must be a positive number, got {fraction!r}")
         self.builder: Optional[Dict[str, Any]] = None
         self.source_global_step: Optional[int] = None
         self.source_kv_heads: Optional[int] = None
@@ -113,7 +113,7 @@ class UptrainRecipe(FinetuneRecipe):
         if source_steps is None:
             source_steps = self.source_global_step
         if source_steps is None:
-            raise ValueError(
+            raise ConfigError(
                 "uptrain_fraction needs the source's pre-training steps, but the source has no recipe_state.pt "
                 "with a global_step: set source_global_step=N or give uptrain_steps instead"
             )
@@ -126,9 +126,9 @@ class UptrainRecipe(FinetuneRecipe):
         self._source = None  # free the source weights once loaded
         component = builder.get("_component_")
         if not component:
-            raise ValueError(f"the model builder from {source.name} has no _component_")
+            raise ConfigError(f"the model builder from {source.name} has no _component_")
         if not builder_accepts_num_kv_heads(component):
-            raise ValueError(
+            raise ConfigError(
                 f"model builder {component} has no num_kv_heads argument, so the uptrained model could not be "
                 "rebuilt with its new kv heads; use a builder that takes num_kv_heads (e.g. "
                 "gqa_tune.models.gqa_decoder with the same shape)"
@@ -162,10 +162,13 @@ class UptrainRecipe(FinetuneRecipe):
         # epochs x max_steps_per_epoch.
         self._source = self.load_source(cfg)
         steps = self.uptrain_steps()
-        dataset_len = len(config.instantiate(cfg.dataset, config.instantiate(cfg.tokenizer)))
+        tokenizer = build_component(cfg.tokenizer, "tokenizer")
+        dataset_len = len(build_component(cfg.dataset, "dataset", tokenizer))
         epoch_steps = dataset_len // (cfg.batch_size * cfg.get("gradient_accumulation_steps", 1))
         if epoch_steps < 1:
-            raise ValueError(f"no optimizer step fits in an epoch: {dataset_len} examples, batch_size {cfg.batch_size}")
+            raise ConfigError(
+                f"no optimizer step fits in an epoch: {dataset_len} examples, batch_size {cfg.batch_size}"
+            )
         epochs = math.ceil(steps / epoch_steps)
         inner = cfg.copy()
         inner.epochs, inner.max_steps_per_epoch = epochs, math.ceil(steps / epochs)
@@ -186,7 +189,7 @@ class UptrainRecipe(FinetuneRecipe):
 @config.parse
 @exits_on_config_error
 def recipe_main(cfg: DictConfig) -> None:
-    check_config(cfg, recipe=__file__)  # before anything is built
+    check_config(cfg, recipe=__file__, overrides=sys.argv[1:])  # before anything is built
     recipe = UptrainRecipe(cfg)
     recipe.setup(cfg)
     recipe.train()

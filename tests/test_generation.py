@@ -253,3 +253,40 @@ def test_models_without_gqa_attention_are_refused(models):
         gqa_tune.generate(theirs, torch.tensor([1, 2]), 2)
     with pytest.raises(ValueError, match="must be a torchtune TransformerDecoder, got Linear"):
         gqa_tune.generate(torch.nn.Linear(2, 2), torch.tensor([1, 2]), 2)
+
+
+def test_compiled_generation_of_a_torchao_quantized_model(models):
+    """torchao's int8 weight-only linears under compile=True (their fast path on a CPU): the decode step used to
+    die in Dynamo on the few-row linear rewrite, which now leaves torchao's weights to their own kernel."""
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    _, ours = models
+    model = copy.deepcopy(ours)
+    quantize_(model, Int8WeightOnlyConfig())
+    prompt = random_prompt(2, 5)
+    eager, eager_logits = gqa_tune.generate(model, prompt, 5)
+    compiled, compiled_logits = gqa_tune.generate(model, prompt, 5, compile=True)
+    assert torch.equal(compiled, eager)
+    torch.testing.assert_close(compiled_logits, eager_logits, atol=1e-4, rtol=1e-4)
+
+
+def test_compiled_generation_with_stop_tokens_on_ring_caches():
+    """Sliding-window layers keep ring caches, which cannot rewind steps run past the last stop: the compiled loop
+    looks at the tokens every step there, and gives the eager tokens."""
+    from gqa_tune.models import gqa_decoder
+
+    torch.manual_seed(3)
+    model = gqa_decoder(vocab_size=VOCAB, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=64,
+                        intermediate_dim=64, max_seq_len=MAX_SEQ_LEN, sliding_window_size=4).eval()  # fmt: skip
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(0.0, 0.3)  # varied tokens, so stop tokens can end the rows a few steps in
+    prompt = random_prompt(2, 6)
+    eager, _ = gqa_tune.generate(model, prompt, 10)
+    first_two = set(eager[:, 6:8].flatten().tolist())
+    stop = [next(t for t in eager[row, 8:].tolist() if t not in first_two) for row in range(2)]
+    expected, _ = gqa_tune.generate(model, prompt, 10, stop_tokens=stop)
+    assert 6 + 2 < expected.shape[1] < 6 + STOP_CHECK_EVERY  # every row stops after a few steps, before 8
+    stats = GenerationStats()
+    got, _ = gqa_tune.generate(model, prompt, 10, stop_tokens=stop, compile=True, stats=stats)
+    assert torch.equal(got, expected)

@@ -114,6 +114,10 @@ def _check_weights(src: Path, files: List[str], config: Dict[str, Any], rows: in
         raise ValueError(f"checkpoint {str(src)!r} has no key/value projection weights ('*.self_attn.k_proj.weight')")
 
 
+class DestinationExists(ValueError):
+    """``dst_dir`` exists and is not empty, and replacing it was not asked for (``overwrite``)."""
+
+
 def convert_hf_checkpoint(
     src_dir,
     dst_dir,
@@ -143,8 +147,8 @@ def convert_hf_checkpoint(
         ValueError: a missing directory, config or weight file, config entries or
             k/v weights missing or of the wrong shape, a target that does not divide
             the current kv heads or exceeds them, an unknown method, ``dst_dir`` equal
-            to ``src_dir``, or an existing non-empty ``dst_dir`` without ``overwrite``.
-            Nothing is written then.
+            to ``src_dir``, or an existing non-empty ``dst_dir`` without ``overwrite``
+            (:class:`DestinationExists`). Nothing is written then.
     """
     src, dst = Path(src_dir), Path(dst_dir)
     if not src.is_dir():
@@ -156,7 +160,7 @@ def convert_hf_checkpoint(
     if dst.exists() and not dst.is_dir():
         raise ValueError(f"dst_dir {str(dst)!r} exists and is not a directory")
     if dst.is_dir() and any(dst.iterdir()) and not overwrite:
-        raise ValueError(f"dst_dir {str(dst)!r} exists and is not empty; pass overwrite=True to replace it")
+        raise DestinationExists(f"dst_dir {str(dst)!r} exists and is not empty; pass overwrite=True to replace it")
     files, index = weight_files(src)
     if not all(name.endswith(".safetensors") for name in files):
         raise ValueError(f"checkpoint {str(src)!r} holds {', '.join(files)}: pooling reads safetensors weights only")

@@ -87,11 +87,38 @@ def packed_labels(labels: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor
 def packed_collate(batch: List[Dict[str, torch.Tensor]]) -> Dict[str, object]:
     """Stack ``PackedDataset`` rows: ``tokens``, ``labels``, ``input_pos`` ``[b, s]`` and ``mask``, the
     rows' :func:`document_block_mask` (what torchtune's ``padded_collate_packed`` returns, with a
-    ``BlockMask`` in place of its dense CPU mask)."""
+    ``BlockMask`` in place of its dense CPU mask).
+
+    Raises:
+        ValueError: an empty batch.
+    """
+    if len(batch) == 0:
+        raise ValueError("packed_collate needs at least one packed row, got an empty batch")
     tokens = torch.stack([row["tokens"] for row in batch])
     return {
         "tokens": tokens,
         "labels": torch.stack([row["labels"] for row in batch]),
         "input_pos": torch.stack([row["input_pos"] for row in batch]),
         "mask": document_block_mask([row["seq_lens"] for row in batch], tokens.shape[1]),
+    }
+
+
+def packing_stats(rows: Sequence[Dict[str, torch.Tensor]]) -> Dict[str, float]:
+    """``rows``, ``documents_per_row`` and ``padding_fraction`` of ``PackedDataset`` rows.
+
+    A document starts where ``input_pos`` is 0; torchtune's padding continues the last document's positions and
+    is recorded as one more entry of ``seq_lens``, past the documents'.
+    """
+    documents = padding = total = 0
+    for row in rows:
+        starts = int((row["input_pos"] == 0).sum())
+        lens = torch.as_tensor(row["seq_lens"]).flatten()
+        documents += starts
+        padding += int(lens[starts:].sum())
+        total += int(lens.sum())
+    count = len(rows)
+    return {
+        "rows": count,
+        "documents_per_row": documents / count if count else 0.0,
+        "padding_fraction": padding / total if total else 0.0,
     }

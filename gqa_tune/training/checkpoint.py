@@ -743,19 +743,27 @@ def _is_complete(path: Path) -> bool:
 
 
 def latest_checkpoint(output_dir: Path) -> Optional[Path]:
-    """The checkpoint ``LATEST`` names in ``output_dir``, or ``None`` without ``LATEST``.
+    """The checkpoint ``LATEST`` names in ``output_dir``.
 
-    If ``LATEST`` names no complete checkpoint, the newest complete one in ``output_dir`` (by the time
-    its weights were written) is returned instead, with a warning; ``None`` if there is none.
+    If ``LATEST`` is missing or names no complete checkpoint, the newest complete one in ``output_dir`` (by
+    the time its weights were written) is returned instead, with a warning; ``None`` if there is none.
     """
     output_dir = Path(output_dir)
     named = _pointer_target(output_dir)
-    if named is None:
-        return None
     if named and _is_complete(output_dir / named):
         return output_dir / named
-    candidates = [p for p in output_dir.iterdir() if not p.name.startswith(".") and _is_complete(p)]
+    children = output_dir.iterdir() if output_dir.is_dir() else ()
+    candidates = [p for p in children if not p.name.startswith(".") and _is_complete(p)]
     newest = max(candidates, key=lambda p: (p / WEIGHTS).stat().st_mtime_ns, default=None)
+    if named is None:
+        if newest is None:
+            return None
+        # A save killed after its directory was in place but before LATEST was first written.
+        warnings.warn(
+            f"{str(output_dir)!r} has no {LATEST} file; using its newest complete checkpoint, {str(newest)!r}",
+            stacklevel=2,
+        )
+        return newest
     warnings.warn(
         f"{str(output_dir / LATEST)!r} names {named!r}, which is not a complete checkpoint; "
         + (f"using the newest complete one, {str(newest)!r}" if newest else "and there is no other checkpoint"),
@@ -848,6 +856,58 @@ def resolve_checkpoint_dir(value: str, key: str, hint: str) -> Path:
     return latest
 
 
+def check_fits(model: torch.nn.Module, state_dict: Dict[str, torch.Tensor], source: str) -> None:
+    """Refuse, before anything is copied, weights whose shapes differ from ``model``'s or which are not
+    floating-point where the model's are (``load_state_dict`` would raise deep inside, or cast silently).
+
+    Raises:
+        ConfigError: naming ``source``, the weights and both shapes (or the dtype).
+    """
+    from gqa_tune.config_check import ConfigError
+
+    own = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    wrong = [
+        f"{key} {tuple(value.shape)} where the model has {tuple(own[key].shape)}"
+        for key, value in state_dict.items()
+        if key in own and tuple(value.shape) != tuple(own[key].shape)
+    ]
+    if wrong:
+        raise ConfigError(
+            f"weights from {source} do not fit the model built from its config: {'; '.join(wrong[:3])}",
+            what="the weights to load",
+        )
+    integer = [
+        f"{key} ({value.dtype})"
+        for key, value in state_dict.items()
+        if key in own and own[key].is_floating_point() and not value.is_floating_point()
+    ]
+    if integer:
+        raise ConfigError(
+            f"weights from {source} hold integer values where the model has floating-point weights: "
+            f"{', '.join(integer[:3])}; quantized or integer checkpoints are not loaded (they would be cast)",
+            what="the weights to load",
+        )
+
+
+def _check_tensors(where: str, config: Dict[str, Any], hf_sd: Dict[str, torch.Tensor]) -> None:
+    """Floating-point weights only, and an embedding of the shape ``config.json`` describes."""
+    integer = [f"{key} ({value.dtype})" for key, value in hf_sd.items() if not value.is_floating_point()]
+    if integer:
+        raise ValueError(
+            f"{where}: {', '.join(integer[:3])} hold integer values; gqa_tune loads floating-point weights only "
+            "(integer or quantized checkpoints would be cast, which changes the model)"
+        )
+    vocab, hidden = config.get("vocab_size"), config.get("hidden_size")
+    for key in ("model.embed_tokens.weight", "lm_head.weight"):
+        weight = hf_sd.get(key)
+        if weight is not None and isinstance(vocab, int) and isinstance(hidden, int):
+            if tuple(weight.shape) != (vocab, hidden):
+                raise ValueError(
+                    f"{where}: config.json says vocab_size={vocab}, hidden_size={hidden}, but {key} has shape "
+                    f"{tuple(weight.shape)}; the config does not match the weights"
+                )
+
+
 def _head_counts(path: Path, config: Dict[str, Any], hf_sd: Dict[str, torch.Tensor]) -> Tuple[int, int, int]:
     """(num_heads, num_kv_heads, head_dim) from ``config.json``, checked against the q/k/v weights' rows."""
     shape = hf_shape(config, f"checkpoint {str(path)!r}: config.json")
@@ -866,7 +926,9 @@ def _head_counts(path: Path, config: Dict[str, Any], hf_sd: Dict[str, torch.Tens
     return heads, kv_heads, head_dim
 
 
-def load_checkpoint(path: Path) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any], Optional[Dict[str, Any]]]:
+def load_checkpoint(
+    path: Path, where: Optional[str] = None
+) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any], Optional[Dict[str, Any]]]:
     """Read a checkpoint directory: one :func:`save_checkpoint` wrote, or any Hugging Face model directory of a
     :data:`HF_ARCHITECTURES` architecture (``config.json`` with one ``model.safetensors``, shards with or
     without an index, or ``pytorch_model.bin``), e.g. a torchtune ``FullModelHFCheckpointer``'s output.
@@ -874,12 +936,15 @@ def load_checkpoint(path: Path) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]
     Returns:
         (torchtune-format state dict, config.json contents, recipe state or ``None``).
 
+    ``where`` names the checkpoint in messages (default ``checkpoint '<path>'``; e.g. the config key).
+
     Raises:
         ValueError: a missing directory or file, a file that cannot be read, an unsupported ``model_type``,
-            or a ``config.json`` whose head counts disagree with the weights (checked before any tensor is
-            reshaped).
+            integer weights, or a ``config.json`` whose head counts or vocabulary disagree with the weights
+            (checked before any tensor is reshaped).
     """
     path = Path(path)
+    where = where or f"checkpoint {str(path)!r}"
     if not path.is_dir():
         raise ValueError(f"checkpoint directory {str(path)!r} does not exist")
     if not (path / CONFIG).is_file():
@@ -890,10 +955,11 @@ def load_checkpoint(path: Path) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]
         raise ValueError(f"cannot read checkpoint {str(path)!r}: {CONFIG}: {err}") from err
     if not isinstance(config, dict):
         raise ValueError(f"cannot read checkpoint {str(path)!r}: {CONFIG} is not a JSON object")
-    _model_type(config, f"checkpoint {str(path)!r}")
+    _model_type(config, where)
     hf_sd = read_weights(path)
+    _check_tensors(where, config, hf_sd)
     _head_counts(path, config, hf_sd)
-    tune_sd = hf_to_tune_weights(hf_sd, config, f"checkpoint {str(path)!r}")
+    tune_sd = hf_to_tune_weights(hf_sd, config, where)
     return tune_sd, config, read_recipe_state(path)
 
 

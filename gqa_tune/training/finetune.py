@@ -23,15 +23,17 @@ from typing import Any, Dict, Iterable, Optional
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, DistributedSampler
-from torchtune import config, training
+from torchao.dtypes.nf4tensor import NF4Tensor
+from torchtune import training, utils
 from torchtune.data import CROSS_ENTROPY_IGNORE_IDX, padded_collate_sft
 from torchtune.datasets import PackedDataset
 from torchtune.modules import TransformerSelfAttentionLayer
 from torchtune.recipe_interfaces import FTRecipeInterface
+from torchtune.training import DummyProfiler
 from tqdm import tqdm
 
-from gqa_tune.config_check import ConfigError, check_values, check_writable_dir
-from gqa_tune.data.packing import packed_collate, packed_labels
+from gqa_tune.config_check import ConfigError, build_component, check_values, check_writable_dir
+from gqa_tune.data.packing import packed_collate, packed_labels, packing_stats
 from gqa_tune.models import init_from_scratch
 from gqa_tune.schema import FinetuneConfig
 from gqa_tune.training.checkpoint import (
@@ -45,9 +47,11 @@ from gqa_tune.training.checkpoint import (
 from gqa_tune.training.curves import CURVES_FILE, curves_dir, plot_training_curves
 from gqa_tune.training.evaluate import heldout_loss, shift_labels, task_accuracy
 from gqa_tune.training.loss import build_loss, summed_loss, whole_logits
-from gqa_tune.training.weights import WeightSource, fit_weights, load_weights
+from gqa_tune.training.weights import WeightSource, check_vocab, fit_weights, load_weights
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # datasets come from local files only
+
+log = utils.get_logger("INFO")
 
 #: What :meth:`FinetuneRecipe.load_recipe_state` reads from ``recipe_state.pt``.
 RECIPE_STATE_KEYS = ("epoch", "global_step", "epoch_step", "seed", "optimizer", "lr_scheduler", "rng")
@@ -62,6 +66,20 @@ PROGRESS_INTERVAL = 0.5
 def progress_bar(total: int, initial: int, disable: bool) -> tqdm:
     """The training progress bar: redrawn at most every :data:`PROGRESS_INTERVAL` seconds."""
     return tqdm(total=total, initial=initial, desc="train", unit="step", disable=disable, mininterval=PROGRESS_INTERVAL)
+
+
+def peak_memory_stats(device: torch.device) -> Dict[str, float]:
+    """Peak memory so far, in GiB: torchtune's allocated / reserved / active figures on a GPU, and the process's
+    peak resident set on a CPU (torchtune's own ``get_memory_stats`` reads CUDA only)."""
+    if device.type == "cuda":
+        return training.get_memory_stats(device)
+    import resource
+
+    return {"peak_memory_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}  # KiB on Linux
+
+
+def _component_name(node: Any) -> str:
+    return node.get("_component_", "") if OmegaConf.is_dict(node) else ""
 
 
 def check_recipe_state(state: Any, path: Path) -> None:
@@ -212,7 +230,7 @@ class FinetuneRecipe(FTRecipeInterface):
     def build_model(self, cfg: DictConfig) -> torch.nn.Module:
         """A fresh model from :attr:`builder` (which :meth:`load_model` chose), without its weights."""
         with training.set_default_dtype(self.dtype), self.device:
-            return config.instantiate(self.builder)
+            return build_component(self.builder, "model")
 
     def load_model(self, cfg: DictConfig, resume_path: Optional[Path]) -> torch.nn.Module:
         """The model with its starting weights. :func:`~gqa_tune.training.weights.load_weights` decides where
@@ -238,12 +256,13 @@ class FinetuneRecipe(FTRecipeInterface):
             resume_path, resume_state = self.read_resume_checkpoint(self.settings)
             self.seed = resume_state["seed"]  # the data order's (the same as cfg.seed, or drawn when that is null)
 
-        self.metric_logger = config.instantiate(cfg.metric_logger) if self.is_rank_zero else None
+        self.metric_logger = build_component(cfg.metric_logger, "metric_logger") if self.is_rank_zero else None
         if self.metric_logger is not None:
             self.metric_logger.log_config(cfg)
-        self.tokenizer = config.instantiate(cfg.tokenizer)
+        self.tokenizer = build_component(cfg.tokenizer, "tokenizer")
 
         model = self.load_model(cfg, resume_path)
+        check_vocab(model.tok_embeddings.num_embeddings, self.tokenizer, self.source, _component_name(cfg.tokenizer))
         if cfg.get("enable_activation_checkpointing", False):
             training.set_activation_checkpointing(model, auto_wrap_policy={TransformerSelfAttentionLayer})
         self.model = self.wrap_model(model)
@@ -251,8 +270,8 @@ class FinetuneRecipe(FTRecipeInterface):
             training.compile_model(self.model)
         self.loss_fn = build_loss(cfg.get("loss"), self.model)  # None: the default cross-entropy
 
-        self.optimizer = config.instantiate(cfg.optimizer, self.trainable_parameters())
-        self.dataset = config.instantiate(cfg.dataset, self.tokenizer)
+        self.optimizer = build_component(cfg.optimizer, "optimizer", self.trainable_parameters())
+        self.dataset = build_component(cfg.dataset, "dataset", self.tokenizer)
         self.sampler = DistributedSampler(
             self.dataset, shuffle=cfg.get("shuffle", True), seed=self.seed, **self.sampler_args()
         )
@@ -277,12 +296,41 @@ class FinetuneRecipe(FTRecipeInterface):
             )
         self.total_steps = cfg.epochs * self.steps_per_epoch
         self.lr_scheduler = (
-            config.instantiate(cfg.lr_scheduler, self.optimizer, num_training_steps=self.total_steps)
+            build_component(cfg.lr_scheduler, "lr_scheduler", self.optimizer, num_training_steps=self.total_steps)
             if cfg.get("lr_scheduler") is not None
             else None
         )
         if resume_state is not None:
             self.load_recipe_state(resume_state)
+        if cfg.get("run_val_every_n_steps") is not None and cfg.get("eval") is None:
+            raise ConfigError(
+                f"run_val_every_n_steps={cfg.run_val_every_n_steps} needs an evaluation to run: set eval: "
+                "{dataset: {...}} (the held-out data), or remove run_val_every_n_steps",
+                what="run_val_every_n_steps",
+            )
+        self.profiler = build_component(cfg.profiler, "profiler")[0] if cfg.get("profiler") else DummyProfiler()
+        if self.is_rank_zero:
+            self.log_setup(resume_path)
+
+    def log_setup(self, resume_path: Optional[Path]) -> None:
+        """One line each: the parameters (trainable and total; an NF4 base), the resumed step, the packed rows."""
+        params = list(self.model.parameters())
+        total = sum(p.numel() for p in params)
+        trainable = sum(p.numel() for p in self.trainable_parameters())
+        nf4 = sum(p.numel() for p in params if isinstance(p, NF4Tensor) or isinstance(p.data, NF4Tensor))
+        line = f"model: {total:,} parameters, {trainable:,} trainable ({100 * trainable / max(total, 1):.2f}%)"
+        if nf4:
+            line += f"; the frozen base in NF4 (QLoRA): {nf4:,} parameters quantized to 4 bits"
+        log.info(line)
+        if resume_path is not None:
+            log.info(f"resumed from step {self.global_step} of {resume_path}")
+        if self.packed:
+            stats = packing_stats(self.dataset.packs)
+            log.info(
+                f"packed data: {stats['rows']} rows of {self.dataset.max_seq_len} tokens, "
+                f"{stats['documents_per_row']:.1f} documents per row, "
+                f"{100 * stats['padding_fraction']:.1f}% padding"
+            )
 
     def read_resume_checkpoint(self, settings: Dict[str, Any]):
         """``(path, recipe state)`` of ``output_dir``'s newest checkpoint, checked to be resumable by a run
@@ -395,8 +443,11 @@ class FinetuneRecipe(FTRecipeInterface):
     def train(self) -> None:
         log_every = self.cfg.get("log_every_n_steps", 10)
         save_every = self.cfg.get("save_every_n_steps")
+        val_every = self.cfg.get("run_val_every_n_steps")
+        peak_memory = self.cfg.get("log_peak_memory_stats", False)
         bar = progress_bar(self.total_steps, self.global_step, disable=not self.is_rank_zero)
         postfix_at = -math.inf
+        self.profiler.start()
         while self.epoch < self.cfg.epochs:
             batches = self._micro_batches()
             while self.epoch_step < self.steps_per_epoch:
@@ -413,16 +464,24 @@ class FinetuneRecipe(FTRecipeInterface):
                     bar.set_postfix(postfix, refresh=False)
                     postfix_at = time.monotonic()
                 bar.update(1)
+                self.profiler.step()
                 if self.metric_logger is not None and self.global_step % log_every == 0:
-                    self.metric_logger.log_dict({**metrics, "tokens_per_second": tokens_per_s}, step=self.global_step)
+                    extra = peak_memory_stats(self.device) if peak_memory else {}
+                    self.metric_logger.log_dict(
+                        {**metrics, "tokens_per_second": tokens_per_s, **extra}, step=self.global_step
+                    )
                 if not math.isfinite(metrics["loss"]):
                     raise RuntimeError(f"loss is {metrics['loss']} at step {self.global_step}; stopping")
+                if val_every and self.global_step % val_every == 0 and self.global_step < self.total_steps:
+                    with bar.external_write_mode():
+                        self.evaluate()  # torchtune's periodic validation (the last step's is the final one)
                 if save_every and self.global_step % save_every == 0 and self.epoch_step < self.steps_per_epoch:
                     self.save_checkpoint(self.epoch, name=f"step_{self.global_step}")
             self.epoch += 1
             self.epoch_step = 0
             self.save_checkpoint(self.epoch - 1)
         bar.close()
+        self.profiler.stop()
         if self.cfg.get("eval") is not None:
             self.evaluate()
         if self.is_rank_zero:
@@ -433,7 +492,7 @@ class FinetuneRecipe(FTRecipeInterface):
     def evaluate(self) -> Dict[str, float]:
         """Held-out loss and task accuracy (``cfg.eval``), logged and printed on rank 0."""
         cfg = self.cfg.eval
-        dataset = config.instantiate(cfg.dataset, self.tokenizer)
+        dataset = build_component(cfg.dataset, "eval.dataset", self.tokenizer)
         with whole_logits(self.model) as model:  # plain cross-entropy and generation, whatever the training loss
             results = {"heldout_loss": heldout_loss(model, dataset, self.tokenizer, device=self.device)}
             if cfg.get("accuracy_file"):

@@ -8,6 +8,7 @@ import torch
 from torchtune.generation import get_causal_mask_from_padding_mask, get_position_ids_from_padding_mask
 from torchtune.modules.common_utils import local_kv_cache
 
+from gqa_tune.generation import check_stop_tokens
 from gqa_tune.ops.kv_quant import resolve_kv_cache_dtype
 
 
@@ -20,6 +21,8 @@ class GenerationResult:
     decode_tokens: int = 0
     kv_cache_bytes: int = 0
     extra: dict = field(default_factory=dict)
+    #: Per prompt, whether it ended at a stop token (rather than at ``max_new_tokens``).
+    stopped: List[bool] = field(default_factory=list)
 
     @property
     def prefill_tokens_per_s(self) -> float:
@@ -82,6 +85,7 @@ def generate(
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
+    check_stop_tokens(stop_tokens, model.tok_embeddings.num_embeddings)
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     cache_dtype = resolve_kv_cache_dtype(kv_cache_dtype) or dtype
@@ -126,5 +130,6 @@ def generate(
     for row in generated:
         cut = next((i for i, t in enumerate(row) if t in stop_set), len(row))  # finished rows only pad after a stop
         result.tokens.append(row[:cut])
+        result.stopped.append(cut < len(row))
     result.decode_tokens = b * (len(out) - 1)
     return result

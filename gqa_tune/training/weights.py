@@ -24,7 +24,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -36,6 +36,7 @@ from gqa_tune.training.checkpoint import (
     CONFIG,
     HF_ARCHITECTURES,
     TIED_BY_DEFAULT,
+    check_fits,
     load_checkpoint,
     resolve_checkpoint_dir,
 )
@@ -214,6 +215,9 @@ def builder_from_hf_config(config: Dict[str, Any], where: str = "config.json") -
             raise _unsupported(where, "layer_types", layer_types, "gemma2: sliding_attention on even layers only")
         args["hidden_capping_value"] = _number(config, "attn_logit_softcapping", where, 50.0, allow_none=True)
         args["final_capping_value"] = _number(config, "final_logit_softcapping", where, 30.0, allow_none=True)
+        if "query_pre_attn_scalar" in config and config["query_pre_attn_scalar"] is None:
+            # transformers' Gemma 2 computes query_pre_attn_scalar ** -0.5 and fails on null too
+            raise _unsupported(where, "query_pre_attn_scalar", None, "gemma2: a positive number (default 256)")
         scalar = _number(config, "query_pre_attn_scalar", where, 256)
         args["query_pre_attn_scalar"] = int(scalar) if scalar == int(scalar) else scalar
         args["cap_logits"] = True  # transformers caps the logits (torchtune's gemma2 the final norm's output)
@@ -369,11 +373,11 @@ def _load_weights(
                 + (f"; it replaces {', '.join(replaced)}" if replaced else "")
                 + (f" (keeping model's {', '.join(kept)})" if kept else "")
             )
-            state_dict, config, state = load_checkpoint(path)
+            state_dict, config, state = load_checkpoint(path, where=f"hf_model_dir {str(path)!r}")
             return state_dict, OmegaConf.create(builder), WeightSource("hf_model_dir", str(path), path, config, state)
 
     if resume_from is not None:
-        state_dict, config, state = load_checkpoint(resume_from)
+        state_dict, config, state = load_checkpoint(resume_from, where=f"resume_from_checkpoint {str(resume_from)!r}")
         if builder is None:
             builder = checkpoint_builder(config, model_cfg, Path(resume_from))
         source = WeightSource("resume", str(resume_from), Path(resume_from), config, state)
@@ -390,7 +394,7 @@ def _load_weights(
 
     if checkpoint_dir:
         path = resolve_checkpoint_dir(checkpoint_dir, checkpoint_key, hint)
-        state_dict, config, state = load_checkpoint(path)
+        state_dict, config, state = load_checkpoint(path, where=f"{checkpoint_key} {str(path)!r}")
         builder = checkpoint_builder(config, model_cfg, path)
         source = WeightSource(checkpoint_key, str(path), path, config, state)
         return state_dict, OmegaConf.create(builder), source
@@ -409,23 +413,113 @@ def _load_weights(
 def fit_weights(model: torch.nn.Module, state_dict: Dict[str, torch.Tensor], source: WeightSource) -> None:
     """Load ``state_dict`` into ``model``; every base weight must fit (LoRA adapters may be absent).
 
+    Checked before anything is copied, so a refused load leaves the model as it was.
+
     Raises:
-        ValueError: naming the source and the first missing or unexpected keys.
+        ConfigError: naming the source and the first missing or unexpected keys, or a weight whose shape
+            differs from the model's (both shapes), or that is not floating-point where the model's is.
     """
+    check_fits(model, state_dict, source.name)
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
     missing = [k for k in missing if "lora_" not in k]  # fresh adapters, or merged weights
     if missing or unexpected:
-        raise ValueError(
-            f"weights from {source.name} do not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        raise ConfigError(
+            f"weights from {source.name} do not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}",
+            what="the weights to load",
         )
+
+
+def tokenizer_ids(tokenizer: Any) -> int:
+    """How many token ids ``tokenizer`` produces: its ``vocab_size``, or one past its largest special id."""
+    ids = [getattr(tokenizer, name, None) for name in ("bos_id", "eos_id", "pad_id")]
+    ids += list(getattr(tokenizer, "stop_tokens", None) or [])
+    count = max([i + 1 for i in ids if isinstance(i, int) and i >= 0], default=0)
+    vocab = getattr(tokenizer, "vocab_size", None)
+    return max(count, vocab) if isinstance(vocab, int) else count
+
+
+def check_vocab(model_vocab: int, tokenizer: Any, source: WeightSource, tokenizer_name: str = "") -> None:
+    """Refuse a model whose embedding has fewer rows than ``tokenizer`` has ids (the first step would index
+    past it).
+
+    Raises:
+        ConfigError: naming the key that set the model's vocabulary and both sizes.
+    """
+    needed = tokenizer_ids(tokenizer)
+    if model_vocab >= needed:
+        return
+    if source.kind in ("hf_model_dir", "checkpoint_dir", "resume") and source.path is not None:
+        key = f"{'hf_model_dir' if source.kind == 'hf_model_dir' else source.kind} {str(source.path)!r}: {CONFIG}"
+    else:
+        key = "model"
+    named = f" ({tokenizer_name})" if tokenizer_name else ""
+    raise ConfigError(
+        f"{key}: vocab_size {model_vocab} is smaller than the tokenizer's{named} {needed} ids (up to id "
+        f"{needed - 1}); use the model's own tokenizer, or a model with vocab_size >= {needed}",
+        what="the model's vocabulary",
+    )
+
+
+def from_pretrained(
+    path: Union[str, Path],
+    *,
+    dtype: Union[torch.dtype, str] = torch.float32,
+    device: Union[torch.device, str, None] = None,
+    **builder_args: Any,
+) -> torch.nn.Module:
+    """gqa_tune's model, with its weights, from a directory: the Python twin of ``hf_model_dir``.
+
+    ``path`` is a Hugging Face model directory of an architecture gqa_tune builds (Llama 2/3/3.x,
+    Mistral, Qwen2, Gemma, Gemma 2; ``config.json`` with safetensors, shards or ``pytorch_model.bin``), a
+    checkpoint a gqa_tune recipe wrote, or a recipe's ``output_dir`` (the checkpoint its ``LATEST`` names;
+    a torchtune checkpointer's ``output_dir``: its highest ``epoch_N``). The builder is the one the
+    checkpoint's ``config.json`` records, else the one its architecture maps to
+    (:func:`builder_from_hf_config`).
+
+    Args:
+        path: the directory.
+        dtype: the parameters' dtype (default float32); ``"auto"``: the ``config.json``'s ``torch_dtype``
+            (or ``dtype``).
+        device: where the model is built (default: torch's default device).
+        **builder_args: builder arguments to override, e.g. ``backend="sdpa"`` or ``max_seq_len=512``.
+
+    Returns:
+        The model (a torchtune ``TransformerDecoder`` with gqa_tune's attention), in eval mode.
+
+    Raises:
+        ValueError: naming the path: a missing directory, an unreadable or unsupported ``config.json``, or
+            weights that do not fit the model it describes.
+
+    Example:
+        >>> model = gqa_tune.from_pretrained("outputs/gqa_tiny_full")
+        >>> tokens, _ = gqa_tune.generate(model, torch.tensor([[256, 51, 55, 43]]), 8)
+    """
+    hint = "give a Hugging Face model directory, a gqa_tune checkpoint or a recipe's output_dir"
+    directory = resolve_checkpoint_dir(str(path), "from_pretrained: path", hint)
+    state_dict, config, _ = load_checkpoint(directory, where=f"from_pretrained: {str(directory)!r}")
+    builder = checkpoint_builder(config, dict(builder_args) or None, directory)
+    if dtype == "auto":
+        name = config.get("torch_dtype") or config.get("dtype") or "float32"
+        dtype = getattr(torch, str(name).replace("torch.", ""), None)
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise ValueError(f"from_pretrained: {str(directory)!r}: config.json's dtype {name!r} is not a float dtype")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"from_pretrained: dtype must be a floating torch.dtype or 'auto', got {dtype!r}")
+    with training.set_default_dtype(dtype), torch.device(device if device is not None else torch.get_default_device()):
+        model = tt_config.instantiate(OmegaConf.create(builder))
+    fit_weights(model, state_dict, WeightSource("checkpoint_dir", str(directory), directory, config))
+    return model.eval()
 
 
 __all__: List[str] = [
     "BUILDERS",
     "WeightSource",
     "builder_from_hf_config",
+    "check_vocab",
     "checkpoint_builder",
     "fit_weights",
+    "from_pretrained",
     "load_weights",
     "read_hf_config",
+    "tokenizer_ids",
 ]
