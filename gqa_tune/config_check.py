@@ -362,13 +362,14 @@ def empty_overrides(overrides: Sequence[str], recipe: Union[str, os.PathLike, ty
     schema = schema_of(recipe)
     if schema is None:
         return []
-    known = fields(schema)
+    known, hints = fields(schema), typing.get_type_hints(schema)
     problems = []
     for override in overrides:
         key, sep, value = str(override).partition("=")
         fld = known.get(key)
         check = fld.metadata.get("check") if fld is not None else None
-        if sep and value == "" and check is not None and check("") is not None:
+        nullable = fld is not None and None in _options(hints[key])  # (a required key's None is refused anyway)
+        if sep and value == "" and nullable and check is not None and check("") is not None:
             problems.append(
                 f"{key}: given no value on the command line ({key}=), which would read as null; give a value, "
                 f"or {key}=null to mean none"
