@@ -264,7 +264,9 @@ def _check_file(key: str, value: Any, problems: List[str]) -> None:
     from gqa_tune.data import resolve_data_file  # the data/tasks/ names fall back to the packaged copies
 
     for v in list(value) if isinstance(value, (list, tuple, ListConfig)) else [value]:
-        if isinstance(v, str) and not resolve_data_file(v).exists():
+        if not isinstance(v, str):
+            problems.append(f"{key}: expected a file path, got {v!r}")
+        elif not resolve_data_file(v).exists():
             problems.append(f"{key}: file {v!r} does not exist (relative paths are taken from {os.getcwd()})")
 
 
@@ -317,7 +319,79 @@ def validate_config(
     _walk(cfg, "", problems, check_files)
     if check_files and not problems:
         _check_hf_model_dir(cfg, problems)
+    if check_files and not problems and schema is not None:
+        _dry_build(cfg, problems)
     return list(dict.fromkeys(problems))
+
+
+#: Builder arguments that are positive ints in every gqa_tune builder (checked in a ``model:`` that only
+#: overrides a checkpoint's builder, which cannot be built before the checkpoint is read).
+_POSITIVE_BUILDER_ARGS = (
+    "vocab_size", "num_layers", "num_heads", "num_kv_heads", "embed_dim", "intermediate_dim", "max_seq_len", "head_dim",
+)  # fmt: skip
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
+
+
+def _dry_build(cfg: DictConfig, problems: List[str]) -> None:
+    """Build the cheap components once, so a value a component refuses is reported before the recipe starts:
+    the tokenizer, the model on the meta device (no memory; its vocabulary against the tokenizer's ids), the
+    optimizer over one dummy parameter and the scheduler over that optimizer."""
+    import torch
+    from torchtune import config as tt_config
+
+    def build(key: str, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return tt_config.instantiate(cfg[key], *args, **kwargs)
+        except Exception as err:  # the component's refusal of its arguments: name them with the reason
+            node = OmegaConf.to_container(cfg[key], resolve=True)
+            component = node.pop("_component_")
+            given = ", ".join(f"{key}.{k}={v!r}" for k, v in node.items())
+            problems.append(f"{key}: {component} refuses {given}: {_first_line(err)}")
+        return None
+
+    def has(key: str) -> bool:
+        return OmegaConf.is_dict(cfg.get(key)) and "_component_" in cfg[key]
+
+    tokenizer = build("tokenizer") if has("tokenizer") else None
+    model_cfg = cfg.get("model")
+    if has("model") and not cfg.get("hf_model_dir"):
+        try:
+            with torch.device("meta"):
+                model = tt_config.instantiate(model_cfg)
+        except ValueError as err:  # other errors (e.g. NF4 on the meta device) are for the recipe to meet
+            problems.append(f"model: {_first_line(err).split(': ', 1)[1]}")
+            model = None
+        except Exception:
+            model = None
+        embedding = getattr(model, "tok_embeddings", None)
+        if tokenizer is not None and isinstance(embedding, torch.nn.Embedding):
+            from gqa_tune.training.weights import tokenizer_ids
+
+            needed = tokenizer_ids(tokenizer)
+            if embedding.num_embeddings < needed:
+                problems.append(
+                    f"model: vocab_size {embedding.num_embeddings} is smaller than the tokenizer's "
+                    f"({cfg.tokenizer._component_}) {needed} ids"
+                )
+    elif OmegaConf.is_dict(model_cfg):
+        for name in _POSITIVE_BUILDER_ARGS:
+            value = model_cfg.get(name)
+            if name in model_cfg and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                problems.append(f"model.{name}: expected a positive int, got {value!r}")
+    if has("optimizer"):
+        optimizer = build("optimizer", [torch.nn.Parameter(torch.zeros(1))])
+        if has("lr_scheduler") and optimizer is not None:
+            if "num_training_steps" in cfg.lr_scheduler:
+                problems.append(
+                    "lr_scheduler.num_training_steps: the recipe sets it (epochs x optimizer steps per epoch); "
+                    "remove it"
+                )
+            else:
+                build("lr_scheduler", optimizer, num_training_steps=1)
 
 
 def _check_hf_model_dir(cfg: DictConfig, problems: List[str]) -> None:
@@ -487,6 +561,8 @@ def load_config(path: Union[str, Path], overrides: Sequence[str] = ()) -> DictCo
 def check_config_file(path: Union[str, Path], overrides: Sequence[str] = (), recipe: Any = None,
                       check_files: bool = True) -> List[str]:  # fmt: skip
     """:func:`validate_config` of a file with overrides; the recipe defaults to :func:`config_recipe`'s."""
+    if not isinstance(path, (str, os.PathLike)):
+        return [f"config file must be a path, got {path!r}"]
     path = Path(path)
     if not path.is_file():
         return [f"config file {str(path)!r} does not exist"]

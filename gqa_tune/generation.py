@@ -39,6 +39,7 @@ from torchtune.modules import MultiHeadAttention as TorchtuneMultiHeadAttention
 from torchtune.modules import TransformerDecoder
 from torchtune.modules.common_utils import local_kv_cache
 
+from gqa_tune import _checks as checks
 from gqa_tune.modules.attention import MultiHeadAttention
 from gqa_tune.modules.kv_cache import KVCache
 
@@ -213,8 +214,7 @@ def _check_args(
         raise ValueError(f"stop_tokens must be None or a list of ints, got {stop_tokens!r}")
     if rng is not None and not isinstance(rng, torch.Generator):
         raise ValueError(f"rng must be None or a torch.Generator, got {type(rng).__name__}")
-    if not isinstance(compile, bool):
-        raise ValueError(f"compile must be True or False, got {compile!r}")
+    checks.flag("compile", compile)
     if stats is not None and not isinstance(stats, GenerationStats):
         raise ValueError(f"stats must be None or a GenerationStats, got {type(stats).__name__}")
     theirs = [type(m).__name__ for m in model.modules() if isinstance(m, TorchtuneMultiHeadAttention)]

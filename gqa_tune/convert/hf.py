@@ -21,6 +21,7 @@ the complete new one, and leftovers of killed conversions into it are removed fi
 """
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any, Dict, List, Tuple
@@ -29,6 +30,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from gqa_tune import _checks as checks
 from gqa_tune.convert.pooling import check_conversion, convert_state_dict
 from gqa_tune.training.checkpoint import CONFIG, _write_atomically, cleanup_stale, weight_files
 
@@ -150,6 +152,12 @@ def convert_hf_checkpoint(
             to ``src_dir``, or an existing non-empty ``dst_dir`` without ``overwrite``
             (:class:`DestinationExists`). Nothing is written then.
     """
+    for name, value in (("src_dir", src_dir), ("dst_dir", dst_dir)):
+        if not isinstance(value, (str, os.PathLike)) or not str(value):
+            raise ValueError(f"{name} must be a directory path, got {value!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed must be an int, got {seed!r}")
+    checks.flag("overwrite", overwrite)
     src, dst = Path(src_dir), Path(dst_dir)
     if not src.is_dir():
         raise ValueError(f"checkpoint directory {str(src)!r} does not exist")

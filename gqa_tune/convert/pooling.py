@@ -13,19 +13,22 @@ group), ``"random"`` (a fresh initialization, for the ablation).
 Converting to the current number of kv heads is the identity for every method.
 """
 
-from typing import Dict, Optional
+from typing import Dict, Mapping, Optional
 
 import torch
+
+from gqa_tune import _checks as checks
+from gqa_tune.modules.kv_cache import KVCache
 
 METHODS = ("mean", "first", "random")
 
 
 def check_conversion(num_kv_heads: int, new_num_kv_heads: int, method: str) -> None:
     """Raise ``ValueError`` unless ``new_num_kv_heads`` divides ``num_kv_heads`` and ``method`` is known."""
-    if method not in METHODS:
+    if not isinstance(method, str) or method not in METHODS:
         raise ValueError(f"unknown pooling method {method!r}; choose one of {', '.join(METHODS)}")
-    if isinstance(new_num_kv_heads, bool) or not isinstance(new_num_kv_heads, int) or new_num_kv_heads < 1:
-        raise ValueError(f"num_kv_heads must be a positive int, got {new_num_kv_heads!r}")
+    checks.positive_int("num_kv_heads", new_num_kv_heads)
+    checks.positive_int("the current num_kv_heads", num_kv_heads)
     if new_num_kv_heads > num_kv_heads:
         raise ValueError(f"cannot convert to more kv heads ({new_num_kv_heads}) than the model has ({num_kv_heads})")
     if num_kv_heads % new_num_kv_heads != 0:
@@ -45,6 +48,11 @@ def pool_heads(
     Returns ``[new * h_d, d]`` (or ``[new * h_d]``) in ``t``'s dtype; pooling runs in float32.
     """
     check_conversion(num_kv_heads, new_num_kv_heads, method)
+    if not isinstance(t, torch.Tensor) or t.dim() not in (1, 2):
+        got = f"a tensor of shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else f"a {type(t).__name__}"
+        raise ValueError(f"t must be a k/v projection weight tensor [n_kv * h_d, d] or bias [n_kv * h_d], got {got}")
+    checks.positive_int("head_dim", head_dim)
+    _check_generator(generator)
     if t.shape[0] != num_kv_heads * head_dim:
         raise ValueError(
             f"tensor of shape {tuple(t.shape)} is not {num_kv_heads} heads x head_dim {head_dim} on its first dim"
@@ -99,6 +107,10 @@ def convert_state_dict(
             other than ``weight``/``bias`` (e.g. unmerged LoRA ``lora_a``/``lora_b``).
     """
     check_conversion(num_kv_heads, new_num_kv_heads, method)
+    if not isinstance(state_dict, Mapping):
+        raise ValueError(f"state_dict must be a mapping of names to tensors, got {type(state_dict).__name__}")
+    _check_seed(seed)
+    _check_generator(generator)
     markers = {"torchtune": (".attn.k_proj.", ".attn.v_proj."), "hf": (".self_attn.k_proj.", ".self_attn.v_proj.")}
     if fmt not in markers:
         raise ValueError(f"unknown state-dict format {fmt!r}; choose 'torchtune' or 'hf'")
@@ -123,6 +135,16 @@ def convert_state_dict(
     if found == 0:
         raise ValueError(f"no key/value projection weights of {fmt!r} format found (e.g. '*{markers[fmt][0]}weight')")
     return out
+
+
+def _check_seed(seed) -> None:
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed must be an int, got {seed!r}")
+
+
+def _check_generator(generator) -> None:
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise ValueError(f"generator must be None or a torch.Generator, got {type(generator).__name__}")
 
 
 def _check_projections(attn: torch.nn.Module) -> None:
@@ -169,37 +191,61 @@ def _check_attention(attn: torch.nn.Module, num_kv_heads: int, method: str) -> N
     _check_projections(attn)
 
 
+def _converted(attn: torch.nn.Module, num_kv_heads: int, method: str, generator: torch.Generator):
+    """``(k_proj, v_proj, kv_cache)`` of ``attn`` with ``num_kv_heads`` heads, nothing assigned yet: the pooled
+    projections and, where it has a KV cache, an empty one like it (positions, window, storage dtype, device)."""
+    old = attn.num_kv_heads
+    k_proj = pooled_linear(attn.k_proj, old, num_kv_heads, attn.head_dim, method, generator)
+    v_proj = pooled_linear(attn.v_proj, old, num_kv_heads, attn.head_dim, method, generator)
+    cache = attn.kv_cache
+    if cache is None:
+        return k_proj, v_proj, None
+    batch, _, _, head_dim = cache.k_cache.shape
+    if isinstance(cache, KVCache):
+        new_cache = KVCache(
+            batch, cache.max_seq_len, num_kv_heads, head_dim, cache.dtype, device=cache.k_cache.device,
+            window=cache.window, kv_cache_dtype=cache.kv_cache_dtype,
+        )  # fmt: skip
+    else:  # torchtune's KVCache
+        new_cache = type(cache)(batch, cache.k_cache.shape[2], num_kv_heads, head_dim, cache.k_cache.dtype)
+        new_cache.to(cache.k_cache.device)
+    return k_proj, v_proj, new_cache
+
+
 def convert_attention_(attn: torch.nn.Module, num_kv_heads: int, method: str = "mean", seed: int = 0) -> None:
     """Convert one attention module (gqa_tune's or torchtune's ``MultiHeadAttention``) in place.
 
     ``k_proj``/``v_proj`` are replaced by pooled ``nn.Linear``s, ``num_kv_heads``
     is updated, and an existing KV cache is replaced by an empty one with the
-    new head count (same batch, length and dtype; enabled as before).
+    new head count (same batch, positions, window, dtype and storage; enabled as before).
     The new projections are new parameters: build optimizers afterwards.
 
     Raises:
-        ValueError: a bad target or method, or k/v projections that are not
+        ValueError: a bad target, method or seed, or k/v projections that are not
             ``nn.Linear`` (e.g. ``LoRALinear``); the module is then unchanged.
     """
     _check_attention(attn, num_kv_heads, method)
-    generator = torch.Generator().manual_seed(seed)
-    old = attn.num_kv_heads
-    k_proj = pooled_linear(attn.k_proj, old, num_kv_heads, attn.head_dim, method, generator)
-    v_proj = pooled_linear(attn.v_proj, old, num_kv_heads, attn.head_dim, method, generator)
+    _check_seed(seed)
+    k_proj, v_proj, cache = _converted(attn, num_kv_heads, method, torch.Generator().manual_seed(seed))
+    _assign(attn, num_kv_heads, k_proj, v_proj, cache)
+
+
+def _assign(attn: torch.nn.Module, num_kv_heads: int, k_proj, v_proj, cache) -> None:
     attn.k_proj, attn.v_proj, attn.num_kv_heads = k_proj, v_proj, num_kv_heads
-    cache = attn.kv_cache
     if cache is not None:
-        batch, _, length, head_dim = cache.k_cache.shape
-        attn.kv_cache = type(cache)(batch, length, num_kv_heads, head_dim, cache.k_cache.dtype)
-        attn.kv_cache.to(cache.k_cache.device)
+        attn.kv_cache = cache
 
 
 def convert_model_(model: torch.nn.Module, num_kv_heads: int, method: str = "mean", seed: int = 0) -> int:
     """Convert every attention module of ``model`` that has ``k_proj``/``v_proj`` and ``num_kv_heads``.
 
     Works on gqa_tune and plain torchtune models. Returns how many modules were converted.
-    Every module is checked before any is changed, so a rejected request leaves ``model`` as it was.
+    Every module's new parts are built before any is assigned, so a rejected request leaves ``model`` as it
+    was.
     """
+    if not isinstance(model, torch.nn.Module):
+        raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
+    _check_seed(seed)
     targets = [
         m for m in model.modules()
         if hasattr(m, "num_kv_heads") and hasattr(m, "k_proj") and hasattr(m, "v_proj")
@@ -208,6 +254,10 @@ def convert_model_(model: torch.nn.Module, num_kv_heads: int, method: str = "mea
         raise ValueError(f"{type(model).__name__} has no attention modules with k_proj/v_proj to convert")
     for attn in targets:
         _check_attention(attn, num_kv_heads, method)
-    for index, attn in enumerate(targets):
-        convert_attention_(attn, num_kv_heads, method, seed + index)
+    parts = [
+        _converted(attn, num_kv_heads, method, torch.Generator().manual_seed(seed + index))
+        for index, attn in enumerate(targets)
+    ]
+    for attn, (k_proj, v_proj, cache) in zip(targets, parts):
+        _assign(attn, num_kv_heads, k_proj, v_proj, cache)
     return len(targets)

@@ -10,6 +10,7 @@ from torchtune.modules import MultiHeadAttention as TorchtuneMHA
 
 from gqa_tune.modules.attention import MultiHeadAttention
 from gqa_tune.modules.kv_cache import KVCache
+from gqa_tune.ops.dispatch import check_backend_name
 
 logger = logging.getLogger(__name__)
 
@@ -110,6 +111,9 @@ def swap_attention(model: nn.Module, backend: str = "auto") -> SwapReport:
     Returns:
         SwapReport: how many modules were replaced (an ``int``); ``.replaced`` and ``.skipped`` name them.
     """
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model must be an nn.Module (a torchtune model), got {type(model).__name__}")
+    check_backend_name(backend)
     targets = [(name, module) for name, module in model.named_modules() if isinstance(module, SWAPPABLE)]
     if targets and targets[0][0] == "":
         raise ValueError(f"model is itself a torchtune {type(model).__name__}; use from_torchtune_attention(model)")

@@ -49,6 +49,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
+from gqa_tune import _checks as checks
 from gqa_tune._versions import require
 from gqa_tune.convert.pooling import METHODS, pooled_linear
 from gqa_tune.ops.functional import scaled_dot_product_gqa
@@ -303,8 +304,7 @@ def convert_t5_to_gqa(
     modeling_t5 = _import_t5()
     if method not in METHODS:
         raise ValueError(f"unknown pooling method {method!r}; choose one of {', '.join(METHODS)}")
-    if isinstance(kv_heads, bool) or not isinstance(kv_heads, int) or kv_heads < 1:
-        raise ValueError(f"kv_heads must be a positive int, got {kv_heads!r}")
+    checks.positive_int("kv_heads", kv_heads)
     targets = _targets(model, modeling_t5, decoder_self, decoder_cross, encoder)
     if not targets:
         raise ValueError(

@@ -5,6 +5,7 @@ from typing import Optional, Union
 
 from torchtune.datasets import PackedDataset, SFTDataset, instruct_dataset
 
+from gqa_tune import _checks as checks
 from gqa_tune.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE, ByteTokenizer, byte_tokenizer
 
 #: The task data shipped inside the package (``train.jsonl``, ``val.jsonl``), so that a non-editable
@@ -55,8 +56,7 @@ def task_dataset(
             f"dataset file {str(data_file)!r} does not exist (relative paths are taken from {Path.cwd()}); "
             "`python -m gqa_tune.data.tasks` writes the task files to data/tasks/ there"
         )
-    if not isinstance(packed, bool):
-        raise ValueError(f"packed must be true or false, got {packed!r}")
+    checks.flag("packed", packed)
     if packed and getattr(tokenizer, "max_seq_len", None) is None:
         raise ValueError("packed=True needs the tokenizer's max_seq_len (the length of a packed row): set it")
     split = "train" if max_examples is None else f"train[:{int(max_examples)}]"

@@ -15,7 +15,20 @@ from torchtune.modules import (
     TransformerSelfAttentionLayer,
 )
 
+from gqa_tune import _checks as checks
 from gqa_tune.modules.attention import MultiHeadAttention
+
+
+def _check_shape(**sizes: int) -> None:
+    """Every size a positive int, and the heads dividing as attention needs (before any module is built)."""
+    for name, value in sizes.items():
+        checks.positive_int(name, value)
+    if "num_kv_heads" in sizes and sizes["num_heads"] % sizes["num_kv_heads"]:
+        raise ValueError(
+            f"num_heads ({sizes['num_heads']}) must be divisible by num_kv_heads ({sizes['num_kv_heads']})"
+        )
+    if "embed_dim" in sizes and sizes["embed_dim"] % sizes["num_heads"]:
+        raise ValueError(f"embed_dim ({sizes['embed_dim']}) must be divisible by num_heads ({sizes['num_heads']})")
 
 
 def _rope(
@@ -28,6 +41,16 @@ def _rope(
     old_context_len: int = 8192,
 ) -> nn.Module:
     """Plain RoPE, or torchtune's ``Llama3ScaledRoPE`` (``rope_type: llama3``) when ``scale_factor`` is set."""
+    checks.positive_int("head_dim", head_dim)
+    if head_dim % 2:
+        raise ValueError(f"RoPE rotates pairs of features: head_dim must be even, got {head_dim}")
+    checks.positive_int("max_seq_len", max_seq_len)
+    checks.positive_number("rope_base", base)
+    if scale_factor is not None:
+        checks.positive_number("rope_scale_factor", scale_factor)
+        checks.positive_number("rope_low_freq_factor", low_freq_factor)
+        checks.positive_number("rope_high_freq_factor", high_freq_factor)
+        checks.positive_int("rope_old_context_len", old_context_len)
     if scale_factor is None:
         return RotaryPositionalEmbeddings(dim=head_dim, max_seq_len=max_seq_len, base=base)
     return Llama3ScaledRoPE(
@@ -85,9 +108,12 @@ def gqa_attention(
         query_pre_attn_scalar (Optional[float]): scores scaled by ``query_pre_attn_scalar ** -0.5``.
         backend (str): attention backend.
     """
-    if not isinstance(num_heads, int) or num_heads < 1:
-        raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
-    head_dim = head_dim if head_dim is not None else embed_dim // num_heads
+    _check_shape(embed_dim=embed_dim, num_heads=num_heads, num_kv_heads=num_kv_heads, max_seq_len=max_seq_len)
+    head_dim = checks.positive_int("head_dim", head_dim if head_dim is not None else embed_dim // num_heads)
+    for name, value in (("use_rope", use_rope), ("qk_norm", qk_norm), ("bias", bias), ("is_causal", is_causal)):
+        checks.flag(name, value)
+    checks.positive_number("norm_eps", norm_eps)
+    checks.module("pos_embeddings", pos_embeddings, optional=True)
     if use_rope and pos_embeddings is None:
         pos_embeddings = _rope(
             head_dim, max_seq_len, rope_base, rope_scale_factor,
@@ -200,12 +226,14 @@ def gqa_decoder(
             positions only (Mistral's local attention); ``None``: global attention.
         backend (str): attention backend for every layer.
     """
-    for name, value in (("vocab_size", vocab_size), ("num_layers", num_layers), ("intermediate_dim", intermediate_dim)):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
-    if not isinstance(num_heads, int) or num_heads < 1:
-        raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
-    head_dim = head_dim if head_dim is not None else embed_dim // num_heads
+    _check_shape(
+        vocab_size=vocab_size, num_layers=num_layers, intermediate_dim=intermediate_dim, embed_dim=embed_dim,
+        num_heads=num_heads, num_kv_heads=num_kv_heads, max_seq_len=max_seq_len,
+    )  # fmt: skip
+    head_dim = checks.positive_int("head_dim", head_dim if head_dim is not None else embed_dim // num_heads)
+    for name, value in (("qk_norm", qk_norm), ("attn_bias", attn_bias), ("tie_word_embeddings", tie_word_embeddings)):
+        checks.flag(name, value)
+    checks.positive_number("norm_eps", norm_eps)
     rope = _rope(
         head_dim, max_seq_len, rope_base, rope_scale_factor,
         rope_low_freq_factor, rope_high_freq_factor, rope_old_context_len,

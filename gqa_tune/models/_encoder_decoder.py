@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from torchtune.modules import FeedForward, RMSNorm, TiedLinear, TransformerSelfAttentionLayer
 
+from gqa_tune import _checks as checks
 from gqa_tune.models._component_builders import _rope, gqa_attention, gqa_mlp, init_from_scratch
 from gqa_tune.modules.attention import MultiHeadAttention
 
@@ -383,8 +384,7 @@ class GQATransformerLM(nn.Module):
 
 def _check_positive(**values) -> None:
     for name, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+        checks.positive_int(name, value)
 
 
 def _feed_forward(d_model: int, dim_feedforward: int, activation: str, dropout: float, bias: bool) -> nn.Module:

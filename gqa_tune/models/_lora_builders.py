@@ -27,6 +27,7 @@ from torchtune.modules.common_utils import reparametrize_as_dtype_state_dict_pos
 from torchtune.modules.low_precision import FrozenNF4Linear
 from torchtune.modules.peft import LoRALinear
 
+from gqa_tune import _checks as checks
 from gqa_tune.models._component_builders import gqa_decoder, gqa_gemma2_decoder, gqa_gemma_decoder
 from gqa_tune.models._model_builders import BYTE_VOCAB_SIZE, gqa_llama3_2_1b, gqa_tiny
 
@@ -128,6 +129,10 @@ def quantize_frozen_base(model: TransformerDecoder) -> TransformerDecoder:
 def _check_lora_args(lora_attn_modules, apply_lora_to_mlp, apply_lora_to_output, lora_rank, lora_alpha, lora_dropout):
     if isinstance(lora_attn_modules, str):
         raise ValueError(f"lora_attn_modules must be a list of names, got the string {lora_attn_modules!r}")
+    if not isinstance(lora_attn_modules, (list, tuple)):
+        raise ValueError(f"lora_attn_modules must be a list of names, got {lora_attn_modules!r}")
+    checks.flag("apply_lora_to_mlp", apply_lora_to_mlp)
+    checks.flag("apply_lora_to_output", apply_lora_to_output)
     modules = list(dict.fromkeys(lora_attn_modules))  # drop repeats, keep order
     for name in modules:
         if name not in LORA_ATTN_MODULES:
@@ -136,12 +141,9 @@ def _check_lora_args(lora_attn_modules, apply_lora_to_mlp, apply_lora_to_output,
             )
     if not modules and not apply_lora_to_mlp and not apply_lora_to_output:
         raise ValueError("LoRA adapts nothing: lora_attn_modules is empty and apply_lora_to_mlp/output are False")
-    if isinstance(lora_rank, bool) or not isinstance(lora_rank, int) or lora_rank < 1:
-        raise ValueError(f"lora_rank must be a positive int, got {lora_rank!r}")
-    if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, (int, float)) or lora_alpha <= 0:
-        raise ValueError(f"lora_alpha must be a positive number, got {lora_alpha!r}")
-    if not 0.0 <= lora_dropout < 1.0:
-        raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout!r}")
+    checks.positive_int("lora_rank", lora_rank)
+    checks.positive_number("lora_alpha", lora_alpha)
+    checks.probability("lora_dropout", lora_dropout, below_one=True)
     return modules
 
 
@@ -171,8 +173,7 @@ def add_lora(
             dropout, ``apply_lora_to_output`` on a model whose output is tied to the embedding, or (with
             ``quantize_base``) a weight whose size is not a multiple of the NF4 block (64), named.
     """
-    if not isinstance(quantize_base, bool):
-        raise ValueError(f"quantize_base must be true or false, got {quantize_base!r}")
+    checks.flag("quantize_base", quantize_base)
     modules = _check_lora_args(
         lora_attn_modules, apply_lora_to_mlp, apply_lora_to_output, lora_rank, lora_alpha, lora_dropout
     )

@@ -1,7 +1,6 @@
 """Grouped-query ``MultiHeadAttention`` with torchtune 0.6.1's constructor."""
 
 import logging
-import math
 import numbers
 from typing import Optional
 
@@ -9,9 +8,10 @@ import torch
 from torch import nn
 from torch.nn.attention.flex_attention import BlockMask
 
+from gqa_tune import _checks as checks
 from gqa_tune.modules.kv_cache import KVCache
 from gqa_tune.ops.dispatch import AttentionSpec, check_backend_name, execute, plan_attention
-from gqa_tune.ops.functional import check_softcap
+from gqa_tune.ops.functional import check_scale, check_softcap
 from gqa_tune.ops.kv_quant import QUANTIZED_KV_DTYPES, resolve_kv_cache_dtype
 from gqa_tune.ops.masks import MaskType
 
@@ -119,8 +119,13 @@ class MultiHeadAttention(nn.Module):
             ("head_dim", head_dim),
             ("max_seq_len", max_seq_len),
         ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            checks.positive_int(name, value)
+        for name, value in (("q_proj", q_proj), ("k_proj", k_proj), ("v_proj", v_proj), ("output_proj", output_proj)):
+            checks.module(name, value)
+        for name, value in (("pos_embeddings", pos_embeddings), ("q_norm", q_norm), ("k_norm", k_norm)):
+            checks.module(name, value, optional=True)
+        if kv_cache is not None and not isinstance(kv_cache, KVCache):
+            raise ValueError(f"kv_cache must be a gqa_tune KVCache or None, got {type(kv_cache).__name__}")
         if num_heads % num_kv_heads != 0:
             raise ValueError(f"num_heads ({num_heads}) must be divisible by num_kv_heads ({num_kv_heads})")
         if embed_dim % num_heads != 0:
@@ -151,22 +156,12 @@ class MultiHeadAttention(nn.Module):
                 f"head_dim {head_dim})"
             )
         check_backend_name(backend)
-        if sliding_window_size is not None and (
-            isinstance(sliding_window_size, bool) or not isinstance(sliding_window_size, int) or sliding_window_size < 1
-        ):
-            raise ValueError(f"sliding_window_size must be None or a positive int, got {sliding_window_size!r}")
+        checks.optional_positive_int("sliding_window_size", sliding_window_size)
         check_softcap("softcapping", softcapping)
-        if query_pre_attn_scalar is not None and (
-            isinstance(query_pre_attn_scalar, bool)
-            or not isinstance(query_pre_attn_scalar, numbers.Real)
-            or not math.isfinite(query_pre_attn_scalar)
-            or query_pre_attn_scalar <= 0
-        ):
-            raise ValueError(
-                f"query_pre_attn_scalar must be None or a finite positive number, got {query_pre_attn_scalar!r}"
-            )
-        if not isinstance(is_causal, bool):
-            raise ValueError(f"is_causal must be True or False, got {is_causal!r}")
+        checks.optional_positive_number("query_pre_attn_scalar", query_pre_attn_scalar)
+        if query_pre_attn_scalar is not None:
+            check_scale(float(query_pre_attn_scalar) ** -0.5)  # the score multiplier it makes
+        checks.flag("is_causal", is_causal)
 
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
@@ -222,6 +217,7 @@ class MultiHeadAttention(nn.Module):
         if self.kv_cache is not None:
             logger.warning("Key value caches are already setup. You cannot call ``setup_caches()`` twice. Skipping.")
             return
+        checks.floating_dtype("dtype", dtype, allowed=QUANTIZED_KV_DTYPES)
         param = next(self.parameters(), None)
         kv_cache_dtype = resolve_kv_cache_dtype(kv_cache_dtype)
         if dtype in QUANTIZED_KV_DTYPES:  # torchtune's door: setup_caches(batch_size, torch.int8, ...)
@@ -253,7 +249,15 @@ class MultiHeadAttention(nn.Module):
         if isinstance(mask, BlockMask):
             if cached:
                 raise ValueError("a BlockMask cannot be used with an enabled KV cache; pass a bool mask")
-            return  # the functional layer's rules check its shape
+            lengths = tuple(mask.seq_lengths)
+            if lengths != (s_x, kv_lens[0]) or mask.shape[0] not in (1, b) or mask.shape[1] not in (1, self.num_heads):
+                raise ValueError(
+                    f"BlockMask of shape {tuple(mask.shape)} and lengths {lengths} does not fit "
+                    f"(b={b}, n_h={self.num_heads}, s_x={s_x}, s_y={kv_lens[0]})"
+                )
+            if mask.kv_num_blocks.device != x.device:
+                raise ValueError(f"BlockMask is on {mask.kv_num_blocks.device}, x on {x.device}")
+            return
         if not isinstance(mask, torch.Tensor):
             raise ValueError(f"mask must be a bool tensor or a BlockMask, got {type(mask).__name__}")
         if mask.dtype != torch.bool and mask.dtype != x.dtype:
@@ -370,6 +374,13 @@ class MultiHeadAttention(nn.Module):
             raise ValueError(f"x must be a floating-point tensor [b, s_x, d], got {getattr(x, 'shape', x)!r}")
         if x.shape[-1] != self.embed_dim:
             raise ValueError(f"x has {x.shape[-1]} features, embed_dim is {self.embed_dim}")
+        weight = getattr(self.q_proj, "weight", None)
+        if isinstance(weight, torch.Tensor):
+            if x.device != weight.device:
+                raise ValueError(f"x is on {x.device}, the attention's weights on {weight.device}")
+            autocast = torch.is_autocast_enabled(x.device.type)
+            if weight.is_floating_point() and x.dtype != weight.dtype and not autocast:
+                raise ValueError(f"x is {x.dtype}, the attention's weights are {weight.dtype}: convert one of them")
         b, s_x, _ = x.shape
         cache = self.kv_cache if self.cache_enabled and self.kv_cache is not None else None
         compiling = torch.compiler.is_compiling()
@@ -409,8 +420,10 @@ class MultiHeadAttention(nn.Module):
             # Default positions: 0..s_x-1, or the cache positions the new tokens (or, y=None, the queries) take.
             first = start if cache is not None and y is not None else 0
             self._check_positions(first, first + s_x - 1, "the positions (no input_pos given)")
-        if empty:
+        if empty or (y is not None and s_new == 0 and cache is None):  # no queries, or no keys: zeros
             return self.output_proj(x.new_zeros(b, s_x, self.num_heads * self.head_dim))
+        if y is not None and s_new == 0:  # nothing to write: attend to what the cache holds
+            y = None
         if input_pos is None and cache is not None and y is not None and self.pos_embeddings is not None:
             input_pos = cache.next_positions(b, s_x)  # the new tokens' positions (checked, compiled too)
 

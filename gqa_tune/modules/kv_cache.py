@@ -5,6 +5,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from gqa_tune import _checks as checks
 from gqa_tune.ops.kv_quant import (
     QUANTIZED_KV_DTYPES,
     check_kv_cache_dtype,
@@ -225,11 +226,12 @@ class KVCache(nn.Module):
             ("num_kv_heads", num_kv_heads),
             ("head_dim", head_dim),
         ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
-            raise ValueError(f"window must be None or a positive int, got {window!r}")
+            checks.positive_int(name, value)
+        checks.optional_positive_int("window", window)
+        device = checks.device("device", device)
         kv_cache_dtype = resolve_kv_cache_dtype(kv_cache_dtype)
+        if kv_cache_dtype is None:
+            checks.floating_dtype("dtype", dtype, allowed=QUANTIZED_KV_DTYPES)
         if kv_cache_dtype is None and dtype in QUANTIZED_KV_DTYPES:
             raise ValueError(
                 f"dtype {dtype} is a storage dtype: pass dtype=<the model's floating dtype>, kv_cache_dtype={dtype}"
@@ -401,6 +403,9 @@ class KVCache(nn.Module):
             )
         if not k_val.is_floating_point() or not v_val.is_floating_point():
             raise ValueError(f"k_val and v_val must be floating-point, got {k_val.dtype} and {v_val.dtype}")
+        if k_val.device != self.k_cache.device or v_val.device != self.k_cache.device:
+            where = self.k_cache.device
+            raise ValueError(f"k_val is on {k_val.device} and v_val on {v_val.device}, the cache on {where}")
         b, heads, seq_len, head_dim = k_val.shape
         self.check_update(b, seq_len, heads, head_dim)
         if self.quantized:

@@ -5,8 +5,9 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from gqa_tune import _checks as checks
 from gqa_tune.ops.backends.triton import kernel_problem
-from gqa_tune.ops.functional import check_flag, check_scale
+from gqa_tune.ops.functional import check_scale
 from gqa_tune.ops.kv_quant import QUANTIZED_KV_DTYPES, dequantize_kv
 from gqa_tune.ops.nan_rule import hide_masked_nans
 
@@ -62,7 +63,7 @@ def _check(query, k_cache, v_cache, cache_seqlens, mask, scale, causal, max_seql
             f"mask must be bool [b, s_q, max_len] = [{b}, {s_q}, {max_len}], got {mask.dtype} {tuple(mask.shape)}"
         )
     check_scale(scale)
-    check_flag("causal", causal)
+    checks.flag("causal", causal)
     if max_seqlen is not None and (isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 0):
         raise ValueError(f"max_seqlen must be None or a non-negative int, got {max_seqlen!r}")
     if b == 0:

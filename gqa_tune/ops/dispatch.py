@@ -31,7 +31,7 @@ import torch
 from torch.nn.attention.flex_attention import BlockMask
 
 from gqa_tune.ops.backends.flex import flex_backend, flex_limits
-from gqa_tune.ops.backends.math import math_backend
+from gqa_tune.ops.backends.math import math_backend, math_weights
 from gqa_tune.ops.backends.sdpa import sdpa_backend, sdpa_limits
 from gqa_tune.ops.backends.triton import auto_validated, triton_backend, triton_limits
 from gqa_tune.ops.kv_quant import dequantize_filled
@@ -97,6 +97,8 @@ class Backend:
     #: The quantized K/V dtypes its decode row reads natively, with their ``kv_scales``. Anything else
     #: quantized is dequantized when the call runs: the filled prefix only.
     quantized_kv: Tuple[torch.dtype, ...] = ()
+    #: The same call returning ``(out, weights)`` (``need_weights``); ``None``: it cannot return weights.
+    weights_fn: Optional[Callable[..., Tuple[torch.Tensor, torch.Tensor]]] = None
 
 
 def _no_limits(call: AttentionCall) -> Optional[str]:
@@ -107,7 +109,7 @@ _INT8_KV = (torch.int8,)
 BACKENDS = {
     "sdpa": Backend("sdpa", sdpa_backend, sdpa_limits, zeroes_nan_query_rows=True),
     "flex": Backend("flex", flex_backend, flex_limits, zeroes_nan_query_rows=True),
-    "math": Backend("math", math_backend, _no_limits, offsets=True),
+    "math": Backend("math", math_backend, _no_limits, offsets=True, weights_fn=math_weights),
     "triton": Backend(
         "triton", triton_backend, triton_limits, offsets=True, cache_lengths=True, windows=True, quantized_kv=_INT8_KV
     ),
@@ -258,6 +260,8 @@ class AttentionSpec:
         kv_scales (Optional[Tuple[torch.Tensor, torch.Tensor]]): K/V are quantized (int8 or float8, e.g. a
             quantized KV cache's buffers) with these float32 scales ``[b, n_kv, s_kv]``: key ``j`` is
             ``k[..., j, :] * k_scale[..., j]`` (:mod:`gqa_tune.ops.kv_quant`).
+        need_weights (bool): also return the attention weights ``[b, n_h, s_q, s_kv]`` (only a backend with a
+            ``weights_fn``, the math one, serves it).
     """
 
     mask: Optional[MaskType] = None
@@ -271,6 +275,7 @@ class AttentionSpec:
     scale: Optional[float] = None
     dropout_p: float = 0.0
     kv_scales: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+    need_weights: bool = False
 
     @property
     def cached(self) -> bool:
@@ -416,14 +421,14 @@ def plan_attention(
     """
     check_backend_name(backend)
     if backend != "auto":
-        call = _predicted_call(q, k, v, spec, BACKENDS[backend], False)
+        call = _predicted_call(q, k, v, spec, BACKENDS[backend], spec.need_weights)
         chosen = select_backend(call, backend)
     else:
-        chosen, call = None, _predicted_call(q, k, v, spec, BACKENDS["math"], False)
+        chosen, call = None, _predicted_call(q, k, v, spec, BACKENDS["math"], spec.need_weights)
         for name in auto_order(call):
             row = BACKENDS[name]
             candidate = call if row.offsets == BACKENDS["math"].offsets and not row.cache_lengths else None
-            candidate = candidate or _predicted_call(q, k, v, spec, row, False)
+            candidate = candidate or _predicted_call(q, k, v, spec, row, spec.need_weights)
             if candidate.empty:
                 break  # nothing to attend: the reference answers (empty, or zeros)
             if name not in AUTO_DISABLED and row.limits(candidate) is None:
@@ -431,14 +436,15 @@ def plan_attention(
                 break
         if chosen is None:
             chosen = BACKENDS["math"]
-            call = _predicted_call(q, k, v, spec, chosen, False)
+            call = _predicted_call(q, k, v, spec, chosen, spec.need_weights)
     if call.empty:
         chosen = BACKENDS["math"]
     k_in, v_in, kwargs = _lower(spec, chosen, q, k, v)
     return AttentionPlan(chosen, call, backend, spec, k_in, v_in, kwargs, k, v)
 
 
-def _run(chosen: Backend, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kwargs: dict) -> torch.Tensor:
+def _run(chosen: Backend, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kwargs: dict, need_weights: bool = False):
+    """The backend's call under the NaN rule; ``(out, weights)`` with ``need_weights``."""
     if "dequantize" in kwargs:  # quantized K/V for a backend that reads floats: the filled prefix only
         kwargs = dict(kwargs)
         k_scale, v_scale, seqlens = kwargs.pop("dequantize")
@@ -452,21 +458,32 @@ def _run(chosen: Backend, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kwa
         k, v, restore = hide_masked_nans(
             q, k, v, kwargs["mask"], kwargs["is_causal"], chosen.zeroes_nan_query_rows, kwargs.get("causal_offset", 0)
         )
-    out = restore(chosen.fn(q, k, v, **kwargs))
-    if zero_heads is not None:
-        out = torch.where(zero_heads.view(1, -1, 1, 1), 0.0, out)  # heads with a +inf sink
-    return out
+    if need_weights:
+        out, weights = chosen.weights_fn(q, k, v, **kwargs)
+    else:
+        out, weights = chosen.fn(q, k, v, **kwargs), None
+    out = restore(out)
+    if zero_heads is not None:  # heads with a +inf sink: all their weight is on the sink
+        out = torch.where(zero_heads.view(1, -1, 1, 1), 0.0, out)
+        weights = None if weights is None else torch.where(zero_heads.view(1, -1, 1, 1), 0.0, weights)
+    return out if not need_weights else (out, weights)
 
 
-def execute(plan: AttentionPlan, q: torch.Tensor) -> torch.Tensor:
-    """Run a plan under the NaN rule (:mod:`gqa_tune.ops.nan_rule`); K/V are read when it runs."""
+def execute(plan: AttentionPlan, q: torch.Tensor):
+    """Run a plan under the NaN rule (:mod:`gqa_tune.ops.nan_rule`); K/V are read when it runs. Returns the
+    output ``[b, n_h, s_q, h_dv]``, or ``(out, weights)`` for a spec with ``need_weights``."""
+
+    need_weights = plan.spec.need_weights
 
     def rerun() -> torch.Tensor:  # a Triton kernel failed to build under "auto": plan again without it
         again = plan_attention(q, plan.k_given, plan.v_given, plan.spec, "auto")
-        return _run(again.backend, q, again.k, again.v, again.kwargs)
+        return _run(again.backend, q, again.k, again.v, again.kwargs, need_weights)
 
     return call_guarded(
-        plan.backend.name, plan.requested, lambda: _run(plan.backend, q, plan.k, plan.v, plan.kwargs), rerun
+        plan.backend.name,
+        plan.requested,
+        lambda: _run(plan.backend, q, plan.k, plan.v, plan.kwargs, need_weights),
+        rerun,
     )
 
 

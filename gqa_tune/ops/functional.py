@@ -7,38 +7,35 @@ from typing import Any, Optional, Tuple, Union
 import torch
 from torch.nn.attention.flex_attention import BlockMask
 
-from gqa_tune.ops.backends.math import attention_ref
-from gqa_tune.ops.dispatch import AttentionSpec, attend, lower_for, make_call, select_backend
+from gqa_tune import _checks as checks
+from gqa_tune.ops.dispatch import AttentionSpec, attend
 from gqa_tune.ops.masks import MaskType
-from gqa_tune.ops.nan_rule import hide_masked_nans
 
 
 def _shape(t: torch.Tensor) -> str:
     return "(" + ", ".join(str(d) for d in t.shape) + ")"
 
 
-def check_flag(name: str, value: Any) -> None:
-    """Raise ``ValueError`` unless ``value`` is a Python bool."""
-    if not isinstance(value, bool):
-        raise ValueError(f"{name} must be True or False, got {value!r}")
-
-
-def check_probability(name: str, value: Any) -> None:
-    """Raise ``ValueError`` unless ``value`` is a real number in [0, 1]."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= value <= 1.0:
-        raise ValueError(f"{name} must be in [0, 1], got {value!r}")
+#: The largest score multiplier: past it, ordinary queries and keys give float32 scores that overflow to inf.
+MAX_SCALE = 1e6
 
 
 def check_scale(scale: Any) -> None:
-    """Raise ``ValueError`` unless ``scale`` is ``None`` or a finite positive number.
+    """Raise ``ValueError`` unless ``scale`` is ``None`` or a finite positive number up to :data:`MAX_SCALE`.
 
     A zero, negative, NaN or infinite scale has no attention meaning (softmax over
-    ``-inf * 0`` or reversed scores) and gives NaN on some backends, so it is refused.
+    ``-inf * 0`` or reversed scores) and gives NaN on some backends, so it is refused; so is
+    one so large that the scores overflow float32 (``inf - inf`` in the softmax is NaN).
     """
     if scale is None:
         return
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale) or scale <= 0:
         raise ValueError(f"scale must be None or a finite positive number, got {scale!r}")
+    if scale > MAX_SCALE:
+        raise ValueError(
+            f"scale must be at most {MAX_SCALE:g}, got {scale!r}: scores that large overflow float32 (the softmax "
+            "of such scores is a hard maximum; scale the inputs instead)"
+        )
 
 
 #: The largest soft-cap: every backend computes the cap in float32 (``softcap * tanh(s / softcap)``).
@@ -112,8 +109,8 @@ def check_gqa_inputs(
         raise ValueError(f"dtypes differ: query {query.dtype}, key {key.dtype}, value {value.dtype}")
     if not (query.device == key.device == value.device):
         raise ValueError(f"devices differ: query {query.device}, key {key.device}, value {value.device}")
-    check_flag("is_causal", is_causal)
-    check_probability("dropout_p", dropout_p)
+    checks.flag("is_causal", is_causal)
+    checks.probability("dropout_p", dropout_p)
     if attn_mask is None:
         return
     if is_causal:
@@ -201,7 +198,7 @@ def scaled_dot_product_gqa(
     """
     check_gqa_inputs(query, key, value, attn_mask, dropout_p, is_causal)
     check_scale(scale)
-    check_flag("need_weights", need_weights)
+    checks.flag("need_weights", need_weights)
     check_features(query, sliding_window, softcap, sinks)
     spec = AttentionSpec(
         mask=attn_mask,
@@ -211,14 +208,7 @@ def scaled_dot_product_gqa(
         sinks=sinks,
         scale=scale,
         dropout_p=dropout_p,
+        need_weights=need_weights,
     )
-    if not need_weights:
-        return attend(query, key, value, spec, backend)
-    # Only the reference returns weights: any other explicit backend is refused, naming itself.
-    select_backend(make_call(query, key, value, attn_mask, dropout_p, True, softcap, sinks), backend)
-    key, value, kwargs = lower_for(spec, "math", query, key, value)
-    key, value, restore = hide_masked_nans(
-        query, key, value, kwargs["mask"], kwargs["is_causal"], False, kwargs["causal_offset"]
-    )
-    out, weights = attention_ref(query, key, value, return_weights=True, **kwargs)
-    return restore(out), weights
+    # With need_weights only the math backend serves the call; another explicit one is refused, naming itself.
+    return attend(query, key, value, spec, backend)

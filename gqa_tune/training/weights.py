@@ -31,6 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 from torchtune import config as tt_config
 from torchtune import training, utils
 
+from gqa_tune import _checks as checks
 from gqa_tune.config_check import ConfigError
 from gqa_tune.training.checkpoint import (
     CONFIG,
@@ -505,8 +506,17 @@ def from_pretrained(
             raise ValueError(f"from_pretrained: {str(directory)!r}: config.json's dtype {name!r} is not a float dtype")
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ValueError(f"from_pretrained: dtype must be a floating torch.dtype or 'auto', got {dtype!r}")
-    with training.set_default_dtype(dtype), torch.device(device if device is not None else torch.get_default_device()):
-        model = tt_config.instantiate(OmegaConf.create(builder))
+    device = checks.device("from_pretrained: device", device)
+    try:
+        with training.set_default_dtype(dtype), device:
+            model = tt_config.instantiate(OmegaConf.create(builder))
+    except Exception as err:  # the builder's refusal of an argument, or a builder that does not exist
+        args = {k: v for k, v in builder.items() if k in builder_args}
+        raise ValueError(
+            f"from_pretrained: cannot build {builder.get('_component_')!r} for {str(directory)!r}"
+            + (f" with {args}" if args else "")
+            + f": {type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}"
+        ) from err
     fit_weights(model, state_dict, WeightSource("checkpoint_dir", str(directory), directory, config))
     return model.eval()
 

@@ -119,7 +119,7 @@ def test_llama3_2_1b_shape_matches_torchtune_lora_keys():
         (dict(lora_attn_modules="q_proj"), r"must be a list of names, got the string 'q_proj'"),
         (dict(lora_attn_modules=[]), "LoRA adapts nothing"),
         (dict(lora_rank=0), "lora_rank must be a positive int, got 0"),
-        (dict(lora_alpha=-1.0), "lora_alpha must be a positive number"),
+        (dict(lora_alpha=-1.0), "lora_alpha must be a finite positive number"),
         (dict(lora_dropout=1.0), r"lora_dropout must be in \[0, 1\)"),
         (dict(apply_lora_to_output=True), "apply_lora_to_output needs tie_word_embeddings=False"),
         (dict(num_kv_heads=3), r"num_heads \(4\) must be divisible by num_kv_heads \(3\)"),

@@ -99,13 +99,13 @@ def test_narrow_kv_projections_get_a_scaler_block_that_divides_them():
 
 
 def test_a_weight_that_is_no_multiple_of_the_nf4_block_is_refused_by_name():
-    shape = dict(SMALL, embed_dim=36, num_heads=4, num_kv_heads=2, intermediate_dim=64)  # q_proj 36 x 36
+    shape = dict(SMALL, embed_dim=36, num_heads=6, num_kv_heads=2, intermediate_dim=64)  # q_proj 36 x 36
     with pytest.raises(ValueError, match=r"cannot quantize layers\.0\.attn\.q_proj to NF4: .*\(36, 36\).* 64"):
         qlora_gqa_decoder(lora_attn_modules=["q_proj"], lora_rank=4, lora_alpha=8, **shape)
     with pytest.raises(ValueError, match=r"cannot quantize layers\.0\.mlp\.w1 to NF4"):
         shape = dict(SMALL, embed_dim=48, intermediate_dim=50)  # the attention fits (48 x 48, 24 x 48), w1 does not
         qlora_gqa_decoder(lora_attn_modules=["q_proj"], lora_rank=4, lora_alpha=8, **shape)
-    with pytest.raises(ValueError, match="quantize_base must be true or false, got 'yes'"):
+    with pytest.raises(ValueError, match="quantize_base must be True or False, got 'yes'"):
         lora_gqa_tiny(quantize_base="yes")
 
 

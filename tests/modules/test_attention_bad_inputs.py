@@ -85,10 +85,13 @@ def test_other_inputs_are_refused(prefilled):
     refused(attn, "x has 32 features, embed_dim is 64", x[..., :32], x)
     refused(attn, "x must be a floating-point tensor", x.long(), x)
     refused(attn, "y's dtype torch.float64 differs from x's torch.float32", x, x.double())
-    refused(attn, "the KV cache holds torch.float32, the input is torch.float64", x.double(), x.double())
+    refused(attn, "x is torch.float64, the attention's weights are torch.float32", x.double(), x.double())
     refused(
         attn, "cannot write 40 positions: 5 of max_seq_len 32 are filled", torch.randn(2, 40, E), torch.randn(2, 40, E)
     )
+    for proj in (attn.q_proj, attn.k_proj, attn.v_proj, attn.output_proj):
+        proj.double()  # weights in float64, the cache still float32
+    refused(attn, "the KV cache holds torch.float32, the input is torch.float64", x.double(), x.double())
 
 
 @pytest.mark.parametrize("backend", ["flex", "triton"])

@@ -110,3 +110,11 @@ def math_backend(q, k, v, *, mask, scale, is_causal, dropout_p, softcap=None, si
         q, k, v, mask=mask, scale=scale, is_causal=is_causal, dropout_p=dropout_p, softcap=softcap, sinks=sinks,
         causal_offset=causal_offset,
     )[0]  # fmt: skip
+
+
+def math_weights(q, k, v, *, mask, scale, is_causal, dropout_p, softcap=None, sinks=None, causal_offset=0):
+    """:func:`math_backend` with the attention weights: ``(out, weights)``."""
+    return attention_ref(
+        q, k, v, mask=mask, scale=scale, is_causal=is_causal, dropout_p=dropout_p, softcap=softcap, sinks=sinks,
+        causal_offset=causal_offset, return_weights=True,
+    )  # fmt: skip
