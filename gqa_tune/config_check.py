@@ -400,7 +400,8 @@ def _check_hf_model_dir(cfg: DictConfig, problems: List[str]) -> None:
     value = cfg.get("hf_model_dir")
     if not isinstance(value, str) or not value.strip():
         return
-    from gqa_tune.training.weights import builder_from_hf_config, read_hf_config, tokenizer_ids
+    from gqa_tune.hf import builder_from_hf_config, read_hf_config
+    from gqa_tune.training.weights import tokenizer_ids
 
     try:
         config = read_hf_config(Path(value))

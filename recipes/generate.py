@@ -50,6 +50,7 @@ from torchtune import config, training
 from gqa_tune.config_check import ConfigError, build_component, check_config, exits_on_config_error
 from gqa_tune.generation import GenerationStats
 from gqa_tune.generation import generate as gqa_generate
+from gqa_tune.hf import model_shape
 from gqa_tune.modules import setup_caches
 from gqa_tune.ops.kv_quant import check_kv_cache_dtype, resolve_kv_cache_dtype
 from gqa_tune.quantization import (
@@ -60,7 +61,6 @@ from gqa_tune.quantization import (
     quantizer_limits,
     weight_bytes,
 )
-from gqa_tune.training.checkpoint import model_shape
 from gqa_tune.training.generation import GenerationResult, generate, kv_cache_bytes
 from gqa_tune.training.weights import check_vocab, fit_weights, load_weights
 

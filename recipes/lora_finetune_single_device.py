@@ -47,9 +47,10 @@ from torchtune import config, training
 from torchtune.modules.peft import get_adapter_params, set_trainable_params
 
 from gqa_tune.config_check import ConfigError, check_config, exits_on_config_error
+from gqa_tune.hf import model_shape
 from gqa_tune.models import init_from_scratch
 from gqa_tune.schema import LoRAConfig
-from gqa_tune.training.checkpoint import load_checkpoint, model_shape
+from gqa_tune.training.checkpoint import load_checkpoint
 from gqa_tune.training.finetune import FinetuneRecipe
 from gqa_tune.training.lora import (
     adapter_config,

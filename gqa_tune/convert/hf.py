@@ -24,7 +24,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List
 
 import torch
 from safetensors import safe_open
@@ -32,47 +32,13 @@ from safetensors.torch import save_file
 
 from gqa_tune import _checks as checks
 from gqa_tune.convert.pooling import check_conversion, convert_state_dict
-from gqa_tune.training.checkpoint import CONFIG, _write_atomically, cleanup_stale, weight_files
+from gqa_tune.hf import CONFIG, hf_shape, read_config, weight_files
+from gqa_tune.training.checkpoint import cleanup_stale, write_atomically
 
 #: Top-level files not copied to the converted directory (weights, optimizer state, run pointers).
 _SKIP_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".index.json")
 _SKIP_NAMES = (CONFIG, "LATEST")
 _KV = (".self_attn.k_proj.", ".self_attn.v_proj.")
-
-
-def _read_config(src: Path) -> Tuple[Dict[str, Any], int, int, int]:
-    """``config.json`` and its (num_heads, num_kv_heads, head_dim)."""
-    path = src / CONFIG
-    if not path.is_file():
-        raise ValueError(f"checkpoint {str(src)!r} has no {CONFIG}")
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise ValueError(f"cannot read {str(path)!r}: {err}") from err
-    if not isinstance(config, dict):
-        raise ValueError(f"{str(path)!r} is not a JSON object")
-    for key in ("num_attention_heads", "hidden_size"):
-        if key not in config:
-            raise ValueError(f"{str(path)!r} lacks {key!r}")
-    num_heads = config["num_attention_heads"]
-    num_kv_heads = config.get("num_key_value_heads")
-    num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
-    for key, value in (("num_attention_heads", num_heads), ("num_key_value_heads", num_kv_heads)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{str(path)!r}: {key} must be a positive int, got {value!r}")
-    if num_heads % num_kv_heads != 0:
-        raise ValueError(
-            f"{str(path)!r}: num_attention_heads {num_heads} is not a multiple of num_key_value_heads {num_kv_heads}"
-        )
-    head_dim = config.get("head_dim")
-    if head_dim is None:
-        hidden = config["hidden_size"]
-        head_dim = hidden // num_heads if isinstance(hidden, int) and not isinstance(hidden, bool) else None
-    if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim < 1:
-        raise ValueError(
-            f"{str(path)!r}: head_dim (or hidden_size // num_attention_heads) must be a positive int, got {head_dim!r}"
-        )
-    return config, num_heads, num_kv_heads, head_dim
 
 
 def _check_weights(src: Path, files: List[str], config: Dict[str, Any], rows: int) -> None:
@@ -161,7 +127,9 @@ def convert_hf_checkpoint(
     src, dst = Path(src_dir), Path(dst_dir)
     if not src.is_dir():
         raise ValueError(f"checkpoint directory {str(src)!r} does not exist")
-    config, _, current, head_dim = _read_config(src)
+    config = read_config(src)
+    shape = hf_shape(config, f"checkpoint {str(src)!r}: {CONFIG}")
+    current, head_dim = shape["num_kv_heads"], shape["head_dim"]
     check_conversion(current, num_kv_heads, method)
     if dst.resolve() == src.resolve():
         raise ValueError(f"dst_dir {str(dst)!r} is the source checkpoint; write the conversion elsewhere")
@@ -209,5 +177,5 @@ def convert_hf_checkpoint(
                 shutil.copy2(path, tmp / path.name)
 
     cleanup_stale(dst.parent, name=dst.name)
-    _write_atomically(dst, write)
+    write_atomically(dst, write)
     return dst

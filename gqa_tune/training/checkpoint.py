@@ -1,4 +1,4 @@
-"""Checkpoints: Hugging Face layout (``model.safetensors`` + ``config.json``), written atomically.
+"""Checkpoint directories: their layout, crash-safe writes, ``LATEST``, pruning, and finding the one to load.
 
 A checkpoint is a directory::
 
@@ -6,19 +6,16 @@ A checkpoint is a directory::
         model.safetensors       weights in Hugging Face layout (loadable by gqa_tune, by
                                 ``transformers.AutoModelForCausalLM.from_pretrained`` and, for Llama-style
                                 models, by torchtune's FullModelHFCheckpointer with model_type LLAMA3_2)
-        config.json             Hugging Face config of the source's architecture (Llama, Mistral, Qwen2,
-                                Gemma, Gemma 2; :func:`hf_config`): RoPE type and parameters, norm eps, tied
-                                embeddings, windows, soft-capping, bos/eos/pad ids, plus a "gqa_tune" entry
-                                with the model builder
+        config.json             Hugging Face config of the source's architecture (:func:`gqa_tune.hf.hf_config`),
+                                plus a "gqa_tune" entry with the model builder
         generation_config.json  copied from the source checkpoint, when it has one
         recipe_state.pt         optimizer, scheduler, counters and RNG states (for exact resume)
         adapter/...             LoRA runs: the adapter alone
 
-``<output_dir>/LATEST`` names the newest complete one.
-
-:func:`load_checkpoint` reads these and any Hugging Face model directory of those architectures (one
-``model.safetensors``, shards with or without an index, or ``pytorch_model.bin``): the weights are converted
-by torchtune's ``hf_to_tune`` / ``tune_to_hf`` plus what they leave out (:func:`hf_to_tune_weights`).
+``<output_dir>/LATEST`` names the newest complete one. What the files mean (the Hugging Face format, both
+ways) is :mod:`gqa_tune.hf`'s; this module owns where they go and that they are written safely.
+:func:`load_checkpoint` reads these and any Hugging Face model directory gqa_tune builds
+(:func:`gqa_tune.hf.load_model_dir`), with the recipe state.
 
 Atomic writes. Invariant: at every instant, (a) ``LATEST``, if it exists, names a complete
 directory (it loads), and (b) ``<name>``, if it exists, is complete and holds the old or the new
@@ -57,78 +54,13 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 import torch
-from safetensors.torch import load_file, save_file
-from torchtune.models.convert_weights import hf_to_tune, tune_to_hf
-from torchtune.models.gemma.gemma_norm_embedding import GemmaNormEmbeddings
-from torchtune.models.llama3_1._position_embeddings import Llama3ScaledRoPE
-from torchtune.modules import RotaryPositionalEmbeddings, TiedLinear
 
-from gqa_tune.models._component_builders import SoftCappedTiedLinear
+from gqa_tune.hf.config import CONFIG, GENERATION_CONFIG, TOKEN_ID_KEYS, hf_config, read_config
+from gqa_tune.hf.files import WEIGHTS, weight_files, write_weights
+from gqa_tune.hf.model_dir import load_model_dir
+from gqa_tune.hf.names import tune_to_hf_weights
 
-WEIGHTS, CONFIG, STATE, LATEST = "model.safetensors", "config.json", "recipe_state.pt", "LATEST"
-GENERATION_CONFIG = "generation_config.json"
-#: The Hugging Face config keys of the special token ids.
-TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
-
-
-#: The Hugging Face architectures gqa_tune builds (gqa_tune.training.weights) and saves, by ``model_type``.
-HF_ARCHITECTURES = {
-    "llama": "LlamaForCausalLM",
-    "mistral": "MistralForCausalLM",
-    "qwen2": "Qwen2ForCausalLM",
-    "gemma": "GemmaForCausalLM",
-    "gemma2": "Gemma2ForCausalLM",
-}
-#: ``tie_word_embeddings`` where a ``config.json`` leaves it out (transformers' defaults per model type).
-TIED_BY_DEFAULT = {"llama": False, "mistral": False, "qwen2": False, "gemma": True, "gemma2": True}
-
-
-def model_shape(model: torch.nn.Module) -> Dict[str, int]:
-    """Head counts and widths of a torchtune ``TransformerDecoder`` (ours or torchtune's)."""
-    attn = model.layers[0].attn
-    return {
-        "num_heads": attn.num_heads,
-        "num_kv_heads": attn.num_kv_heads,
-        "dim": attn.embed_dim,
-        "head_dim": attn.head_dim,
-    }
-
-
-def rope_config(rope: torch.nn.Module, head_dim: int) -> Dict[str, Any]:
-    """Hugging Face ``rope_parameters`` describing torchtune's RoPE module ``rope``.
-
-    ``RotaryPositionalEmbeddings`` is ``rope_type`` ``"default"``; ``Llama3ScaledRoPE`` is ``"llama3"`` with its
-    ``scale_factor``, ``low_freq_factor``, ``high_freq_factor`` and ``old_context_len`` (read off the module).
-
-    Raises:
-        ValueError: another position embedding, or one that rotates fewer than ``head_dim`` features.
-    """
-    if isinstance(rope, Llama3ScaledRoPE):
-        params = {
-            "rope_type": "llama3",
-            "rope_theta": float(rope.base),
-            "factor": float(rope.scale_factor),
-            "low_freq_factor": float(rope.low_freq_factor),
-            "high_freq_factor": float(rope.high_freq_factor),
-            "original_max_position_embeddings": int(rope.old_context_len),
-        }
-    elif isinstance(rope, RotaryPositionalEmbeddings):
-        params = {"rope_type": "default", "rope_theta": float(rope.base)}
-    else:
-        raise ValueError(
-            f"cannot describe position embeddings {type(rope).__name__} in a Hugging Face config "
-            "(expected torchtune's RotaryPositionalEmbeddings or Llama3ScaledRoPE)"
-        )
-    if rope.dim != head_dim:
-        raise ValueError(
-            f"RoPE rotates {rope.dim} of head_dim {head_dim} features; a Hugging Face config cannot say so"
-        )
-    return params
-
-
-def tokenizer_token_ids(tokenizer: Any) -> Dict[str, Optional[int]]:
-    """``bos_token_id`` / ``eos_token_id`` / ``pad_token_id`` of a torchtune tokenizer (``None`` where it has none)."""
-    return {key: getattr(tokenizer, key.replace("_token", ""), None) for key in TOKEN_ID_KEYS}
+STATE, LATEST = "recipe_state.pt", "LATEST"
 
 
 def _source_config(source_dir: Optional[Path]) -> Dict[str, Any]:
@@ -136,384 +68,10 @@ def _source_config(source_dir: Optional[Path]) -> Dict[str, Any]:
     if source_dir is None or not (Path(source_dir) / CONFIG).is_file():
         return {}
     try:
-        config = json.loads((Path(source_dir) / CONFIG).read_text())
-    except (OSError, ValueError) as err:
-        warnings.warn(f"cannot read {str(Path(source_dir) / CONFIG)!r} for its token ids: {err}", stacklevel=3)
+        return read_config(source_dir, f"the source {str(source_dir)!r}")
+    except ValueError as err:
+        warnings.warn(f"{err}; its token ids are not carried over", stacklevel=3)
         return {}
-    return config if isinstance(config, dict) else {}
-
-
-def _out_features(linear: Any) -> int:
-    return getattr(linear, "out_features", None) or linear.out_dim  # nn.Linear or LoRALinear
-
-
-def _gemma_family(model: torch.nn.Module) -> Optional[str]:
-    """``"gemma2"`` / ``"gemma"`` for torchtune's Gemma structure (scaled embeddings; Gemma 2: norms after
-    attention and MLP too), ``None`` for a Llama-style decoder."""
-    if not isinstance(model.tok_embeddings, GemmaNormEmbeddings):
-        return None
-    return "gemma2" if not isinstance(model.layers[0].sa_scale, torch.nn.Identity) else "gemma"
-
-
-def _model_problems(model: torch.nn.Module, model_type: str) -> List[str]:
-    """Why ``model`` is not a ``model_type`` model ``transformers`` would rebuild (``[]``: it is)."""
-    family = _gemma_family(model)
-    attn = model.layers[0].attn
-    bias = getattr(attn.q_proj, "bias", None) is not None
-    windows = [getattr(layer.attn, "sliding_window_size", None) for layer in model.layers]
-    problems = []
-    if model_type in ("gemma", "gemma2"):
-        if family != model_type:
-            problems.append(f"it is not {model_type}-shaped (it is {family or 'Llama'}-shaped)")
-        if not isinstance(model.output, TiedLinear):
-            problems.append("its output projection is not tied to the embedding")
-        if model_type == "gemma" and any(windows):
-            problems.append("it has sliding windows")
-        capping = getattr(model.norm, "logit_capping", None)
-        if model_type == "gemma2" and capping is not None and not isinstance(capping, torch.nn.Identity):
-            problems.append(
-                "it soft-caps the final norm's output (torchtune's gemma2), where Gemma 2 caps the logits "
-                "(build it with gqa_gemma2_decoder(cap_logits=True))"
-            )
-        return problems
-    if family is not None:
-        problems.append(f"it is {family}-shaped")
-    if getattr(attn, "q_norm", None) is not None:
-        problems.append("it has q/k norms")
-    if not isinstance(getattr(model.layers[0].mlp, "activation", torch.nn.SiLU()), torch.nn.SiLU):
-        problems.append("its MLP activation is not SiLU")
-    if bias and model_type != "qwen2":
-        problems.append("it has q/k/v biases")
-    if not bias and model_type == "qwen2":
-        problems.append("it has no q/k/v biases")
-    if any(windows) and model_type != "mistral":
-        problems.append("it has sliding windows")
-    if len(set(windows)) > 1:
-        problems.append(f"its layers have different windows {windows}")
-    return problems
-
-
-def _infer_model_type(model: torch.nn.Module) -> str:
-    family = _gemma_family(model)
-    if family is not None:
-        return family
-    if getattr(model.layers[0].attn.q_proj, "bias", None) is not None:
-        return "qwen2"
-    if getattr(model.layers[0].attn, "sliding_window_size", None):
-        return "mistral"
-    return "llama"
-
-
-def hf_config(
-    model: torch.nn.Module,
-    builder: Optional[Dict[str, Any]] = None,
-    token_ids: Optional[Dict[str, Any]] = None,
-    source: Optional[Dict[str, Any]] = None,
-) -> Dict[str, Any]:
-    """A Hugging Face ``config.json`` from which ``transformers`` rebuilds the function of ``model``.
-
-    The architecture (:data:`HF_ARCHITECTURES`) is the ``source`` config's ``model_type`` where ``model`` is
-    such a model (then the source's other keys are carried over, the ones describing the model rewritten);
-    otherwise the one ``model`` needs: Gemma / Gemma 2 for their structure, Qwen2 with q/k/v biases,
-    Mistral with sliding windows, else Llama. RoPE goes in ``rope_parameters`` (transformers 5) and, as
-    before, in ``rope_theta`` / ``rope_scaling`` (transformers 4, and other readers of Llama 3.x configs).
-
-    Args:
-        model: a torchtune ``TransformerDecoder`` (gqa_tune's, or torchtune's Llama-style ones).
-        builder: the config of the model builder, stored under ``gqa_tune.model``.
-        token_ids: ``bos_token_id`` / ``eos_token_id`` / ``pad_token_id``; missing ones are written as ``null``
-            (transformers' defaults would be wrong for most tokenizers).
-        source: the ``config.json`` the weights came from (``{}`` / ``None``: none).
-
-    Raises:
-        ValueError: a model no supported architecture describes (naming what is in the way), e.g. q/k norms,
-            other position embeddings, biases together with sliding windows.
-    """
-    source = dict(source or {})
-    model_type = source.get("model_type")
-    if model_type not in HF_ARCHITECTURES or _model_problems(model, model_type):
-        if model_type in HF_ARCHITECTURES:
-            warnings.warn(
-                f"the model is not a {model_type} model ({'; '.join(_model_problems(model, model_type))}): "
-                f"describing it as a {_infer_model_type(model)} model instead",
-                stacklevel=2,
-            )
-        model_type, source = _infer_model_type(model), {}
-    problems = _model_problems(model, model_type)
-    if problems:
-        raise ValueError(
-            f"the model cannot be described in a Hugging Face {model_type} config.json: {'; '.join(problems)}"
-        )
-    shape = model_shape(model)
-    attn = model.layers[0].attn
-    if not isinstance(model.output, TiedLinear) and not hasattr(model.output, "weight"):
-        raise ValueError(f"cannot describe the output projection {type(model.output).__name__} in a config.json")
-    rope = rope_config(attn.pos_embeddings, shape["head_dim"])
-    gemma = model_type in ("gemma", "gemma2")
-    if gemma and rope["rope_type"] != "default":
-        raise ValueError(f"a {model_type} config.json cannot describe {rope['rope_type']!r} RoPE scaling")
-    norm = model.norm.rms_norm if model_type == "gemma2" else model.norm
-    described = {
-        "architectures": [HF_ARCHITECTURES[model_type]],
-        "model_type": model_type,
-        "vocab_size": model.tok_embeddings.num_embeddings,
-        "hidden_size": shape["dim"],
-        "intermediate_size": _out_features(model.layers[0].mlp.w1),
-        "num_hidden_layers": len(model.layers),
-        "num_attention_heads": shape["num_heads"],
-        "num_key_value_heads": shape["num_kv_heads"],
-        "head_dim": shape["head_dim"],
-        "max_position_embeddings": model.max_seq_len,
-        "rms_norm_eps": float(norm.eps),
-        "rope_theta": rope["rope_theta"],
-        "rope_parameters": rope,
-        "tie_word_embeddings": isinstance(model.output, TiedLinear),
-        **{key: (token_ids or {}).get(key) for key in TOKEN_ID_KEYS},
-        "torch_dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
-        "gqa_tune": {"model": builder or {}},
-    }
-    window = getattr(attn, "sliding_window_size", None)
-    if model_type == "llama":
-        described.update(hidden_act="silu", attention_bias=False, mlp_bias=False)
-    elif model_type == "mistral":
-        described.update(hidden_act="silu", sliding_window=window)
-    elif model_type == "qwen2":
-        described.update(hidden_act="silu", use_sliding_window=False, sliding_window=None)
-        described["layer_types"] = ["full_attention"] * len(model.layers)
-    elif model_type == "gemma":
-        described.update(hidden_act="gelu_pytorch_tanh", attention_bias=False)
-    else:
-        described.update(_gemma2_entries(model))
-    if "dtype" in source:  # transformers 5's name for torch_dtype
-        described["dtype"] = described["torch_dtype"]
-    config = {key: value for key, value in source.items() if key not in ("rope_scaling", "gqa_tune")}
-    config.update(described)
-    if rope["rope_type"] != "default":
-        config["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
-    return config
-
-
-def _gemma2_entries(model: torch.nn.Module) -> Dict[str, Any]:
-    """The Gemma 2 keys: soft-capping, ``query_pre_attn_scalar``, the window and which layers have it."""
-    attn = model.layers[0].attn
-    windows = [layer.attn.sliding_window_size for layer in model.layers]
-    window = windows[0]
-    expected = [window if i % 2 == 0 else None for i in range(len(windows))]
-    if window is None or windows != expected:
-        raise ValueError(
-            f"a gemma2 config.json describes windows on the even layers only, the model has windows {windows}"
-        )
-    scale = attn.scale if attn.scale is not None else attn.head_dim**-0.5
-    scalar = scale**-2.0
-    scalar = round(scalar) if abs(scalar - round(scalar)) < 1e-6 * scalar else scalar
-    final = model.output.capping_value if isinstance(model.output, SoftCappedTiedLinear) else None
-    return {
-        "hidden_activation": "gelu_pytorch_tanh",
-        "attention_bias": False,
-        "attn_logit_softcapping": attn.softcapping,
-        "final_logit_softcapping": final,
-        "query_pre_attn_scalar": scalar,
-        "sliding_window": window,
-        "layer_types": ["sliding_attention" if w else "full_attention" for w in windows],
-    }
-
-
-# ------------------------------------------------------------ weights: Hugging Face <-> torchtune
-
-#: q/k/v projection biases (Qwen2's), which torchtune's ``hf_to_tune`` / ``tune_to_hf`` do not map.
-_HF_BIAS = re.compile(r"^model\.layers\.(\d+)\.self_attn\.([qkv])_proj\.bias$")
-_TUNE_BIAS = re.compile(r"^layers\.(\d+)\.attn\.([qkv])_proj\.bias$")
-#: Gemma 2's four norms per layer and its final norm (HF name -> torchtune name). torchtune 0.6.1's own
-#: ``gemma2_hf_to_tune`` puts ``pre_feedforward_layernorm`` after the MLP and ``post_feedforward_layernorm``
-#: before it (``mlp_scale`` / ``mlp_norm`` swapped), which changes the function; this is the order
-#: ``transformers`` computes.
-_GEMMA2_NORMS = {
-    "input_layernorm": "sa_norm",
-    "post_attention_layernorm": "sa_scale",
-    "pre_feedforward_layernorm": "mlp_norm",
-    "post_feedforward_layernorm": "mlp_scale",
-}
-_HF_GEMMA2_NORM = re.compile(rf"^model\.layers\.(\d+)\.({'|'.join(_GEMMA2_NORMS)})\.weight$")
-_TUNE_GEMMA2_NORM = re.compile(rf"^layers\.(\d+)\.({'|'.join(_GEMMA2_NORMS.values())})\.scale$")
-
-
-def hf_shape(config: Dict[str, Any], where: str = "config.json") -> Dict[str, int]:
-    """``num_heads`` / ``num_kv_heads`` / ``dim`` / ``head_dim`` of a Hugging Face config (``head_dim``
-    defaults to ``hidden_size // num_attention_heads``; ``num_key_value_heads`` to ``num_attention_heads``).
-
-    Raises:
-        ValueError: naming ``where`` and the key, for a missing or non-positive entry.
-    """
-    for key in ("num_attention_heads", "hidden_size"):
-        if key not in config:
-            raise ValueError(f"{where} lacks {key!r}")
-    heads, dim = config["num_attention_heads"], config["hidden_size"]
-    kv_heads = config.get("num_key_value_heads") or heads
-    head_dim = config.get("head_dim") or (dim // heads if _positive_int(dim) and _positive_int(heads) else None)
-    for key, value in (("num_attention_heads", heads), ("num_key_value_heads", kv_heads),
-                       ("hidden_size", dim), ("head_dim", head_dim)):  # fmt: skip
-        if not _positive_int(value):
-            raise ValueError(f"{where}: {key} must be a positive int, got {value!r}")
-    return {"num_heads": heads, "num_kv_heads": kv_heads, "dim": dim, "head_dim": head_dim}
-
-
-def _positive_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
-
-
-def _model_type(config: Dict[str, Any], where: str) -> str:
-    """The config's ``model_type`` (checkpoints of older gqa_tune versions are Llama's without saying so)."""
-    model_type = config.get("model_type", "llama")
-    if model_type not in HF_ARCHITECTURES:
-        raise ValueError(
-            f"{where}: model_type {model_type!r} is not supported; gqa_tune builds {', '.join(HF_ARCHITECTURES)}"
-        )
-    return model_type
-
-
-def _permute_bias(bias: torch.Tensor, heads: int, head_dim: int, to_tune: bool) -> torch.Tensor:
-    """``hf_to_tune``'s q/k row permutation (half-split RoPE -> interleaved), applied to a bias vector."""
-    if to_tune:
-        return bias.view(heads, 2, head_dim // 2).transpose(1, 2).reshape(heads * head_dim)
-    return bias.view(heads, head_dim // 2, 2).transpose(1, 2).reshape(heads * head_dim)
-
-
-def hf_to_tune_weights(
-    hf_sd: Dict[str, torch.Tensor], config: Dict[str, Any], where: str = "checkpoint"
-) -> Dict[str, torch.Tensor]:
-    """Hugging Face weights of a :data:`HF_ARCHITECTURES` model -> gqa_tune's (torchtune's key names).
-
-    torchtune's ``hf_to_tune`` converts the Llama-named weights (the q/k rows permuted for interleaved RoPE);
-    q/k/v biases (Qwen2) get the same permutation here, Gemma 2's norms the mapping above. A tied model's
-    ``lm_head.weight`` (if stored) is dropped: the output reads the embedding.
-
-    Raises:
-        ValueError: an unsupported ``model_type``, or a weight these architectures do not have (named).
-    """
-    model_type = _model_type(config, where)
-    shape = hf_shape(config, f"{where}: config.json")
-    tied = config.get("tie_word_embeddings", TIED_BY_DEFAULT[model_type])
-    extra, rest = {}, {}
-    for key, value in hf_sd.items():
-        if "rotary_emb.inv_freq" in key or (tied and key == "lm_head.weight"):
-            continue
-        bias = _HF_BIAS.match(key)
-        norm = _HF_GEMMA2_NORM.match(key) if model_type == "gemma2" else None
-        if bias:
-            layer, proj = bias.groups()
-            if proj in "qk":
-                heads = shape["num_heads"] if proj == "q" else shape["num_kv_heads"]
-                value = _permute_bias(value, heads, shape["head_dim"], to_tune=True)
-            extra[f"layers.{layer}.attn.{proj}_proj.bias"] = value
-        elif norm:
-            extra[f"layers.{norm.group(1)}.{_GEMMA2_NORMS[norm.group(2)]}.scale"] = value
-        elif model_type == "gemma2" and key == "model.norm.weight":
-            extra["norm.rms_norm.scale"] = value
-        else:
-            rest[key] = value
-    try:
-        out = hf_to_tune(rest, **shape)
-    except Exception as err:  # torchtune raises a bare Exception for a key it does not know
-        raise ValueError(f"{where}: cannot convert its {model_type} weights: {err}") from err
-    out.update(extra)
-    return out
-
-
-def tune_to_hf_weights(state_dict: Dict[str, torch.Tensor], config: Dict[str, Any]) -> Dict[str, torch.Tensor]:
-    """Inverse of :func:`hf_to_tune_weights`, for the architecture of ``config`` (a :func:`hf_config`)."""
-    model_type = _model_type(config, "config")
-    shape = hf_shape(config)
-    extra, rest = {}, {}
-    for key, value in state_dict.items():
-        bias = _TUNE_BIAS.match(key)
-        norm = _TUNE_GEMMA2_NORM.match(key) if model_type == "gemma2" else None
-        if bias:
-            layer, proj = bias.groups()
-            if proj in "qk":
-                heads = shape["num_heads"] if proj == "q" else shape["num_kv_heads"]
-                value = _permute_bias(value, heads, shape["head_dim"], to_tune=False)
-            extra[f"model.layers.{layer}.self_attn.{proj}_proj.bias"] = value
-        elif norm:
-            hf_name = next(hf for hf, tune in _GEMMA2_NORMS.items() if tune == norm.group(2))
-            extra[f"model.layers.{norm.group(1)}.{hf_name}.weight"] = value
-        elif model_type == "gemma2" and key == "norm.rms_norm.scale":
-            extra["model.norm.weight"] = value
-        else:
-            rest[key] = value
-    out = tune_to_hf(rest, **shape)
-    out.update(extra)
-    return out
-
-
-#: Index files of sharded weights, and the single files, that :func:`weight_files` looks for, in order.
-SAFETENSORS_INDEX = "model.safetensors.index.json"
-TORCH_WEIGHTS, TORCH_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
-
-
-def weight_files(src: Path) -> Tuple[List[str], Optional[str]]:
-    """The weight files of a Hugging Face model directory, and its index file's name (or ``None``).
-
-    In order: the shards a ``*.safetensors.index.json`` names; ``model.safetensors``; every ``*.safetensors``;
-    the shards ``pytorch_model.bin.index.json`` names; ``pytorch_model.bin``.
-
-    Raises:
-        ValueError: several indexes, an unreadable index, one naming missing files, or no weights at all.
-    """
-    src = Path(src)
-    for pattern in ("*.safetensors.index.json", TORCH_INDEX):
-        indexes = sorted(p.name for p in src.glob(pattern) if p.is_file())
-        if len(indexes) > 1:
-            raise ValueError(f"checkpoint {str(src)!r} has several weight indexes: {', '.join(indexes)}")
-        if indexes:
-            index = src / indexes[0]
-            try:
-                files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
-                raise ValueError(f"cannot read the weight_map of {str(index)!r}: {err}") from err
-            missing = [f for f in files if not (src / f).is_file()]
-            if missing:
-                raise ValueError(f"{str(index)!r} names missing weight files in {str(src)!r}: {', '.join(missing)}")
-            if not files:
-                raise ValueError(f"{str(index)!r} names no weight files")
-            return files, indexes[0]
-        if pattern.startswith("*"):
-            if (src / WEIGHTS).is_file():
-                return [WEIGHTS], None
-            files = sorted(p.name for p in src.glob("*.safetensors") if p.is_file())
-            if files:
-                return files, None
-    if (src / TORCH_WEIGHTS).is_file():
-        return [TORCH_WEIGHTS], None
-    raise ValueError(
-        f"checkpoint {str(src)!r} has no {WEIGHTS} and no *.safetensors shards (nor {TORCH_WEIGHTS}, "
-        f"or an index: {SAFETENSORS_INDEX}, {TORCH_INDEX})"
-    )
-
-
-def read_weights(src: Path) -> Dict[str, torch.Tensor]:
-    """Every tensor of the weight files (:func:`weight_files`) of ``src``, on the CPU.
-
-    Raises:
-        ValueError: as :func:`weight_files`, a file that cannot be read, or a key in two files.
-    """
-    files, _ = weight_files(src)
-    weights: Dict[str, torch.Tensor] = {}
-    origin: Dict[str, str] = {}
-    for name in files:
-        path = Path(src) / name
-        try:
-            if name.endswith(".safetensors"):
-                shard = load_file(str(path))
-            else:
-                shard = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # corrupt or truncated
-            raise ValueError(f"cannot read checkpoint {str(src)!r}: {name}: {err}") from err
-        for key, value in shard.items():
-            if key in origin:
-                raise ValueError(f"{key!r} is in both {origin[key]!r} and {name!r} in {str(src)!r}")
-            origin[key] = name
-            weights[key] = value
-    return weights
 
 
 # ------------------------------------------------------------ atomic writes
@@ -636,7 +194,7 @@ def write_text_atomically(path: Path, text: str) -> None:
     _fsync_dir(path.parent)
 
 
-def _write_atomically(final: Path, write: Callable[[Path], None], *, point_latest: bool = False) -> None:
+def write_atomically(final: Path, write: Callable[[Path], None], *, point_latest: bool = False) -> None:
     """Call ``write(tmp_dir)``, then put ``tmp_dir`` in the place of ``final`` keeping the module's invariant.
 
     ``LATEST`` in ``final``'s parent names ``final`` afterwards when ``point_latest`` is set (a checkpoint
@@ -717,11 +275,10 @@ def save_checkpoint(
     ids.update({key: value for key, value in (token_ids or {}).items() if key in TOKEN_ID_KEYS and value is not None})
     config = hf_config(model, builder, ids, source=source)
     hf_sd = tune_to_hf_weights({k: v.detach().cpu() for k, v in state_dict.items()}, config)
-    hf_sd = {k: v.contiguous() for k, v in hf_sd.items()}
     generation = Path(source_dir) / GENERATION_CONFIG if source_dir is not None else None
 
     def write(tmp: Path) -> None:
-        save_file(hf_sd, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        write_weights(tmp, hf_sd)
         (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
         if generation is not None and generation.is_file():
             shutil.copyfile(generation, tmp / GENERATION_CONFIG)
@@ -733,7 +290,7 @@ def save_checkpoint(
     output_dir = Path(output_dir)
     final = output_dir / name
     cleanup_stale(output_dir)
-    _write_atomically(final, write, point_latest=True)
+    write_atomically(final, write, point_latest=True)
     cleanup_stale(output_dir)
     return final
 
@@ -856,111 +413,24 @@ def resolve_checkpoint_dir(value: str, key: str, hint: str) -> Path:
     return latest
 
 
-def check_fits(model: torch.nn.Module, state_dict: Dict[str, torch.Tensor], source: str) -> None:
-    """Refuse, before anything is copied, weights whose shapes differ from ``model``'s or which are not
-    floating-point where the model's are (``load_state_dict`` would raise deep inside, or cast silently).
-
-    Raises:
-        ConfigError: naming ``source``, the weights and both shapes (or the dtype).
-    """
-    from gqa_tune.config_check import ConfigError
-
-    own = {**dict(model.named_parameters()), **dict(model.named_buffers())}
-    wrong = [
-        f"{key} {tuple(value.shape)} where the model has {tuple(own[key].shape)}"
-        for key, value in state_dict.items()
-        if key in own and tuple(value.shape) != tuple(own[key].shape)
-    ]
-    if wrong:
-        raise ConfigError(
-            f"weights from {source} do not fit the model built from its config: {'; '.join(wrong[:3])}",
-            what="the weights to load",
-        )
-    integer = [
-        f"{key} ({value.dtype})"
-        for key, value in state_dict.items()
-        if key in own and own[key].is_floating_point() and not value.is_floating_point()
-    ]
-    if integer:
-        raise ConfigError(
-            f"weights from {source} hold integer values where the model has floating-point weights: "
-            f"{', '.join(integer[:3])}; quantized or integer checkpoints are not loaded (they would be cast)",
-            what="the weights to load",
-        )
-
-
-def _check_tensors(where: str, config: Dict[str, Any], hf_sd: Dict[str, torch.Tensor]) -> None:
-    """Floating-point weights only, and an embedding of the shape ``config.json`` describes."""
-    integer = [f"{key} ({value.dtype})" for key, value in hf_sd.items() if not value.is_floating_point()]
-    if integer:
-        raise ValueError(
-            f"{where}: {', '.join(integer[:3])} hold integer values; gqa_tune loads floating-point weights only "
-            "(integer or quantized checkpoints would be cast, which changes the model)"
-        )
-    vocab, hidden = config.get("vocab_size"), config.get("hidden_size")
-    for key in ("model.embed_tokens.weight", "lm_head.weight"):
-        weight = hf_sd.get(key)
-        if weight is not None and isinstance(vocab, int) and isinstance(hidden, int):
-            if tuple(weight.shape) != (vocab, hidden):
-                raise ValueError(
-                    f"{where}: config.json says vocab_size={vocab}, hidden_size={hidden}, but {key} has shape "
-                    f"{tuple(weight.shape)}; the config does not match the weights"
-                )
-
-
-def _head_counts(path: Path, config: Dict[str, Any], hf_sd: Dict[str, torch.Tensor]) -> Tuple[int, int, int]:
-    """(num_heads, num_kv_heads, head_dim) from ``config.json``, checked against the q/k/v weights' rows."""
-    shape = hf_shape(config, f"checkpoint {str(path)!r}: config.json")
-    heads, kv_heads, head_dim = shape["num_heads"], shape["num_kv_heads"], shape["head_dim"]
-    for key, weight in hf_sd.items():
-        proj = next((p for p in ("q_proj", "k_proj", "v_proj") if key.endswith(f".self_attn.{p}.weight")), None)
-        if proj is None:
-            continue
-        name, count = ("num_attention_heads", heads) if proj == "q_proj" else ("num_key_value_heads", kv_heads)
-        rows = weight.shape[0]
-        if rows != count * head_dim:
-            raise ValueError(
-                f"checkpoint {str(path)!r}: config.json says {name}={count}, but {key} has {rows} rows, i.e. "
-                f"{rows / head_dim:g} heads of head_dim {head_dim}; the config does not match the weights"
-            )
-    return heads, kv_heads, head_dim
-
-
 def load_checkpoint(
-    path: Path, where: Optional[str] = None
+    path: Path, where: Optional[str] = None, config: Optional[Dict[str, Any]] = None
 ) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any], Optional[Dict[str, Any]]]:
-    """Read a checkpoint directory: one :func:`save_checkpoint` wrote, or any Hugging Face model directory of a
-    :data:`HF_ARCHITECTURES` architecture (``config.json`` with one ``model.safetensors``, shards with or
-    without an index, or ``pytorch_model.bin``), e.g. a torchtune ``FullModelHFCheckpointer``'s output.
+    """Read a checkpoint directory: one :func:`save_checkpoint` wrote, or any Hugging Face model directory of an
+    architecture gqa_tune builds (:func:`gqa_tune.hf.load_model_dir`), e.g. a torchtune
+    ``FullModelHFCheckpointer``'s output.
+
+    ``where`` names the checkpoint in messages (default ``checkpoint '<path>'``; e.g. the config key);
+    ``config``: its ``config.json`` when the caller has read it already.
 
     Returns:
         (torchtune-format state dict, config.json contents, recipe state or ``None``).
 
-    ``where`` names the checkpoint in messages (default ``checkpoint '<path>'``; e.g. the config key).
-
     Raises:
-        ValueError: a missing directory or file, a file that cannot be read, an unsupported ``model_type``,
-            integer weights, or a ``config.json`` whose head counts or vocabulary disagree with the weights
-            (checked before any tensor is reshaped).
+        ValueError: as :func:`gqa_tune.hf.load_model_dir`, or an unreadable ``recipe_state.pt``.
     """
-    path = Path(path)
-    where = where or f"checkpoint {str(path)!r}"
-    if not path.is_dir():
-        raise ValueError(f"checkpoint directory {str(path)!r} does not exist")
-    if not (path / CONFIG).is_file():
-        raise ValueError(f"checkpoint {str(path)!r} has no {CONFIG}")
-    try:
-        config = json.loads((path / CONFIG).read_text())
-    except Exception as err:  # corrupt JSON
-        raise ValueError(f"cannot read checkpoint {str(path)!r}: {CONFIG}: {err}") from err
-    if not isinstance(config, dict):
-        raise ValueError(f"cannot read checkpoint {str(path)!r}: {CONFIG} is not a JSON object")
-    _model_type(config, where)
-    hf_sd = read_weights(path)
-    _check_tensors(where, config, hf_sd)
-    _head_counts(path, config, hf_sd)
-    tune_sd = hf_to_tune_weights(hf_sd, config, where)
-    return tune_sd, config, read_recipe_state(path)
+    state_dict, config = load_model_dir(path, where, config)
+    return state_dict, config, read_recipe_state(path)
 
 
 def read_recipe_state(path: Path) -> Optional[Dict[str, Any]]:

@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from gqa_tune.config_check import ConfigError, build_component, check_values, check_writable_dir
 from gqa_tune.data.packing import packed_collate, packed_labels, packing_stats
+from gqa_tune.hf import tokenizer_token_ids
 from gqa_tune.models import init_from_scratch
 from gqa_tune.schema import FinetuneConfig
 from gqa_tune.training.checkpoint import (
@@ -42,7 +43,6 @@ from gqa_tune.training.checkpoint import (
     prune_checkpoints,
     read_recipe_state,
     save_checkpoint,
-    tokenizer_token_ids,
 )
 from gqa_tune.training.curves import CURVES_FILE, curves_dir, plot_training_curves
 from gqa_tune.training.evaluate import heldout_loss, shift_labels, task_accuracy

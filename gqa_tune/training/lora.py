@@ -26,8 +26,6 @@ from torchtune.modules.peft import (
     validate_missing_and_unexpected_for_lora,
 )
 
-from gqa_tune.training.checkpoint import check_fits
-
 ADAPTER_DIR, ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter", "adapter_model.safetensors", "adapter_config.json"
 
 #: Builder arguments that only LoRA builders take (dropped to derive the plain builder).
@@ -132,6 +130,8 @@ def load_base_weights(
     Raises:
         ValueError: naming ``source`` and the keys that do not fit.
     """
+    from gqa_tune.training.weights import check_fits  # (weights.py reads this module's LoRA names)
+
     check_fits(model, state_dict, source)
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
     _validate(settings, "base weights", source, base_missing=missing, base_unexpected=unexpected)

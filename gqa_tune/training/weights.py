@@ -20,8 +20,6 @@ from the first of:
    true; then ``state_dict`` is ``None`` and the recipe initializes) or the builder's own initialization.
 """
 
-import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
@@ -33,28 +31,14 @@ from torchtune import training, utils
 
 from gqa_tune import _checks as checks
 from gqa_tune.config_check import ConfigError
+from gqa_tune.hf.config import CONFIG, builder_from_hf_config, read_config, read_hf_config
 from gqa_tune.training.checkpoint import (
-    CONFIG,
-    HF_ARCHITECTURES,
-    TIED_BY_DEFAULT,
-    check_fits,
     load_checkpoint,
     resolve_checkpoint_dir,
 )
 from gqa_tune.training.lora import LORA_BUILDER_KEYS, lora_prefix
 
 log = utils.get_logger("INFO")
-
-#: The builder per Hugging Face ``model_type`` (the LoRA one is ``lora_`` + its name, same module).
-BUILDERS = {
-    "llama": "gqa_tune.models.gqa_decoder",
-    "mistral": "gqa_tune.models.gqa_decoder",
-    "qwen2": "gqa_tune.models.gqa_decoder",
-    "gemma": "gqa_tune.models.gqa_gemma_decoder",
-    "gemma2": "gqa_tune.models.gqa_gemma2_decoder",
-}
-_ROPE_TYPES = ("default", "llama3")
-_LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor")
 
 
 @dataclass(frozen=True)
@@ -79,170 +63,6 @@ class WeightSource:
 
 
 # ------------------------------------------------------------ config.json -> builder
-
-
-def _get(config: Dict[str, Any], key: str, where: str, default: Any = ...) -> Any:
-    if key not in config or config[key] is None:
-        if default is ...:
-            raise ValueError(f"{where} lacks {key!r}, which gqa_tune needs to build the model")
-        return default
-    return config[key]
-
-
-def _int(config: Dict[str, Any], key: str, where: str, default: Any = ...) -> int:
-    value = _get(config, key, where, default)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{where}: {key} must be a positive int, got {value!r}")
-    return value
-
-
-def _number(config: Dict[str, Any], key: str, where: str, default: Any = ..., allow_none: bool = False) -> Any:
-    value = config.get(key, default) if allow_none else _get(config, key, where, default)
-    if value is ...:
-        raise ValueError(f"{where} lacks {key!r}, which gqa_tune needs to build the model")
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{where}: {key} must be a positive number, got {value!r}")
-    return float(value)
-
-
-def _unsupported(where: str, key: str, value: Any, supported: str) -> ValueError:
-    return ValueError(f"{where}: {key}={value!r} is not supported by gqa_tune's builders ({supported})")
-
-
-def _rope(config: Dict[str, Any], model_type: str, max_seq_len: int, where: str) -> Dict[str, Any]:
-    """The builder's RoPE arguments, read the way transformers 5 reads them: ``rope_scaling`` (transformers 4)
-    or ``rope_parameters``, with ``rope_theta`` inside or beside them (default 10000)."""
-    key = "rope_scaling" if config.get("rope_scaling") else "rope_parameters"
-    params = config.get(key) or {}
-    if not isinstance(params, dict):
-        raise ValueError(f"{where}: {key} must be a mapping, got {params!r}")
-    rope_type = params.get("rope_type", params.get("type", "default"))
-    if rope_type not in _ROPE_TYPES or (rope_type != "default" and model_type in ("gemma", "gemma2")):
-        supported = "'default'" + (" and 'llama3'" if model_type not in ("gemma", "gemma2") else "")
-        raise _unsupported(where, f"{key}.rope_type", rope_type, f"{model_type}: {supported}")
-    for partial_key, holder in (("partial_rotary_factor", params), ("partial_rotary_factor", config)):
-        if holder.get(partial_key) not in (None, 1, 1.0):
-            raise _unsupported(where, partial_key, holder[partial_key], "RoPE on the whole head only")
-    theta = params.get("rope_theta", config.get("rope_theta", 10_000.0))
-    theta = _number({"rope_theta": theta}, "rope_theta", where)
-    args: Dict[str, Any] = {"rope_base": theta}
-    if rope_type == "llama3":
-        args["rope_scale_factor"] = _number(params, "factor", f"{where}: {key}")
-        args["rope_low_freq_factor"] = _number(params, "low_freq_factor", f"{where}: {key}")
-        args["rope_high_freq_factor"] = _number(params, "high_freq_factor", f"{where}: {key}")
-        args["rope_old_context_len"] = _int(params, "original_max_position_embeddings", f"{where}: {key}", max_seq_len)
-    return args
-
-
-def builder_from_hf_config(config: Dict[str, Any], where: str = "config.json") -> Dict[str, Any]:
-    """The gqa_tune builder config (``_component_`` + arguments) that builds the model a Hugging Face
-    ``config.json`` describes, for ``model_type`` llama (Llama 2, 3, 3.x with ``rope_type: llama3``),
-    mistral, qwen2 (q/k/v biases), gemma and gemma2.
-
-    Mapped: widths, layers, heads, kv heads, ``head_dim``, vocabulary, ``max_position_embeddings``
-    (``max_seq_len``), ``rms_norm_eps``, RoPE theta and Llama 3 scaling, tied embeddings, attention dropout,
-    Mistral's window, Gemma 2's windows, soft-capping and ``query_pre_attn_scalar``. Keys a config leaves out
-    take transformers' defaults for its ``model_type``. Token ids are not the builder's: checkpoints take them
-    from the tokenizer, then from this ``config.json``.
-
-    Raises:
-        ValueError: naming the key and its value, for anything these builders would not compute as
-            transformers does: an unknown ``model_type`` or ``architectures``, another ``rope_type``,
-            ``hidden_act``, attention or MLP biases on Llama, sliding windows on Qwen2, untied Gemma
-            embeddings, quantized weights, a missing or malformed size.
-    """
-    if not isinstance(config, dict):
-        raise ValueError(f"{where} is not a JSON object")
-    model_type = config.get("model_type")
-    if model_type not in HF_ARCHITECTURES:
-        raise _unsupported(where, "model_type", model_type, f"supported: {', '.join(HF_ARCHITECTURES)}")
-    expected = HF_ARCHITECTURES[model_type]
-    if config.get("architectures") not in (None, [expected]):
-        raise _unsupported(where, "architectures", config["architectures"], f"{model_type}: [{expected!r}]")
-    if config.get("quantization_config"):
-        raise _unsupported(where, "quantization_config", config["quantization_config"], "unquantized weights only")
-    gemma = model_type in ("gemma", "gemma2")
-    heads = _int(config, "num_attention_heads", where)
-    hidden = _int(config, "hidden_size", where)
-    head_dim = _int(config, "head_dim", where, 256 if gemma else hidden // heads)
-    max_seq_len = _int(config, "max_position_embeddings", where)
-    args: Dict[str, Any] = {
-        "vocab_size": _int(config, "vocab_size", where),
-        "num_layers": _int(config, "num_hidden_layers", where),
-        "num_heads": heads,
-        "num_kv_heads": _int(config, "num_key_value_heads", where, heads),
-        "embed_dim": hidden,
-        "intermediate_dim": _int(config, "intermediate_size", where),
-        "max_seq_len": max_seq_len,
-        "head_dim": head_dim,
-        "norm_eps": _number(config, "rms_norm_eps", where, 1e-6),
-        "attn_dropout": float(config.get("attention_dropout") or 0.0),
-        **_rope(config, model_type, max_seq_len, where),
-    }
-    activation_key = "hidden_activation" if model_type == "gemma2" else "hidden_act"
-    activation = config.get(activation_key) or ("gelu_pytorch_tanh" if gemma else "silu")
-    activations = {"gemma": ("gelu_pytorch_tanh", "gelu"), "gemma2": ("gelu_pytorch_tanh",)}.get(model_type, ("silu",))
-    if activation not in activations:
-        raise _unsupported(where, activation_key, activation, f"{model_type}: {', '.join(activations)}")
-    tied = config.get("tie_word_embeddings", TIED_BY_DEFAULT[model_type])
-    if gemma and tied is not True:
-        raise _unsupported(where, "tie_word_embeddings", tied, f"{model_type}: true (the output reads the embedding)")
-    if model_type != "qwen2" and config.get("attention_bias"):
-        raise _unsupported(where, "attention_bias", config["attention_bias"], f"{model_type}: false")
-    if config.get("mlp_bias"):
-        raise _unsupported(where, "mlp_bias", config["mlp_bias"], "false")
-    if gemma and config.get("use_bidirectional_attention"):
-        raise _unsupported(where, "use_bidirectional_attention", True, "causal attention only")
-    if not gemma:
-        args.update(tie_word_embeddings=bool(tied), attn_bias=model_type == "qwen2")
-    if model_type == "mistral":
-        window = config.get("sliding_window", 4096)
-        args["sliding_window_size"] = (
-            None if window is None else _int({"sliding_window": window}, "sliding_window", where)
-        )
-    if model_type == "qwen2":
-        if config.get("use_sliding_window"):
-            raise _unsupported(where, "use_sliding_window", True, "qwen2: global attention in every layer")
-        layer_types = config.get("layer_types") or []
-        if any(t != "full_attention" for t in layer_types):
-            raise _unsupported(where, "layer_types", layer_types, "qwen2: full_attention in every layer")
-    if model_type == "gemma2":
-        args["sliding_window_size"] = _int(config, "sliding_window", where, 4096)
-        alternating = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(args["num_layers"])]
-        layer_types = config.get("layer_types") or alternating
-        if layer_types != alternating:
-            raise _unsupported(where, "layer_types", layer_types, "gemma2: sliding_attention on even layers only")
-        args["hidden_capping_value"] = _number(config, "attn_logit_softcapping", where, 50.0, allow_none=True)
-        args["final_capping_value"] = _number(config, "final_logit_softcapping", where, 30.0, allow_none=True)
-        if "query_pre_attn_scalar" in config and config["query_pre_attn_scalar"] is None:
-            # transformers' Gemma 2 computes query_pre_attn_scalar ** -0.5 and fails on null too
-            raise _unsupported(where, "query_pre_attn_scalar", None, "gemma2: a positive number (default 256)")
-        scalar = _number(config, "query_pre_attn_scalar", where, 256)
-        args["query_pre_attn_scalar"] = int(scalar) if scalar == int(scalar) else scalar
-        args["cap_logits"] = True  # transformers caps the logits (torchtune's gemma2 the final norm's output)
-    return {"_component_": BUILDERS[model_type], **args}
-
-
-def read_hf_config(directory: Path, key: str = "hf_model_dir") -> Dict[str, Any]:
-    """``directory``'s ``config.json``.
-
-    Raises:
-        ValueError: naming ``key`` and the path, when the directory or the file is missing or unreadable.
-    """
-    path = Path(directory) / CONFIG
-    if not Path(directory).is_dir():
-        raise ValueError(f"{key} {str(directory)!r} does not exist (relative paths are taken from {Path.cwd()})")
-    if not path.is_file():
-        raise ValueError(f"{key} {str(directory)!r} has no {CONFIG}: it is not a Hugging Face model directory")
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise ValueError(f"{key}: cannot read {str(path)!r}: {err}") from err
-    if not isinstance(config, dict):
-        raise ValueError(f"{key}: {str(path)!r} is not a JSON object")
-    return config
 
 
 # ------------------------------------------------------------ the decision
@@ -360,8 +180,9 @@ def _load_weights(
     builder: Optional[Dict[str, Any]] = None
     if hf_dir:
         path = resolve_checkpoint_dir(hf_dir, "hf_model_dir", "give a Hugging Face model directory")
-        hf_cfg = read_hf_config(path)
-        derived = builder_from_hf_config(hf_cfg, f"hf_model_dir {str(path)!r}: {CONFIG}")
+        where = f"hf_model_dir {str(path)!r}"
+        hf_cfg = read_config(path, where)
+        derived = builder_from_hf_config(hf_cfg, f"{where}: {CONFIG}")
         builder = _hf_builder(derived, model_cfg)
         if resume_from is None:
             keys = ("model", "checkpointer", checkpoint_key, "init_from_scratch")
@@ -374,7 +195,7 @@ def _load_weights(
                 + (f"; it replaces {', '.join(replaced)}" if replaced else "")
                 + (f" (keeping model's {', '.join(kept)})" if kept else "")
             )
-            state_dict, config, state = load_checkpoint(path, where=f"hf_model_dir {str(path)!r}")
+            state_dict, config, state = load_checkpoint(path, where, config=hf_cfg)
             return state_dict, OmegaConf.create(builder), WeightSource("hf_model_dir", str(path), path, config, state)
 
     if resume_from is not None:
@@ -389,7 +210,8 @@ def _load_weights(
         state_dict = tt_config.instantiate(checkpointer).load_checkpoint()[training.MODEL_KEY]
         directory = checkpointer.get("checkpoint_dir")
         path = Path(directory) if directory else None
-        config = read_hf_config(path, "checkpointer.checkpoint_dir") if path and (path / CONFIG).is_file() else {}
+        where = f"checkpointer.checkpoint_dir {str(path)!r}"
+        config = read_config(path, where) if path and (path / CONFIG).is_file() else {}
         source = WeightSource("checkpointer", f"checkpointer {checkpointer.get('_component_')}", path, config)
         return state_dict, OmegaConf.create(builder), source
 
@@ -409,6 +231,37 @@ def _load_weights(
     builder = _explicit_builder(model_cfg, "initializing the weights")
     kind = "init_from_scratch" if cfg.get("init_from_scratch", True) else "builder"
     return None, OmegaConf.create(builder), WeightSource(kind, kind)
+
+
+def check_fits(model: torch.nn.Module, state_dict: Dict[str, torch.Tensor], source: str) -> None:
+    """Refuse, before anything is copied, weights whose shapes differ from ``model``'s or which are not
+    floating-point where the model's are (``load_state_dict`` would raise deep inside, or cast silently).
+
+    Raises:
+        ConfigError: naming ``source``, the weights and both shapes (or the dtype).
+    """
+    own = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    wrong = [
+        f"{key} {tuple(value.shape)} where the model has {tuple(own[key].shape)}"
+        for key, value in state_dict.items()
+        if key in own and tuple(value.shape) != tuple(own[key].shape)
+    ]
+    if wrong:
+        raise ConfigError(
+            f"weights from {source} do not fit the model built from its config: {'; '.join(wrong[:3])}",
+            what="the weights to load",
+        )
+    integer = [
+        f"{key} ({value.dtype})"
+        for key, value in state_dict.items()
+        if key in own and own[key].is_floating_point() and not value.is_floating_point()
+    ]
+    if integer:
+        raise ConfigError(
+            f"weights from {source} hold integer values where the model has floating-point weights: "
+            f"{', '.join(integer[:3])}; quantized or integer checkpoints are not loaded (they would be cast)",
+            what="the weights to load",
+        )
 
 
 def fit_weights(model: torch.nn.Module, state_dict: Dict[str, torch.Tensor], source: WeightSource) -> None:
@@ -522,9 +375,9 @@ def from_pretrained(
 
 
 __all__: List[str] = [
-    "BUILDERS",
     "WeightSource",
-    "builder_from_hf_config",
+    "builder_from_hf_config",  # from gqa_tune.hf, where it lives, as read_hf_config
+    "check_fits",
     "check_vocab",
     "checkpoint_builder",
     "fit_weights",

@@ -23,9 +23,9 @@ from safetensors.torch import load_file, save_file
 import gqa_tune
 from gqa_tune import config_check as cc
 from gqa_tune.data.packing import packed_collate
+from gqa_tune.hf import builder_from_hf_config
 from gqa_tune.models import gqa_tiny
 from gqa_tune.training.checkpoint import LATEST, latest_checkpoint
-from gqa_tune.training.weights import builder_from_hf_config
 
 transformers = pytest.importorskip("transformers")
 

@@ -13,9 +13,10 @@ from conftest import TINY, read_logged, run_tune
 from safetensors.torch import load_file
 from torchtune.modules.peft import LoRALinear
 
+from gqa_tune.hf import model_shape
 from gqa_tune.models import gqa_tiny, init_from_scratch
 from gqa_tune.models._lora_builders import lora_gqa_tiny
-from gqa_tune.training.checkpoint import latest_checkpoint, load_checkpoint, model_shape, save_checkpoint
+from gqa_tune.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from gqa_tune.training.lora import adapter_from_peft, adapter_to_peft, base_builder_config
 
 CONFIG = "configs/gqa_tiny/lora.yaml"

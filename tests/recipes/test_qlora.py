@@ -18,9 +18,10 @@ from torchao.dtypes.nf4tensor import NF4Tensor, to_nf4
 from torchtune.modules.peft import LoRALinear
 
 from gqa_tune.data import ByteTokenizer
+from gqa_tune.hf import model_shape
 from gqa_tune.models import gqa_tiny, init_from_scratch, qlora_gqa_tiny
 from gqa_tune.models._lora_builders import nf4_kwargs
-from gqa_tune.training.checkpoint import latest_checkpoint, load_checkpoint, model_shape, save_checkpoint
+from gqa_tune.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from gqa_tune.training.lora import adapter_from_peft
 
 CONFIG = "configs/gqa_tiny/qlora.yaml"

@@ -18,16 +18,15 @@ from torchtune.modules.peft import get_merged_lora_ckpt
 import gqa_tune.training.checkpoint as ckpt
 from gqa_tune.convert import convert_model_
 from gqa_tune.data.tokenizer import ByteTokenizer
+from gqa_tune.hf import hf_config, tokenizer_token_ids
 from gqa_tune.models import gqa_decoder, gqa_llama3_2_1b, gqa_tiny, init_from_scratch
 from gqa_tune.models._lora_builders import lora_gqa_decoder
 from gqa_tune.training.checkpoint import (
     cleanup_stale,
-    hf_config,
     latest_checkpoint,
     load_checkpoint,
     resolve_checkpoint_dir,
     save_checkpoint,
-    tokenizer_token_ids,
 )
 
 transformers = pytest.importorskip("transformers")

@@ -5,9 +5,9 @@ import os
 import pytest
 import torch
 
+from gqa_tune.hf import CONFIG
 from gqa_tune.models import gqa_tiny
 from gqa_tune.training.checkpoint import (
-    CONFIG,
     LATEST,
     cleanup_stale,
     latest_checkpoint,

@@ -15,8 +15,9 @@ from omegaconf import OmegaConf
 from torchtune import config
 from torchtune.models.llama3_1._position_embeddings import Llama3ScaledRoPE
 
+from gqa_tune.hf import builder_from_hf_config, read_hf_config
 from gqa_tune.training.checkpoint import load_checkpoint, resolve_checkpoint_dir, save_checkpoint
-from gqa_tune.training.weights import builder_from_hf_config, load_weights, read_hf_config
+from gqa_tune.training.weights import load_weights
 
 transformers = pytest.importorskip("transformers")
 
