@@ -1,233 +1,254 @@
-"""One KV-cached decode step of the attention module: torchtune vs gqa_tune, on CPU.
+"""How long does one KV-cached decode step take: gqa_tune against torchtune 0.6.1, and against fewer kv heads?
 
-Both modules share the same weights and RoPE (``from_torchtune_attention``) and
-get torchtune's decoding call ``attn(x, x, mask=mask, input_pos=pos)``: ``x``
-``[1, 1, E]``, a bool mask ``[1, 1, max_seq_len]`` True for positions ``<= fill``,
-``input_pos = [[fill]]``. Both caches hold the same random K/V in positions
-``0..fill-1``; each timed step writes position ``fill`` and is rewound
-afterwards (untimed), so every repetition sees the same fill.
+Cases (``--case``), each timed by ``_harness`` (medians with their IQR), outputs checked before timing:
 
-bound_ms = (bytes of the four projection weights + bytes of the filled K/V)
-/ copy bandwidth, the best of 20 copies of a 256 MiB tensor (read + write
-bytes) taken before and after the decode runs.
+- ``attention`` (default): one attention module, Llama-3.2-1B's shape (embed 2048, 32 query / 8 kv heads, head_dim
+  64, RoPE), torchtune's ``MultiHeadAttention`` against gqa_tune's with the same weights, batch 1, fp32, a
+  4096-position cache holding the same random K/V to each of ``--fills``, torchtune's call ``attn(x, x,
+  mask=mask, input_pos=[[fill]])``, every step undone afterwards (untimed). ``--order interleaved`` (the
+  modules take turns: each step finds the CPU caches as the other left them, as in a model whose weights do
+  not fit in L3) or ``blocked`` (each in its own steady state). ``bound`` = (projection weight bytes +
+  filled K/V bytes) / copy bandwidth (the best copy of a 256 MiB tensor, read + write, before and after).
+- ``gemma2``: a Gemma 2 2B-shaped local layer (width 2304, 8 / 4 heads of 256, soft-cap 50, window 1024, cache
+  8192 filled to 8000): torchtune's ``Gemma2Attention`` (K/V expanded to 8 heads over the whole cache) against
+  gqa_tune's ring of the window. gqa_tune's output is checked against gqa_tune with a full-length cache and
+  against float64 attention over the window; torchtune's distance to the latter is reported (its windowed
+  cache is wrong past the window in 0.6.1).
+- ``kv-heads``: the paper's Fig. 6 trend. ``gqa_decoder`` (4 layers, embed 512, 16 query heads of 32, MLP
+  1536, vocab 260, cache 4096, batch 8) with 1, 2, 4, 8, 16 kv heads, the same seed; every cache filled with
+  random K/V to 2048 positions, then ``--repeats`` real decode steps (the cache growing, tokens fed back)
+  after ``--warmup``; median step, ms per token per sequence, KV bytes per token. 1 thread unless
+  ``--threads``. Writes ``<out-dir>/speed.json`` and ``speed.png`` (``speed_cuda.*`` on a GPU).
 
-Usage: python benchmarks/bench_decode.py [--fills 128 1024 4000] [--repeats 50] [--threads N]
-       [--order interleaved|blocked] [--json PATH]
+Commands::
+
+    .venv/bin/python benchmarks/bench_decode.py [--fills 128 1024 4000] [--repeats 50] [--order blocked]
+    .venv/bin/python benchmarks/bench_decode.py --case gemma2 [--fills 8000] [--window 1024] [--cache 8192]
+    .venv/bin/python benchmarks/bench_decode.py --case kv-heads --repeats 32 [--device cuda --dtype bf16 --batch 32]
+    .venv/bin/python benchmarks/bench_decode.py --case CASE --smoke   # tiny sizes, a few seconds
 """
 
-import argparse
-import statistics
+import json
+import tempfile
+from pathlib import Path
 
+import _harness as H
 import torch
-from _timing import (
-    DTYPE,
-    EMBED_DIM,
-    HEAD_DIM,
-    MAX_SEQ_LEN,
-    NUM_HEADS,
-    NUM_KV_HEADS,
-    build_pair,
-    copy_bandwidth,
-    environment,
-    markdown_table,
-    median_ms,
-    print_environment,
-    time_interleaved,
-    write_json,
-)
-from torch import nn
 
-from gqa_tune.modules.kv_cache import KVCache as GQAKVCache
+import gqa_tune
+from gqa_tune.models import gqa_decoder
+
+DEFAULTS = {
+    "attention": dict(fills=[128, 1024, 4000], cache=4096, repeats=50, warmup=5),
+    "gemma2": dict(fills=[8000], cache=8192, repeats=20, warmup=3),
+    "kv-heads": dict(fills=[2048], cache=4096, repeats=16, warmup=3),
+}
+SMOKE = {"fills": [100], "cache": 128, "repeats": 3, "warmup": 1, "window": 32, "kv_heads": [1, 16], "batch": 2}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def set_fill(cache: nn.Module, k: torch.Tensor, v: torch.Tensor) -> None:
-    """Make ``cache`` (torchtune's or ours) hold ``k``/``v`` ``[1, n_kv, fill, h_d]`` in positions ``0..fill-1``."""
-    fill = k.shape[2]
-    cache.reset()
-    if isinstance(cache, GQAKVCache):
-        if fill:
-            cache.update(k, v)
-        return
-    cache.k_cache[:, :, :fill].copy_(k)
-    cache.v_cache[:, :, :fill].copy_(v)
-    cache.cache_pos.add_(fill)  # cache_pos = arange(max_seq_len) + fill
+def random_kv(n_kv: int, fill: int, head_dim: int, seed: int, batch: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(batch, n_kv, fill, head_dim, generator=g) for _ in range(2))
 
 
-def rewind(cache: nn.Module, steps: int = 1) -> None:
-    """Undo the position advance of the last ``steps`` written tokens.
-
-    The written K/V stay in the buffer past the fill, where the next step
-    overwrites them (with the same values here: same ``x``, same position).
-    """
-    if isinstance(cache, GQAKVCache):
-        cache.truncate(cache.size - steps)
-    else:
-        cache.cache_pos.sub_(steps)
+def copy_bandwidth() -> float:
+    """The best read + write bytes/s of copying a 256 MiB float32 tensor."""
+    src = torch.rand(2**26)
+    dst = torch.empty_like(src)
+    return 2 * src.nbytes / min(H.autorange(lambda: dst.copy_(src), min_run_time=0.5).times)
 
 
-def fill_of(cache: nn.Module) -> int:
-    return int(cache.cache_pos[0])
+def attention(args) -> dict:
+    tt, ours = H.attention_pair(H.ATTENTION, args.cache, backend=args.backend, seed=args.seed)
+    for attn in (tt, ours):
+        attn.setup_cache(batch_size=1, dtype=torch.float32, max_seq_len=args.cache)
+    weight_bytes = sum(p.nbytes for p in tt.parameters())  # the four projections
+    bandwidth, x = copy_bandwidth(), torch.randn(1, 1, H.ATTENTION["embed_dim"])
+    rows = []
+    for fill in args.fills:
+        k, v = random_kv(H.ATTENTION["num_kv_heads"], fill, H.ATTENTION["head_dim"], args.seed + fill)
+        mods = {"torchtune": tt, "gqa_tune": ours}
+        outs, times = H.decode_steps(mods, x, k, v, args.cache, args.repeats, args.warmup, args.order)
+        torch.testing.assert_close(outs["gqa_tune"], outs["torchtune"], rtol=1e-4, atol=1e-5)
+        with torch.no_grad():  # the step writes the same K to both caches
+            for attn in mods.values():
+                attn(x, x, mask=(torch.arange(args.cache) <= fill)[None, None], input_pos=torch.tensor([[fill]]))
+            torch.testing.assert_close(ours.kv_cache.k_cache[:, :, : fill + 1], tt.kv_cache.k_cache[:, :, : fill + 1])
+            H.rewinder(tt.kv_cache, fill)()
+            H.rewinder(ours.kv_cache, fill)()
+        rows.append({"fill": fill, "times": times, "kv_bytes": k.nbytes + v.nbytes,
+                     "max_abs_diff": (outs["gqa_tune"] - outs["torchtune"]).abs().max().item()})  # fmt: skip
+    bandwidth = max(bandwidth, copy_bandwidth())
+    for r in rows:
+        r["bound_ms"] = (weight_bytes + r["kv_bytes"]) / bandwidth * 1e3
+    H.table(
+        ["fill", "torchtune ms (IQR)", "gqa_tune ms (IQR)", "speedup", "bound ms", "gqa_tune / bound", "max abs diff"],
+        [[r["fill"], H.fmt(r["times"]["torchtune"]), H.fmt(r["times"]["gqa_tune"]),
+          f"{r['times']['torchtune'].median / r['times']['gqa_tune'].median:.2f}x", f"{r['bound_ms']:.3f}",
+          f"{r['times']['gqa_tune'].median * 1e3 / r['bound_ms']:.2f}", f"{r['max_abs_diff']:.1e}"] for r in rows],
+        f"Decode step, CPU fp32, {H.ATTENTION}, cache {args.cache}, batch 1, {torch.get_num_threads()} threads, "
+        f"median of {args.repeats}, {args.order}; copy bandwidth {bandwidth / 1e9:.1f} GB/s, weights "
+        f"{weight_bytes / 2**20:.1f} MiB",
+    )  # fmt: skip
+    return {"bandwidth": bandwidth, "weight_bytes": weight_bytes, "results": rows}
+
+
+def gemma2(args) -> dict:
+    s = H.GEMMA2
+    fill, window, group = args.fills[0], args.window, s["num_heads"] // s["num_kv_heads"]
+    if not window <= fill < args.cache:
+        raise SystemExit("gemma2 needs window <= fill < cache")
+    tt, ours = H.attention_pair(s, args.cache, window=window, seed=args.seed)
+    plain = H.from_torchtune_attention(tt)  # a full-length cache: the same function, a larger cache
+    tt.setup_cache(1, torch.float32, args.cache)
+    ours.setup_cache(1, torch.float32, args.cache)  # a ring of the window
+    plain.kv_cache = gqa_tune.KVCache(1, args.cache, s["num_kv_heads"], s["head_dim"], torch.float32)
+    plain.cache_enabled = True
+    k, v = random_kv(s["num_kv_heads"], fill, s["head_dim"], args.seed)
+    x = torch.randn(1, 1, s["embed_dim"])
+    outs, times = H.decode_steps({"torchtune": tt, "gqa_tune": ours}, x, k, v, args.cache, args.repeats, args.warmup)
+    with torch.no_grad():
+        H.fill_cache(plain.kv_cache, k, v)
+        pos = torch.tensor([[fill]])
+        out_plain = plain(x, x, mask=(torch.arange(args.cache) <= fill)[None, None], input_pos=pos)
+        # float64 oracle: the new token's q against keys fill-window+1 .. fill (the new one included)
+        q = ours.pos_embeddings(ours.q_proj(x).view(1, 1, s["num_heads"], -1), input_pos=pos).transpose(1, 2)
+        cached = (plain.kv_cache.k_cache, plain.kv_cache.v_cache)
+        keys, values = (torch.cat([t[:, :, fill - window + 1 :], c[:, :, fill : fill + 1]], 2).double()
+                        .repeat_interleave(group, 1) for t, c in zip((k, v), cached))  # fmt: skip
+        scores = q.double() @ keys.transpose(-2, -1) * s["query_pre_attn_scalar"] ** -0.5
+        scores = s["softcapping"] * torch.tanh(scores / s["softcapping"])
+        oracle = ours.output_proj((torch.softmax(scores, -1) @ values).transpose(1, 2).reshape(1, 1, -1).float())
+    torch.testing.assert_close(outs["gqa_tune"], oracle, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(outs["gqa_tune"], out_plain, atol=1e-5, rtol=1e-5)
+    mib = {n: (m.kv_cache.k_cache.nbytes + m.kv_cache.v_cache.nbytes) / 2**20 for n, m in (("tt", tt), ("ours", ours))}
+    diff = {n: (outs[n] - oracle).abs().max().item() for n in outs}
+    tt_ms, ours_ms = times["torchtune"].median, times["gqa_tune"].median
+    H.table(
+        ["", "torchtune 0.6.1", "gqa_tune", "ratio"],
+        [["decode step ms (IQR)", H.fmt(times["torchtune"]), H.fmt(times["gqa_tune"]), f"{tt_ms / ours_ms:.1f}x"],
+         ["KV cache MiB (this layer)", f"{mib['tt']:.1f}", f"{mib['ours']:.1f}", f"{mib['tt'] / mib['ours']:.1f}x"],
+         ["max abs diff vs float64 window attention", f"{diff['torchtune']:.2e}", f"{diff['gqa_tune']:.2e}", ""]],
+        f"Gemma 2-shaped local layer, one decode step, CPU fp32, {s}, window {window}, cache {args.cache}, fill "
+        f"{fill}, {torch.get_num_threads()} threads, median of {args.repeats}, interleaved",
+    )  # fmt: skip
+    return {"times": times, "kv_cache_mib": mib, "max_abs_diff_vs_oracle": diff}
+
+
+def kv_heads(args) -> dict:
+    device, dtype, context = torch.device(args.device), DTYPES[args.dtype], args.fills[0]
+    if context + args.warmup + args.repeats > args.cache:
+        raise SystemExit("fill + warmup + repeats must fit in --cache")
+    results, shape = [], H.KV_SWEEP
+    for kv in sorted(args.kv_heads):
+        torch.manual_seed(args.seed)
+        with device:
+            model = gqa_decoder(**shape, num_kv_heads=kv, max_seq_len=args.cache, backend=args.backend)
+            model = model.to(dtype=dtype).eval()
+            model.setup_caches(batch_size=args.batch, dtype=dtype, decoder_max_seq_len=args.cache)
+        head_dim = shape["embed_dim"] // shape["num_heads"]
+        for i, layer in enumerate(model.layers):
+            k, v = (t.to(device, dtype) for t in random_kv(kv, context, head_dim, i, args.batch))
+            H.fill_cache(layer.attn.kv_cache, k, v)
+        positions = torch.arange(args.cache, device=device)
+        state = {"pos": context, "tokens": torch.full((args.batch, 1), 7, device=device)}
+
+        def step(state=state, model=model, positions=positions):
+            mask = (positions <= state["pos"]).view(1, 1, -1).expand(args.batch, 1, -1)
+            pos = torch.full((args.batch, 1), state["pos"], device=device)
+            logits = model(state["tokens"], mask=mask, input_pos=pos)
+            state["tokens"], state["pos"] = logits[:, -1].argmax(-1, keepdim=True), state["pos"] + 1
+            return logits
+
+        with torch.inference_mode():
+            m = H.time_cases({"step": step}, args.repeats, args.warmup)["step"]
+            assert torch.isfinite(step()).all()
+        per_token = 2 * shape["num_layers"] * kv * head_dim * torch.empty((), dtype=dtype).element_size()
+        results.append({
+            "num_kv_heads": kv, "step_ms": m.median * 1e3, "step_iqr_ms": m.iqr * 1e3,
+            "step_ms_min": min(m.times) * 1e3, "step_ms_max": max(m.times) * 1e3,
+            "ms_per_token_per_sequence": m.median * 1e3 / args.batch, "tokens_per_s": args.batch / m.median,
+            "kv_bytes_per_token": per_token,
+            "kv_cache_bytes": sum(layer.attn.kv_cache.nbytes for layer in model.layers),
+            "kv_bytes_read_per_step": per_token * args.batch * context,
+            "weight_bytes": sum(p.nbytes for p in model.parameters()),
+        })  # fmt: skip
+        print(f"kv {kv:2d}: step {m.median * 1e3:.1f} ms (IQR {m.iqr * 1e3:.1f})", flush=True)
+    mha = results[-1]
+    text = H.table(
+        ["kv heads", f"decode step ms (batch {args.batch}, IQR)", "ms/token/sequence", "tokens/s",
+         f"speedup vs {mha['num_kv_heads']}", "KV bytes/token", "KV read per step MiB", "cache MiB"],
+        [[r["num_kv_heads"], f"{r['step_ms']:.1f} ({r['step_iqr_ms']:.1f})", f"{r['ms_per_token_per_sequence']:.2f}",
+          f"{r['tokens_per_s']:.0f}", f"{mha['step_ms'] / r['step_ms']:.2f}x", r["kv_bytes_per_token"],
+          f"{r['kv_bytes_read_per_step'] / 2**20:.0f}", f"{r['kv_cache_bytes'] / 2**20:.0f}"] for r in results],
+    )  # fmt: skip
+    title = (f"gqa_decoder: {shape['num_layers']} layers, embed {shape['embed_dim']}, {shape['num_heads']} heads "
+             f"(head_dim {head_dim}), batch {args.batch}, context {context} (cache {args.cache}), {args.dtype}, "
+             f"{args.device}, {torch.get_num_threads()} thread(s)")  # fmt: skip
+    name = "speed" if device.type == "cpu" else f"speed_{device.type}"
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    data = {"env": args.env, "config": config, "shape": title, "results": results, "table": text}
+    (args.out_dir / f"{name}.json").write_text(json.dumps(data, indent=2))
+    plot(results, args.batch, args.out_dir / f"{name}.png", title)
+    print(f"wrote {args.out_dir}/{name}.json and {name}.png")
+    return {"results": results}
+
+
+def plot(results, batch: int, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kv = [r["num_kv_heads"] for r in results]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    err = [[(r["step_ms"] - r[k]) * s / batch for r in results] for k, s in (("step_ms_min", 1), ("step_ms_max", -1))]
+    a.errorbar(kv, [r["ms_per_token_per_sequence"] for r in results], yerr=err, marker="o", capsize=3)
+    a.set_ylabel(f"decode ms per token per sequence (batch {batch})")
+    b.plot(kv, [r["kv_bytes_per_token"] / 1024 for r in results], marker="s", color="C1")
+    b.set_ylabel("KV cache KiB per token (one sequence)")
+    for ax in (a, b):
+        ax.set_ylim(bottom=0)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(kv, [str(k) for k in kv])
+        ax.set_xlabel(f"kv heads ({max(kv)} = MHA, 1 = MQA)")
+        ax.grid(alpha=0.3)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--fills", type=int, nargs="+", default=[128, 1024, 4000], help="cache fill levels")
-    parser.add_argument("--repeats", type=int, default=50, help="timed steps per module and fill")
-    parser.add_argument("--warmup", type=int, default=5, help="untimed steps per module and fill first")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads")
-    parser.add_argument("--backend", default="auto", help="gqa_tune attention backend")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--order",
-        choices=["interleaved", "blocked"],
-        default="interleaved",
-        help="interleaved: the two modules take turns (each step finds caches as the other left them); "
-        "blocked: all torchtune steps, then all gqa_tune steps (each in its own steady state)",
-    )
-    parser.add_argument("--json", metavar="PATH", help="also write the results here as JSON")
-    args = parser.parse_args()
-    if any(not 0 <= f < MAX_SEQ_LEN for f in args.fills):
-        parser.error(f"fills must be in [0, {MAX_SEQ_LEN - 1}] (one free position for the step)")
-
-    torch.set_num_threads(args.threads)
-    env = environment()
-    print_environment(env)
-
-    tt, ours = build_pair(
-        embed_dim=EMBED_DIM,
-        num_heads=NUM_HEADS,
-        num_kv_heads=NUM_KV_HEADS,
-        head_dim=HEAD_DIM,
-        max_seq_len=MAX_SEQ_LEN,
-        backend=args.backend,
-        seed=args.seed,
-    )
-    for attn in (tt, ours):
-        attn.setup_cache(batch_size=1, dtype=DTYPE, max_seq_len=MAX_SEQ_LEN)
-        attn.eval()
-    weight_bytes = sum(
-        p.numel() * p.element_size()
-        for proj in (tt.q_proj, tt.k_proj, tt.v_proj, tt.output_proj)
-        for p in proj.parameters()
-    )
-
-    bandwidths = copy_bandwidth()  # again after the decode runs; the bound uses the best copy of all
-    print(f"projection weights: {weight_bytes / 2**20:.1f} MiB")
-
-    x = torch.randn(1, 1, EMBED_DIM, dtype=DTYPE)
-    positions = torch.arange(MAX_SEQ_LEN)
-    results = []
-    with torch.no_grad():
-        for fill in args.fills:
-            kv_shape = (1, NUM_KV_HEADS, fill, HEAD_DIM)
-            k, v = torch.randn(kv_shape, dtype=DTYPE), torch.randn(kv_shape, dtype=DTYPE)
-            for attn in (tt, ours):
-                set_fill(attn.kv_cache, k, v)
-            mask = (positions <= fill).view(1, 1, MAX_SEQ_LEN)
-            input_pos = torch.tensor([[fill]])
-
-            def step(attn, mask=mask, input_pos=input_pos):
-                return attn(x, x, mask=mask, input_pos=input_pos)
-
-            out_tt = step(tt)
-            out_ours = step(ours)
-            max_diff = (out_tt - out_ours).abs().max().item()
-            torch.testing.assert_close(out_ours, out_tt, rtol=1e-4, atol=1e-5)
-            torch.testing.assert_close(ours.kv_cache.k_cache[:, :, : fill + 1], tt.kv_cache.k_cache[:, :, : fill + 1])
-            for attn in (tt, ours):
-                rewind(attn.kv_cache)
-
-            times = time_interleaved(
-                {
-                    "torchtune": (lambda: step(tt), lambda: rewind(tt.kv_cache)),
-                    "gqa_tune": (lambda: step(ours), lambda: rewind(ours.kv_cache)),
-                },
-                repeats=args.repeats,
-                warmup=args.warmup,
-                order=args.order,
-            )
-            assert fill_of(tt.kv_cache) == fill_of(ours.kv_cache) == ours.kv_cache.size == fill
-            for attn, ref in ((tt, out_tt), (ours, out_ours)):  # the repetitions left the cache as it was
-                torch.testing.assert_close(step(attn), ref, rtol=0, atol=0)
-                rewind(attn.kv_cache)
-
-            tt_ms, ours_ms = median_ms(times["torchtune"]), median_ms(times["gqa_tune"])
-            results.append(
-                {
-                    "fill": fill,
-                    "torchtune_ms": tt_ms,
-                    "gqa_tune_ms": ours_ms,
-                    "speedup": tt_ms / ours_ms,
-                    "kv_bytes": 2 * k.numel() * k.element_size(),  # K and V, all kv heads, positions 0..fill-1
-                    "max_abs_diff": max_diff,
-                    "torchtune_times_ms": [t * 1e3 for t in times["torchtune"]],
-                    "gqa_tune_times_ms": [t * 1e3 for t in times["gqa_tune"]],
-                }
-            )
-            print(
-                f"fill {fill:5d}: torchtune {tt_ms:8.3f} ms  gqa_tune {ours_ms:8.3f} ms  "
-                f"speedup {tt_ms / ours_ms:5.2f}x  (max |diff| {max_diff:.1e})"
-            )
-
-    bandwidths += copy_bandwidth()
-    bandwidth = max(bandwidths)
-    print(
-        f"copy bandwidth (read+write, 256 MiB tensor, {len(bandwidths)} copies): best {bandwidth / 1e9:.2f} GB/s, "
-        f"median {statistics.median(bandwidths) / 1e9:.2f} GB/s"
-    )
-    for r in results:
-        r["bound_ms"] = (weight_bytes + r["kv_bytes"]) / bandwidth * 1e3
-        r["ours_over_bound"] = r["gqa_tune_ms"] / r["bound_ms"]
-        print(f"fill {r['fill']:5d}: bound_ms {r['bound_ms']:.3f}  ours/bound {r['ours_over_bound']:.2f}")
-
-    print()
-    print(
-        f"Decode step, CPU float32, E={EMBED_DIM}, {NUM_HEADS}/{NUM_KV_HEADS} heads, head_dim {HEAD_DIM}, "
-        f"max_seq_len {MAX_SEQ_LEN}, batch 1, {args.threads} threads, median of {args.repeats}, {args.order}, "
-        f"copy bandwidth {bandwidth / 1e9:.1f} GB/s"
-    )
-    print()
-    print(
-        markdown_table(
-            ["fill", "torchtune ms", "gqa_tune ms", "speedup", "bound_ms", "ours/bound"],
-            [
-                [
-                    r["fill"],
-                    f"{r['torchtune_ms']:.3f}",
-                    f"{r['gqa_tune_ms']:.3f}",
-                    f"{r['speedup']:.2f}x",
-                    f"{r['bound_ms']:.3f}",
-                    f"{r['ours_over_bound']:.2f}",
-                ]
-                for r in results
-            ],
-        )
-    )
-    write_json(
-        args.json,
-        {
-            "benchmark": "decode",
-            "env": env,
-            "config": {
-                "embed_dim": EMBED_DIM,
-                "num_heads": NUM_HEADS,
-                "num_kv_heads": NUM_KV_HEADS,
-                "head_dim": HEAD_DIM,
-                "max_seq_len": MAX_SEQ_LEN,
-                "batch": 1,
-                "dtype": str(DTYPE),
-                "backend": args.backend,
-                "repeats": args.repeats,
-                "warmup": args.warmup,
-                "seed": args.seed,
-                "order": args.order,
-            },
-            "copy_bandwidth_bytes_per_s": bandwidth,
-            "copy_bandwidth_samples": bandwidths,
-            "weight_bytes": weight_bytes,
-            "results": results,
-        },
-    )
+    p = H.parser(__doc__, cases=list(DEFAULTS))
+    p.add_argument("--fills", type=int, nargs="+", help="cache fills (kv-heads: the context before decoding)")
+    p.add_argument("--cache", type=int, help="cache positions (attention 4096, gemma2 8192, kv-heads 4096)")
+    p.add_argument("--repeats", type=int, help="timed steps per module and fill (50, 20, 16)")
+    p.add_argument("--warmup", type=int, help="untimed steps first (5, 3, 3)")
+    p.add_argument("--order", choices=["interleaved", "blocked"], default="interleaved", help="attention case")
+    p.add_argument("--backend", default="auto", help="gqa_tune attention backend")
+    p.add_argument("--window", type=int, default=1024, help="gemma2: the sliding window")
+    p.add_argument("--kv-heads", type=int, nargs="+", default=[1, 2, 4, 8, 16], help="kv-heads: the counts")
+    p.add_argument("--batch", type=int, default=8, help="kv-heads: sequences decoded together")
+    p.add_argument("--device", default="cpu", help="kv-heads: cpu or cuda")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="kv-heads")
+    p.add_argument("--out-dir", type=Path, default=H.REPO / "docs/repro", help="kv-heads: speed.json / speed.png here")
+    args = p.parse_args()
+    for key, value in {**DEFAULTS[args.case], **(SMOKE if args.smoke else {})}.items():
+        if getattr(args, key) is None or args.smoke:
+            setattr(args, key, value)
+    if args.smoke and args.case == "kv-heads" and args.out_dir == p.get_default("out_dir"):
+        args.out_dir = Path(tempfile.mkdtemp(prefix="bench_decode_smoke_"))
+    if args.case == "kv-heads" and args.threads is None and args.device == "cpu":
+        args.threads = 1  # steadier on a shared machine
+    if args.case == "attention" and any(not 0 <= f < args.cache for f in args.fills):
+        p.error(f"fills must be in [0, {args.cache - 1}] (one free position for the step)")
+    args.env = env = H.start(args)
+    data = {"attention": attention, "gemma2": gemma2, "kv-heads": kv_heads}[args.case](args)
+    del args.env
+    H.finish(args, env, {"case": args.case, **data})
 
 
 if __name__ == "__main__":

@@ -1,0 +1,379 @@
+"""What every benchmark shares (not a public API): timing, reporting, the model shapes, gqa_tune's internals.
+
+Timing, the one way every script measures:
+
+- :func:`autorange`: repeated calls of one function. CPU: ``torch.utils.benchmark.Timer.blocked_autorange``;
+  CUDA: ``triton.testing.do_bench`` (L2 flushed before each call) or ``do_bench_cudagraph``.
+- :func:`time_cases`: several cases called one at a time, taking turns (``interleaved``: A, B, A, B, ..., so
+  each call finds the CPU caches as the other case left them and a drifting machine load hits all alike) or
+  one case after another (``blocked``), with an untimed cleanup after each call (e.g. rewinding a KV cache),
+  timed by ``torch.utils.benchmark``'s timer (which synchronizes the accelerator). A case whose call returns
+  a ``float`` reports its own seconds instead (e.g. the decode loop measured inside a generation call).
+
+Every result is a ``torch.utils.benchmark.Measurement``; :func:`fmt` prints its median and, in parentheses,
+its interquartile range.
+
+gqa_tune is imported lazily: ``bench_triton.py --smoke`` sets ``TRITON_INTERPRET`` before anything imports
+it. Names of gqa_tune beyond its stable top-level API are looked up through :data:`INTERNAL`, the one place
+to change when they move.
+"""
+
+import argparse
+import importlib
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch.utils.benchmark import Measurement, Timer
+from torch.utils.benchmark.utils.common import TaskSpec
+from torch.utils.benchmark.utils.timer import timer
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+TUNE = str(Path(sys.executable).with_name("tune"))
+VAL = "data/tasks/val.jsonl"
+
+#: gqa_tune's names beyond its stable top-level API: name -> "module:attribute" candidates, first found wins.
+INTERNAL = {
+    "from_torchtune_attention": ["gqa_tune.convert.swap:from_torchtune_attention"],
+    "latest_checkpoint": ["gqa_tune.training.checkpoint:latest_checkpoint"],
+    "load_checkpoint": ["gqa_tune.training.checkpoint:load_checkpoint"],
+    "hf_config": ["gqa_tune.hf:hf_config", "gqa_tune.training.checkpoint:hf_config"],
+    "model_shape": ["gqa_tune.hf:model_shape", "gqa_tune.training.checkpoint:model_shape"],
+    "task_accuracy": ["gqa_tune.training.evaluate:task_accuracy"],
+    "heldout_loss": ["gqa_tune.training.evaluate:heldout_loss"],
+    "GenerateRecipe": ["gqa_tune.recipes.generate:GenerateRecipe"],
+    "ConfigError": ["gqa_tune.config_check:ConfigError"],
+    "weight_bytes": ["gqa_tune.quantization:weight_bytes"],
+    "document_block_mask": ["gqa_tune.data.packing:document_block_mask"],
+    "quantize_kv": ["gqa_tune.ops.kv_quant:quantize_kv"],
+    "dequantize_kv": ["gqa_tune.ops.kv_quant:dequantize_kv"],
+    "kernel_problem": ["gqa_tune.ops.backends.triton:kernel_problem"],
+    "nan_rule_owner": ["gqa_tune.ops.dispatch"],  # the module whose hide_masked_nans attention calls
+    "convert_model_": ["gqa_tune.convert.pooling:convert_model_"],
+    "pool_heads": ["gqa_tune.convert.pooling:pool_heads"],
+}
+
+
+def __getattr__(name: str):
+    for target in INTERNAL.get(name, ()):
+        module, _, attr = target.partition(":")
+        try:
+            found = importlib.import_module(module)
+            return getattr(found, attr) if attr else found
+        except (ImportError, AttributeError):
+            continue
+    raise AttributeError(f"_harness has no {name!r}" + (f" (tried {INTERNAL[name]})" if name in INTERNAL else ""))
+
+
+# ---------------------------------------------------------------- timing
+
+
+def measurement(label: str, seconds: Sequence[float]) -> Measurement:
+    """A ``Measurement`` of one call per sample (``seconds``)."""
+    spec = TaskSpec(stmt=label, setup="", label=label, num_threads=torch.get_num_threads())
+    return Measurement(number_per_run=1, raw_times=list(seconds), task_spec=spec)
+
+
+def fmt(m: Measurement, scale: float = 1e3, digits: int = 3) -> str:
+    """``median (IQR)`` of ``m`` times ``scale`` (default: milliseconds)."""
+    return f"{m.median * scale:.{digits}f} ({m.iqr * scale:.{digits}f})"
+
+
+def autorange(
+    fn: Callable[[], object], *, label: str = "", min_run_time: float = 0.5, cuda: bool = False,
+    cuda_graph: bool = False, warmup_ms: float = 25, rep_ms: float = 100,
+) -> Measurement:  # fmt: skip
+    """Time repeated calls of ``fn``: ``Timer.blocked_autorange`` on CPU, ``triton.testing.do_bench`` on CUDA
+    (``do_bench_cudagraph`` with ``cuda_graph``: replays of a CUDA graph of the calls, no launch overhead)."""
+    if cuda:
+        from triton.testing import do_bench, do_bench_cudagraph
+
+        if cuda_graph:
+            ms = do_bench_cudagraph(fn, rep=rep_ms, return_mode="all")
+        else:
+            ms = do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="all")
+        return measurement(label, [t / 1e3 for t in ms])
+    t = Timer("fn()", globals={"fn": fn}, label=label, num_threads=torch.get_num_threads())
+    return t.blocked_autorange(min_run_time=min_run_time)
+
+
+Case = Union[Callable[[], object], Tuple[Callable[[], object], Optional[Callable[[], object]]]]
+
+
+def time_cases(
+    cases: Dict[str, Case], repeats: int, warmup: int = 1, order: str = "interleaved"
+) -> Dict[str, Measurement]:
+    """Per case, ``repeats`` timed calls after ``warmup`` untimed ones; see the module docstring.
+
+    Args:
+        cases: name -> ``fn`` or ``(fn, cleanup)``; ``cleanup`` runs untimed after every call of ``fn``.
+        repeats: timed calls per case.
+        warmup: untimed calls per case first.
+        order: ``interleaved`` (the cases take turns) or ``blocked`` (all calls of one case, then the next).
+    """
+    if order not in ("interleaved", "blocked"):
+        raise ValueError(f"order must be 'interleaved' or 'blocked', got {order!r}")
+    seconds: Dict[str, List[float]] = {name: [] for name in cases}
+    calls = range(warmup + repeats)
+    plan = [(n, i) for i in calls for n in cases] if order == "interleaved" else [(n, i) for n in cases for i in calls]
+    for name, i in plan:
+        fn, cleanup = cases[name] if isinstance(cases[name], tuple) else (cases[name], None)
+        start = timer()
+        out = fn()
+        elapsed = timer() - start
+        if cleanup is not None:
+            cleanup()
+        if i >= warmup:
+            seconds[name].append(out if isinstance(out, float) else elapsed)
+    return {name: measurement(name, s) for name, s in seconds.items()}
+
+
+# ---------------------------------------------------------------- command line and reports
+
+
+def parser(doc: str, cases: Sequence[str] = (), default: Optional[str] = None) -> argparse.ArgumentParser:
+    """The options every script has (``--threads``, ``--seed``, ``--json``, ``--smoke``), and ``--case``."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    if cases:
+        p.add_argument("--case", choices=list(cases), default=default or cases[0], help="the question to answer")
+    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", metavar="PATH", help="also write the results here as JSON")
+    p.add_argument("--smoke", action="store_true", help="tiny sizes: check that every code path runs (no figures)")
+    return p
+
+
+def start(args: argparse.Namespace) -> Dict[str, object]:
+    """Set the thread count; print and return the environment and the exact command."""
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+    env = {
+        "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+        "cpu": platform.processor() or platform.machine(), "python": platform.python_version(),
+        "loadavg_1min": os.getloadavg()[0], "command": shlex.join([sys.executable, *sys.argv]),
+    }  # fmt: skip
+    print(f"torch {env['torch']}, threads {env['threads']} (cpu_count {env['cpu_count']}), python {env['python']}, "
+          f"1-min load average at start {env['loadavg_1min']:.2f}\ncommand: {env['command']}", flush=True)  # fmt: skip
+    return env
+
+
+def finish(args: argparse.Namespace, env: Dict[str, object], data: Dict[str, object]) -> None:
+    """Print the end load average; write ``{"env": env, "args": args, **data}`` to ``--json``."""
+    env["loadavg_1min_end"] = os.getloadavg()[0]
+    print(f"\n1-min load average at the end {env['loadavg_1min_end']:.2f}")
+    if getattr(args, "json", None):
+        plain = (int, float, str, list, type(None))
+        arguments = {k: v if isinstance(v, plain) else str(v) for k, v in vars(args).items()}
+        Path(args.json).write_text(json.dumps({"env": env, "args": arguments, **data}, indent=2, default=_jsonable))
+        print(f"wrote {args.json}")
+
+
+def _jsonable(obj: object) -> object:
+    if isinstance(obj, Measurement):
+        return {"median_s": obj.median, "iqr_s": obj.iqr, "times_s": obj.times}
+    return str(obj)
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[object]], title: str = "") -> str:
+    """Print (after ``title``) and return a markdown table."""
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---:" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    text = "\n".join(lines)
+    print(f"\n{title}\n\n{text}" if title else f"\n{text}", flush=True)
+    return text
+
+
+# ---------------------------------------------------------------- model shapes and builders
+
+#: Llama-3.2-1B's attention: the module-level decode, training and int8-cache benchmarks.
+ATTENTION = dict(embed_dim=2048, num_heads=32, num_kv_heads=8, head_dim=64)
+#: Gemma 2 2B's attention (soft-capped, ``query_pre_attn_scalar``), local layers with a sliding window.
+GEMMA2 = dict(embed_dim=2304, num_heads=8, num_kv_heads=4, head_dim=256, query_pre_attn_scalar=256, softcapping=50.0)
+#: ``torchtune.models.llama3_2.llama3_2`` shapes. ``tiny``: gqa_tiny's function with torchtune's attention,
+#: as the recipe benchmark's torchtune config writes it (read from there, below).
+LLAMA = {
+    "packed": dict(vocab_size=260, num_layers=2, num_heads=8, num_kv_heads=2, embed_dim=256),
+    "generate": dict(vocab_size=32000, num_layers=4, num_heads=8, num_kv_heads=2, embed_dim=512,
+                     intermediate_dim=1536, tie_word_embeddings=False),  # tied random weights repeat the last token
+}  # fmt: skip
+#: ``gqa_tune.models.gqa_decoder``'s shape for the decode time against the number of kv heads (the paper's Fig. 6).
+KV_SWEEP = dict(vocab_size=260, num_layers=4, num_heads=16, embed_dim=512, intermediate_dim=1536, rope_base=10_000)
+
+
+def llama(shape: str, max_seq_len: int, **overrides) -> torch.nn.Module:
+    """torchtune's ``llama3_2`` in one of the :data:`LLAMA` shapes."""
+    from torchtune.models.llama3_2 import llama3_2
+
+    if shape == "tiny":
+        from omegaconf import OmegaConf
+
+        node = OmegaConf.to_container(OmegaConf.load(HERE / "configs/torchtune_full_single_device.yaml").model)
+        kwargs = {k: v for k, v in node.items() if k != "_component_"}
+    else:
+        kwargs = dict(LLAMA[shape])
+    return llama3_2(**{**kwargs, "max_seq_len": max_seq_len, **overrides})
+
+
+def attention_pair(shape: Dict[str, object], max_seq_len: int, *, window: Optional[int] = None,
+                   backend: str = "auto", seed: int = 0) -> Tuple[torch.nn.Module, torch.nn.Module]:  # fmt: skip
+    """torchtune's attention (bias-free projections, RoPE; ``Gemma2Attention`` for the :data:`GEMMA2` shape) and
+    gqa_tune's sharing its weights and RoPE (``from_torchtune_attention``), both in eval mode."""
+    from torch import nn
+    from torchtune.models.gemma2._attention import Gemma2Attention
+    from torchtune.modules import MultiHeadAttention as TorchtuneMHA
+    from torchtune.modules import RotaryPositionalEmbeddings
+
+    torch.manual_seed(seed)
+    e, h, kv, d = (shape[k] for k in ("embed_dim", "num_heads", "num_kv_heads", "head_dim"))
+    parts = dict(
+        embed_dim=e, num_heads=h, num_kv_heads=kv, head_dim=d, max_seq_len=max_seq_len,
+        q_proj=nn.Linear(e, h * d, bias=False), k_proj=nn.Linear(e, kv * d, bias=False),
+        v_proj=nn.Linear(e, kv * d, bias=False), output_proj=nn.Linear(h * d, e, bias=False),
+        pos_embeddings=RotaryPositionalEmbeddings(dim=d, max_seq_len=max_seq_len),
+    )  # fmt: skip
+    if "softcapping" in shape:
+        tt = Gemma2Attention(**parts, sliding_window_size=window, softcapping=shape["softcapping"],
+                             query_pre_attn_scalar=shape["query_pre_attn_scalar"])  # fmt: skip
+    else:
+        tt = TorchtuneMHA(**parts)
+    ours = __getattr__("from_torchtune_attention")(tt, backend=backend)
+    return tt.eval(), ours.eval()
+
+
+# ---------------------------------------------------------------- KV caches
+
+
+def fill_cache(cache: torch.nn.Module, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Make ``cache`` (torchtune's or gqa_tune's) hold ``k``/``v`` ``[b, n_kv, fill, d]`` in positions ``0..fill-1``
+    (torchtune's Gemma 2 cache holds every query head: the kv heads repeated)."""
+    cache.reset()
+    if hasattr(cache, "truncate"):  # gqa_tune's (ring and quantized caches included)
+        if k.shape[2]:
+            cache.update(k, v)
+        return
+    repeat = cache.k_cache.shape[1] // k.shape[1]
+    cache.k_cache[:, :, : k.shape[2]].copy_(k.repeat_interleave(repeat, 1))
+    cache.v_cache[:, :, : k.shape[2]].copy_(v.repeat_interleave(repeat, 1))
+    cache.cache_pos.add_(k.shape[2])
+
+
+def rewinder(cache: torch.nn.Module, fill: int) -> Callable[[], None]:
+    """A function that undoes one step written at position ``fill`` (a ring cache's overwritten slot restored)."""
+    if not hasattr(cache, "truncate"):  # torchtune's: the written K/V stay past the fill, overwritten next time
+        return lambda: cache.cache_pos.sub_(1)
+    if cache.window is None or cache.k_cache.shape[2] > fill:
+        return lambda: cache.truncate(fill)
+    slot = fill % cache.k_cache.shape[2]
+    saved = [t[:, :, slot].clone() for t in (cache.k_cache, cache.v_cache)] + [cache.slot_pos[slot].clone()]
+
+    def undo() -> None:
+        cache.truncate(fill)
+        cache.k_cache[:, :, slot], cache.v_cache[:, :, slot], cache.slot_pos[slot] = saved
+
+    return undo
+
+
+def decode_steps(modules: Dict[str, torch.nn.Module], x: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 mask_len: int, repeats: int, warmup: int, order: str = "interleaved"):  # fmt: skip
+    """One KV-cached decode step of attention modules with caches set up, torchtune's call ``attn(x, x,
+    mask=mask, input_pos=[[fill]])`` with a bool ``mask`` ``[1, 1, mask_len]`` True up to ``fill``; every cache
+    holds ``k``/``v`` (``fill`` positions) and every step is undone (untimed), so each repetition sees the same
+    cache. Checked: the repetitions leave each module giving its first output again, exactly.
+
+    Returns:
+        (first output by name, :func:`time_cases` measurements by name)
+    """
+    fill = k.shape[2]
+    mask, pos = (torch.arange(mask_len) <= fill).view(1, 1, mask_len), torch.tensor([[fill]])
+    cases, outputs = {}, {}
+    with torch.no_grad():
+        for name, module in modules.items():
+            fill_cache(module.kv_cache, k, v)
+            cases[name] = (lambda m=module: m(x, x, mask=mask, input_pos=pos)), rewinder(module.kv_cache, fill)
+            outputs[name] = cases[name][0]()
+            cases[name][1]()
+        times = time_cases(cases, repeats, warmup, order)
+        for name, (step, undo) in cases.items():
+            torch.testing.assert_close(step(), outputs[name], rtol=0, atol=0, msg=f"{name}: the cache changed")
+            undo()
+    return outputs, times
+
+
+# ---------------------------------------------------------------- recipes, checkpoints, answers
+
+
+def tune_run(recipe: str, config: str, overrides: Sequence[str], threads: int, env: Optional[dict] = None) -> str:
+    """``tune run`` from the repository root (``recipe``: a built-in name, or a file of ``recipes/`` without
+    ``.py``); returns stdout + stderr, exits with their tails if it fails."""
+    if "/" not in recipe and (REPO / "recipes" / f"{recipe}.py").is_file():
+        recipe = f"gqa_tune/recipes/{recipe}.py"
+    cmd = [TUNE, "run", recipe, "--config", config, *overrides]
+    print(shlex.join(cmd[1:]), flush=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1", **(env or {})}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"{shlex.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    return proc.stdout + proc.stderr
+
+
+def tiny_checkpoint(checkpoint: Optional[Path], work_dir: Path, overrides: Sequence[str], threads: int) -> Path:
+    """``checkpoint`` (a checkpoint, or a run's ``output_dir``), else the run already in ``work_dir``, else
+    ``gqa_tiny`` trained into ``work_dir`` by the full recipe (``configs/gqa_tiny/full.yaml`` + ``overrides``)."""
+    latest = __getattr__("latest_checkpoint")
+    if checkpoint is not None:
+        return latest(checkpoint) or checkpoint
+    if latest(work_dir) is None:
+        tune_run("full_finetune_single_device", "configs/gqa_tiny/full.yaml", [f"output_dir={work_dir}", *overrides],
+                 threads)  # fmt: skip
+    return latest(work_dir)
+
+
+def generate_recipe(checkpoint: Path, **updates):
+    """The generate recipe (``configs/gqa_tiny/generate.yaml``) set up on ``checkpoint`` with ``updates`` to its
+    config; or, where its setup refuses them, the last line of its message."""
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.load(REPO / "configs/gqa_tiny/generate.yaml")
+    for key, value in {"checkpoint_dir": str(checkpoint), **updates}.items():
+        OmegaConf.update(cfg, key, value, force_add=True)
+    try:
+        recipe = __getattr__("GenerateRecipe")(cfg)
+        recipe.setup(cfg)
+    except __getattr__("ConfigError") as err:
+        return str(err).strip().splitlines()[-1].strip()
+    return recipe
+
+
+def val_rows(examples: int) -> List[dict]:
+    """The first ``examples`` rows of :data:`VAL`."""
+    lines = (REPO / VAL).read_text().splitlines()
+    return [json.loads(line) for line in lines if line.strip()][:examples]
+
+
+def greedy_answers(model, tokenizer, rows: Sequence[dict], kv_cache_dtype=None, batch: int = 64) -> List[List[int]]:
+    """Greedy answer ids (up to the stop token) to ``rows``' prompts, in batches of ``batch`` as ``task_accuracy``
+    runs them, through ``gqa_tune.generate`` with caches of ``kv_cache_dtype`` (``None``: the model's dtype)."""
+    from torchtune.modules.common_utils import local_kv_cache
+
+    import gqa_tune
+
+    answers, stops = [], set(tokenizer.stop_tokens)
+    longest = max(len(tokenizer.encode(r["answer"], add_bos=False, add_eos=False)) for r in rows) + 1
+    dtype = next(model.parameters()).dtype
+    for i in range(0, len(rows), batch):
+        prompts = [tokenizer.encode(r["prompt"], add_bos=True, add_eos=False) for r in rows[i : i + batch]]
+        width = max(map(len, prompts))
+        tokens = torch.tensor([[tokenizer.pad_id] * (width - len(p)) + p for p in prompts])
+        with local_kv_cache(model, batch_size=len(prompts), device=tokens.device, dtype=kv_cache_dtype or dtype,
+                            decoder_max_seq_len=width + longest):  # fmt: skip
+            out, _ = gqa_tune.generate(model, tokens, longest, pad_id=tokenizer.pad_id, stop_tokens=list(stops))
+        for row in out[:, width:].tolist():
+            answers.append(row[: next((j for j, t in enumerate(row) if t in stops), len(row))])
+    return answers
