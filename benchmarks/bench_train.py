@@ -1,177 +1,154 @@
-"""Training forward + backward of the attention module alone: torchtune vs gqa_tune, on CPU.
+"""What does a training step (forward + backward) cost: gqa_tune's attention against torchtune 0.6.1's, on CPU?
 
-Both modules share the same weights and RoPE (``from_torchtune_attention``) and
-get the same call ``attn(x, x)`` (no mask: causal) with ``x`` ``[b, s, E]``
-requiring grad, then ``out.backward(grad_out)`` with the same random
-``grad_out``. Outputs and all gradients (input and weights) are compared once
-before timing. Gradients are set to ``None`` between steps (untimed).
+Cases (``--case``), timed by ``_harness`` (the cases take turns; medians with their IQR), outputs and
+gradients checked against torchtune's before timing:
 
-Saved activations: bytes of the distinct storages autograd saves for backward
-during one forward (``saved_tensors_hooks``, deduplicated by storage pointer,
-whole storages), excluding the storages of parameters (also when saved as
-views such as ``weight.t()``) and of module buffers (the RoPE table).
-The input ``x`` is saved by the projections in both modules and counted.
+- ``attention`` (default): one attention module, Llama-3.2-1B's shape (embed 2048, 32 / 8 heads, head_dim 64,
+  RoPE), the same weights in both, ``attn(x, x)`` (causal) on ``x`` ``[batch, seq, 2048]`` requiring grad, then
+  ``out.backward(grad_out)``; gradients cleared between steps (untimed). ``saved MiB``: the activations
+  autograd saves in one forward (``saved_tensors_hooks``; distinct storages, whole, leaving out those of the
+  parameters, also when saved as views such as ``weight.t()``, and of the buffers such as the RoPE table).
+- ``packed``: packed documents, module level. torchtune's ``llama3_2`` (2 layers, width 256, 8 / 2 heads),
+  one row of ``--seq`` (4096) tokens holding ``--docs`` (40) documents, positions restarting per document,
+  forward + backward of the summed logits: torchtune's attention with the dense block-causal mask of its CPU
+  packed collate, against a ``swap_attention`` copy given that dense mask and given the ``BlockMask`` of
+  ``gqa_tune.data.packing``; the largest single allocation of a step (torch's profiler) shows whether an
+  ``s x s`` tensor is built.
 
-Usage: python benchmarks/bench_train.py [--batch 2] [--seq 1024] [--repeats 5] [--json PATH]
+Commands::
+
+    .venv/bin/python benchmarks/bench_train.py [--batch 2] [--seq 1024] [--repeats 5] [--threads N]
+    .venv/bin/python benchmarks/bench_train.py --case packed [--seq 4096] [--docs 40] [--repeats 5]
+    .venv/bin/python benchmarks/bench_train.py --case CASE --smoke   # tiny sizes, a few seconds
 """
 
-import argparse
+import copy
+import random
 
+import _harness as H
 import torch
-from _timing import (
-    DTYPE,
-    EMBED_DIM,
-    HEAD_DIM,
-    MAX_SEQ_LEN,
-    NUM_HEADS,
-    NUM_KV_HEADS,
-    build_pair,
-    environment,
-    markdown_table,
-    median_ms,
-    print_environment,
-    saved_activation_bytes,
-    time_interleaved,
-    write_json,
-)
+from torch.profiler import profile
+from torchtune.modules.attention_utils import create_block_causal_mask
+
+import gqa_tune
+
+DEFAULTS = {"attention": dict(seq=1024, repeats=5), "packed": dict(seq=4096, repeats=5)}
+SMOKE = dict(seq=128, repeats=2, docs=5)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--seq", type=int, default=1024)
-    parser.add_argument("--repeats", type=int, default=5, help="timed steps per module")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed steps per module first")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads")
-    parser.add_argument("--backend", default="auto", help="gqa_tune attention backend")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", metavar="PATH", help="also write the results here as JSON")
-    args = parser.parse_args()
+def saved_activation_bytes(fn, module: torch.nn.Module) -> int:
+    """Bytes of the distinct storages autograd saves while ``fn`` runs, not counting ``module``'s own."""
+    skip = {t.untyped_storage().data_ptr() for t in (*module.parameters(), *module.buffers())}
+    seen = {}
 
-    torch.set_num_threads(args.threads)
-    env = environment()
-    print_environment(env)
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.untyped_storage().data_ptr() not in skip:
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
 
-    tt, ours = build_pair(
-        embed_dim=EMBED_DIM,
-        num_heads=NUM_HEADS,
-        num_kv_heads=NUM_KV_HEADS,
-        head_dim=HEAD_DIM,
-        max_seq_len=max(MAX_SEQ_LEN, args.seq),
-        backend=args.backend,
-        seed=args.seed,
-    )
-    tt.train()
-    ours.train()
-    modules = {"torchtune": tt, "gqa_tune": ours}
-    x = torch.randn(args.batch, args.seq, EMBED_DIM, dtype=DTYPE, requires_grad=True)
-    grad_out = torch.randn(args.batch, args.seq, EMBED_DIM, dtype=DTYPE)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
 
-    def clear_grads() -> None:
+
+def attention(args) -> dict:
+    tt, ours = H.attention_pair(H.ATTENTION, max(4096, args.seq), backend=args.backend, seed=args.seed)
+    modules = {"torchtune": tt.train(), "gqa_tune": ours.train()}
+    x = torch.randn(args.batch, args.seq, H.ATTENTION["embed_dim"], requires_grad=True)
+    grad_out = torch.randn_like(x)
+
+    def clear() -> None:
         x.grad = None
-        tt.zero_grad(set_to_none=True)  # the parameters are shared, so this clears ours too
+        tt.zero_grad(set_to_none=True)  # the parameters are shared: this clears ours too
 
-    def fwd_bwd(attn) -> torch.Tensor:
+    def step(attn) -> torch.Tensor:
         out = attn(x, x)
         out.backward(grad_out)
         return out
 
-    # Correctness, once: same output, same input and weight gradients.
-    grads = {}
-    for name, attn in modules.items():
-        clear_grads()
-        out = fwd_bwd(attn).detach()
-        grads[name] = {"out": out, "x.grad": x.grad.clone()}
-        grads[name].update({f"{p_name}.grad": p.grad.clone() for p_name, p in attn.named_parameters()})
-    clear_grads()
-    max_rel = {}
-    for key, ref in grads["torchtune"].items():
-        got = grads["gqa_tune"][key]
-        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5 * ref.abs().max().item(), msg=key)
-        max_rel[key] = ((got - ref).abs().max() / ref.abs().max()).item()
-    print(f"outputs and grads match; max |diff| / max |ref| = {max(max_rel.values()):.1e} ({len(max_rel)} tensors)")
+    found = {}
+    for name, attn in modules.items():  # correctness, once: same output, input and weight gradients
+        clear()
+        found[name] = {"out": step(attn).detach(), "x": x.grad.clone()}
+        found[name].update({n: p.grad.clone() for n, p in attn.named_parameters()})
+    clear()
+    ref, got = found["torchtune"], found["gqa_tune"]
+    for key in ref:
+        torch.testing.assert_close(got[key], ref[key], rtol=1e-4, atol=1e-5 * ref[key].abs().max().item(), msg=key)
+    rel = max(((got[k] - ref[k]).abs().max() / ref[k].abs().max()).item() for k in ref)
+    print(f"outputs and gradients match; max |diff| / max |ref| = {rel:.1e} ({len(ref)} tensors)")
+    saved = {name: saved_activation_bytes(lambda a=attn: a(x, x), attn) / 2**20 for name, attn in modules.items()}
+    times = H.time_cases({n: (lambda a=a: step(a), clear) for n, a in modules.items()}, args.repeats, warmup=1)
+    ratio = times["torchtune"].median / times["gqa_tune"].median
+    H.table(
+        ["batch x seq", "torchtune ms (IQR)", "gqa_tune ms (IQR)", "time ratio", "torchtune saved MiB",
+         "gqa_tune saved MiB", "memory ratio"],
+        [[f"{args.batch} x {args.seq}", H.fmt(times["torchtune"], digits=1), H.fmt(times["gqa_tune"], digits=1),
+          f"{ratio:.2f}x", f"{saved['torchtune']:.1f}", f"{saved['gqa_tune']:.1f}",
+          f"{saved['torchtune'] / saved['gqa_tune']:.2f}x"]],
+        f"Attention fwd+bwd, CPU fp32, {H.ATTENTION}, causal, {torch.get_num_threads()} threads, median of "
+        f"{args.repeats}; ratios are torchtune / gqa_tune",
+    )  # fmt: skip
+    return {"times": times, "saved_mib": saved, "max_rel_diff": rel}
 
-    # Saved activations for backward, one forward each.
-    saved = {}
-    for name, attn in modules.items():
-        nbytes, count, out = saved_activation_bytes(lambda attn=attn: attn(x, x), attn)
-        del out
-        saved[name] = {"bytes": nbytes, "storages": count}
-        print(f"{name}: saved activations {nbytes / 2**20:.1f} MiB in {count} storages")
 
-    times = time_interleaved(
-        {name: (lambda attn=attn: fwd_bwd(attn), clear_grads) for name, attn in modules.items()},
-        repeats=args.repeats,
-        warmup=args.warmup,
-    )
-    tt_ms, ours_ms = median_ms(times["torchtune"]), median_ms(times["gqa_tune"])
-    tt_mib, ours_mib = saved["torchtune"]["bytes"] / 2**20, saved["gqa_tune"]["bytes"] / 2**20
-    result = {
-        "torchtune_ms": tt_ms,
-        "gqa_tune_ms": ours_ms,
-        "time_ratio_tt_over_ours": tt_ms / ours_ms,
-        "torchtune_saved_bytes": saved["torchtune"]["bytes"],
-        "gqa_tune_saved_bytes": saved["gqa_tune"]["bytes"],
-        "torchtune_saved_storages": saved["torchtune"]["storages"],
-        "gqa_tune_saved_storages": saved["gqa_tune"]["storages"],
-        "memory_ratio_tt_over_ours": tt_mib / ours_mib,
-        "max_rel_diff": max_rel,
-        "torchtune_times_ms": [t * 1e3 for t in times["torchtune"]],
-        "gqa_tune_times_ms": [t * 1e3 for t in times["gqa_tune"]],
-    }
-    print(f"fwd+bwd: torchtune {tt_ms:.1f} ms  gqa_tune {ours_ms:.1f} ms  ratio {tt_ms / ours_ms:.2f}x")
+def packed(args) -> dict:
+    rng = random.Random(args.seed)
+    cuts = sorted(rng.sample(range(1, args.seq), args.docs - 1))
+    lengths = torch.tensor([b - a for a, b in zip([0, *cuts], [*cuts, args.seq])])
+    positions = torch.cat([torch.arange(int(n)) for n in lengths])[None]
+    vocab = H.LLAMA["packed"]["vocab_size"]
+    tokens = torch.randint(0, vocab, (1, args.seq), generator=torch.Generator().manual_seed(args.seed))
+    torch.manual_seed(args.seed)
+    tt = H.llama("packed", args.seq)
+    for p in tt.parameters():
+        torch.nn.init.normal_(p, std=0.02)
+    ours = copy.deepcopy(tt)
+    gqa_tune.swap_attention(ours)
+    dense = create_block_causal_mask([lengths])  # torchtune's CPU packed collate
+    cases = {"torchtune, dense mask": (tt, dense), "gqa_tune, dense mask": (ours, dense),
+             "gqa_tune, BlockMask": (ours, H.document_block_mask([lengths], args.seq))}  # fmt: skip
 
-    print()
-    print(
-        f"Attention fwd+bwd, CPU float32, E={EMBED_DIM}, {NUM_HEADS}/{NUM_KV_HEADS} heads, head_dim {HEAD_DIM}, "
-        f"RoPE, causal, {args.threads} threads, median of {args.repeats}; ratios are torchtune / gqa_tune"
-    )
-    print()
-    print(
-        markdown_table(
-            [
-                "batch x seq",
-                "torchtune ms",
-                "gqa_tune ms",
-                "time ratio",
-                "torchtune saved MiB",
-                "gqa_tune saved MiB",
-                "memory ratio",
-            ],
-            [
-                [
-                    f"{args.batch} x {args.seq}",
-                    f"{tt_ms:.1f}",
-                    f"{ours_ms:.1f}",
-                    f"{tt_ms / ours_ms:.2f}x",
-                    f"{tt_mib:.1f}",
-                    f"{ours_mib:.1f}",
-                    f"{tt_mib / ours_mib:.2f}x",
-                ]
-            ],
-        )
-    )
-    write_json(
-        args.json,
-        {
-            "benchmark": "train",
-            "env": env,
-            "config": {
-                "embed_dim": EMBED_DIM,
-                "num_heads": NUM_HEADS,
-                "num_kv_heads": NUM_KV_HEADS,
-                "head_dim": HEAD_DIM,
-                "batch": args.batch,
-                "seq": args.seq,
-                "dtype": str(DTYPE),
-                "backend": args.backend,
-                "repeats": args.repeats,
-                "warmup": args.warmup,
-                "seed": args.seed,
-            },
-            "results": result,
-        },
-    )
+    def step(model, mask):
+        model.zero_grad(set_to_none=True)
+        logits = model(tokens, mask=mask, input_pos=positions)
+        logits.sum().backward()
+        return logits.detach()
+
+    expected = step(tt, dense)
+    tt_grads = [p.grad.clone() for p in tt.parameters()]
+    for model, mask in list(cases.values())[1:]:
+        torch.testing.assert_close(step(model, mask), expected, atol=2e-4, rtol=1e-4)
+        for p, g in zip(model.parameters(), tt_grads):
+            torch.testing.assert_close(p.grad, g, atol=2e-4, rtol=1e-3)
+    print("logits and gradients match torchtune's")
+    times = H.time_cases({n: (lambda c=c: step(*c)) for n, c in cases.items()}, args.repeats, warmup=0)
+    base, rows, peaks = times["torchtune, dense mask"].median, [], {}
+    for name, case in cases.items():
+        with profile(profile_memory=True) as prof:
+            step(*case)
+        peaks[name] = max((max(e.cpu_memory_usage, 0) for e in prof.events()), default=0) / 2**20
+        rows.append([name, H.fmt(times[name], digits=0), f"{base / times[name].median:.2f}x", f"{peaks[name]:.1f}"])
+    H.table(["case", "ms (IQR)", "speedup", "largest allocation MiB"], rows,
+            f"Forward + backward, {H.LLAMA['packed']}, one row of {args.seq} tokens, {args.docs} documents, "
+            f"{torch.get_num_threads()} threads, median of {args.repeats} (an s x s float32 tensor: "
+            f"{args.seq**2 * 4 / 2**20:.0f} MiB)")  # fmt: skip
+    return {"times": times, "largest_allocation_mib": peaks}
+
+
+def main() -> None:
+    p = H.parser(__doc__, cases=list(DEFAULTS))
+    p.add_argument("--batch", type=int, default=2, help="attention: batch size")
+    p.add_argument("--seq", type=int, help="attention: sequence length (1024); packed: the row's tokens (4096)")
+    p.add_argument("--docs", type=int, default=40, help="packed: documents in the row")
+    p.add_argument("--repeats", type=int, help="timed steps per case (5)")
+    p.add_argument("--backend", default="auto", help="attention: gqa_tune attention backend")
+    args = p.parse_args()
+    for key, value in {**DEFAULTS[args.case], **(SMOKE if args.smoke else {})}.items():
+        if getattr(args, key) is None or args.smoke:
+            setattr(args, key, value)
+    env = H.start(args)
+    H.finish(args, env, {"case": args.case, **{"attention": attention, "packed": packed}[args.case](args)})
 
 
 if __name__ == "__main__":
