@@ -1,290 +1,246 @@
-"""Greedy generation, ms per decode step: gqa_tune.generate against torchtune 0.6.1 and HF transformers.
+"""How fast does a whole generation loop decode: gqa_tune against torchtune 0.6.1 and HF transformers, on CPU?
 
-One random-weight Llama 3.2-style model (``torchtune.models.llama3_2.llama3_2``: 4 layers, width 512,
-8 query / 2 kv heads of 64, MLP 1536, scaled RoPE, untied embeddings) in five forms, all with the same
-weights, fp32 on CPU, each decoding ``--steps`` tokens for a batch of 4 random 1024-token prompts:
+Cases (``--case``). Decode time is measured inside each library's own loop (stamps around torchtune's
+``custom_generate_next_token``, a ``LogitsProcessor`` for transformers, ``GenerationStats`` for gqa_tune), so
+prefill and compilation are left out; every case decodes the same greedy tokens as torchtune (checked: a
+mismatch fails the run). The cases take turns (``_harness.time_cases``), medians with their IQR.
 
-- ``torchtune``: the model as torchtune builds it (its ``MultiHeadAttention``), ``torchtune.generation.generate``.
-- ``hf_static``: ``LlamaForCausalLM`` built from ``gqa_tune.training.checkpoint.hf_config(model)`` with the
-  weights through ``torchtune.models.convert_weights.tune_to_hf``; ``model.generate(...,
-  cache_implementation="static", do_sample=False)`` (eager, SDPA attention).
-- ``hf_static_compiled``: the same with transformers' own compiled decode step (``CompileConfig(fullgraph=True,
-  dynamic=False, mode="default")``; ``_compile_all_devices`` is transformers' switch to compile on CPU).
-  Skipped with ``--no-hf-compile``.
-- ``torchtune_swapped``: a copy after ``gqa_tune.swap_attention``, ``torchtune.generation.generate``.
-- ``gqa_generate`` / ``gqa_generate_compiled``: that copy, ``gqa_tune.generate(..., compile=False/True)``.
-- ``gqa_generate_compiled_no_nan_rule`` (only with ``--diagnose-nan-rule``): a diagnostic, not a mode of the
-  library: the compiled step with ``gqa_tune.ops.nan_rule.hide_masked_nans`` replaced by a no-op for the run
-  (its own graph), to measure what the NaN rule costs a compiled step (there it cannot skip its work).
+- ``transformers`` (default): one random-weight Llama 3.2-style model (``llama3_2``: 4 layers, width 512, 8 / 2
+  heads of 64, MLP 1536, vocab 32000, untied), fp32, a batch of 4 random 1024-token prompts, ``--steps`` tokens,
+  every cache prompt + steps long: ``torchtune`` (``torchtune.generation.generate``); ``hf_static``
+  (``LlamaForCausalLM`` built from ``hf_config`` of it, weights through ``tune_to_hf``, ``generate(...,
+  cache_implementation="static")``); ``hf_static_compiled`` (transformers' compiled decode step; skipped with
+  ``--no-hf-compile``); ``torchtune_swapped`` (after ``gqa_tune.swap_attention``); ``gqa_generate`` and
+  ``gqa_generate_compiled`` (``gqa_tune.generate(..., compile=False/True)``); with ``--diagnose-nan-rule``
+  also the compiled step with the NaN rule replaced by a no-op (a diagnostic of its cost, not a mode).
+- ``long-context``: gqa_tiny's shape (torchtune's ``llama3_2``, weights N(0, 0.3) so greedy tokens have clear
+  margins), batch 1, a prompt of ``--context`` (2048) random bytes, ``--new-tokens`` (64) steps, model
+  ``max_seq_len`` ``--cache`` (4096): torchtune's model and a swapped copy through torchtune's ``generate``
+  with caches of ``--cache`` positions set up beforehand, and the copy through ``gqa_tune.generate``, which
+  sizes its caches to the request. A second table times one model forward of one token (torchtune's decoding
+  call, mask ``[1, 1, cache]``) at cache fills 16 and ``--context``, without any loop.
 
-Every cache holds prompt + steps positions. Per decode step: the time from the first decode step's start
-to the last one's end over the decode steps, measured inside each library's own loop (a
-``LogitsProcessor`` for transformers, ``custom_generate_next_token`` for torchtune, ``GenerationStats``
-for gqa_tune), so prefill and compilation are left out. Each case runs ``--repeats`` times after one
-untimed warm-up run (which compiles), the cases taking turns; the median run and the best run are
-reported (each run's figure is its mean over its decode steps). All cases must give
-the same greedy tokens as torchtune (checked; a mismatch fails the run).
+Commands::
 
-Usage: python benchmarks/bench_generate.py [--steps 16] [--repeats 5] [--threads N] [--vocab 32000]
-       [--no-hf-compile] [--diagnose-nan-rule] [--json PATH]
+    .venv/bin/python benchmarks/bench_generate.py [--steps 16] [--repeats 5] [--threads 1] [--diagnose-nan-rule]
+    .venv/bin/python benchmarks/bench_generate.py --case long-context [--context 2048] [--repeats 3] [--threads 1]
+    .venv/bin/python benchmarks/bench_generate.py --case CASE --smoke   # tiny sizes, under a minute
 """
 
-import argparse
 import contextlib
 import copy
-import statistics
-import time
-from typing import Dict, List
 
+import _harness as H
 import torch
-from _timing import environment, markdown_table, print_environment, time_interleaved, write_json
 from torchtune.generation import generate as tt_generate
 from torchtune.generation import generate_next_token
-from torchtune.models.convert_weights import tune_to_hf
-from torchtune.models.llama3_2 import llama3_2
 from torchtune.modules.common_utils import local_kv_cache
-from transformers import CompileConfig, LlamaConfig, LlamaForCausalLM, LogitsProcessor, LogitsProcessorList
 
 import gqa_tune
-from gqa_tune.generation import GenerationStats
-from gqa_tune.ops import dispatch
-from gqa_tune.training.checkpoint import hf_config, model_shape
 
-NUM_LAYERS, EMBED_DIM, NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, MLP_DIM = 4, 512, 8, 2, 64, 1536
-BATCH, PROMPT = 4, 1024
+DEFAULTS = {"transformers": dict(repeats=5, prompt=1024), "long-context": dict(repeats=3, prompt=2048)}
+SMOKE = dict(repeats=1, prompt=32, steps=4, new_tokens=4, cache=64, vocab=512, forward_repeats=3)
+PAD_ID = 258  # the byte tokenizer's
 
 
-class StepClock(LogitsProcessor):
-    """Called once per generated token inside ``model.generate``: records when."""
+def torchtune_run(model, prompt, tokens: int, pad_id: int = 0, cache: int = 0):
+    """``torchtune.generation.generate``, greedy; returns (tokens, prefill s, decode s per step). With ``cache``,
+    in caches of that many positions, set up for the call; else in the model's own (already set up)."""
+    marks = []
 
-    def __init__(self) -> None:
-        self.times: List[float] = []
+    def timed_step(*args, **kwargs):
+        marks.append(H.timer())
+        out = generate_next_token(*args, **kwargs)
+        marks.append(H.timer())
+        return out
 
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        self.times.append(time.perf_counter())
-        return scores
+    with (local_kv_cache(model, batch_size=prompt.shape[0], device=prompt.device, dtype=torch.float32,
+                         decoder_max_seq_len=cache) if cache else contextlib.nullcontext()):  # fmt: skip
+        if not cache:
+            model.reset_caches()
+        start = H.timer()
+        out, _ = tt_generate(model, prompt, max_generated_tokens=tokens, pad_id=pad_id, temperature=1e-9, top_k=1,
+                             custom_generate_next_token=timed_step)  # fmt: skip
+    return out, marks[0] - start, (marks[-1] - marks[0]) / (len(marks) // 2)
+
+
+def gqa_run(model, prompt, tokens: int, compile: bool = False, pad_id: int = 0):
+    stats = gqa_tune.GenerationStats()
+    out, _ = gqa_tune.generate(model, prompt, tokens, pad_id=pad_id, compile=compile, stats=stats)
+    return out, stats.prefill_seconds, stats.decode_seconds / stats.decode_steps
 
 
 @contextlib.contextmanager
 def without_nan_rule():
     """Diagnostic only: attention without the NaN rule (K/V as given, output unchanged)."""
-    saved = dispatch.hide_masked_nans
-    dispatch.hide_masked_nans = lambda q, k, v, *args, **kwargs: (k, v, lambda out: out)
+    owner = H.nan_rule_owner
+    saved, owner.hide_masked_nans = owner.hide_masked_nans, lambda q, k, v, *a, **kw: (k, v, lambda out: out)
     try:
         yield
     finally:
-        dispatch.hide_masked_nans = saved
+        owner.hide_masked_nans = saved
 
 
-def build(vocab: int, max_seq_len: int, seed: int):
-    """The torchtune model, its swapped copy and the HF model, all with the same weights."""
-    torch.manual_seed(seed)
-    tt = llama3_2(
-        vocab_size=vocab,
-        num_layers=NUM_LAYERS,
-        num_heads=NUM_HEADS,
-        num_kv_heads=NUM_KV_HEADS,
-        embed_dim=EMBED_DIM,
-        max_seq_len=max_seq_len,
-        intermediate_dim=MLP_DIM,
-        tie_word_embeddings=False,  # tied random embeddings make every row repeat its last token
-    ).eval()
+def time_runs(runs, args, reference: str):
+    """Every run through ``time_cases`` (each reporting its own decode seconds per step); greedy tokens checked."""
+    found = {}
+
+    def case(name):
+        def call() -> float:
+            found[name] = runs[name]()
+            return found[name][2]
+
+        return call
+
+    times = H.time_cases({name: case(name) for name in runs}, args.repeats, warmup=1)
+    ref = found[reference][0]
+    same = {name: bool(torch.equal(out[0].to(ref.dtype), ref)) for name, out in found.items()}
+    if not all(same.values()):
+        raise SystemExit(f"greedy tokens differ from {reference}'s: {[n for n, ok in same.items() if not ok]}")
+    return times, found
+
+
+def transformers(args) -> dict:
+    from torchtune.models.convert_weights import tune_to_hf
+    from transformers import CompileConfig, LlamaConfig, LlamaForCausalLM, LogitsProcessor, LogitsProcessorList
+
+    total = args.prompt + args.steps
+    torch.manual_seed(args.seed)
+    tt = H.llama("generate", max(total, 8192), vocab_size=args.vocab).eval()  # 8192: Llama 3.2's RoPE scaling base
     swapped = copy.deepcopy(tt)
     gqa_tune.swap_attention(swapped)
-    config = {k: v for k, v in hf_config(tt).items() if k not in ("gqa_tune", "architectures", "torch_dtype")}
+    config = {k: v for k, v in H.hf_config(tt).items() if k not in ("gqa_tune", "architectures", "torch_dtype")}
     hf = LlamaForCausalLM(LlamaConfig(**config)).eval()
-    shape = model_shape(tt)
-    hf_sd = tune_to_hf(tt.state_dict(), **shape)
-    missing, unexpected = hf.load_state_dict(hf_sd, strict=False)
-    if missing or unexpected:
-        raise RuntimeError(f"HF weights do not fit: missing {missing}, unexpected {unexpected}")
-    if not torch.equal(hf.lm_head.weight, tt.output.weight):
-        raise RuntimeError("the HF model's lm_head does not hold torchtune's output weights")
-    return tt, swapped, hf
+    missing, unexpected = hf.load_state_dict(tune_to_hf(tt.state_dict(), **H.model_shape(tt)), strict=False)
+    if missing or unexpected or not torch.equal(hf.lm_head.weight, tt.output.weight):
+        raise SystemExit(f"HF weights do not fit: missing {missing}, unexpected {unexpected}")
+    prompt = torch.randint(1, args.vocab, (4, args.prompt), generator=torch.Generator().manual_seed(args.seed))
+
+    class StepClock(LogitsProcessor):
+        def __init__(self):
+            self.marks = []
+
+        def __call__(self, input_ids, scores):
+            self.marks.append(H.timer())
+            return scores
+
+    def hf_run(compiled: bool):
+        kwargs = {}
+        if compiled:
+            kwargs["compile_config"] = CompileConfig(fullgraph=True, dynamic=False, mode="default")
+            kwargs["compile_config"]._compile_all_devices = True  # transformers' switch for compiling on CPU
+        clock = StepClock()
+        out = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=args.steps,
+                          min_new_tokens=args.steps, do_sample=False, cache_implementation="static",
+                          logits_processor=LogitsProcessorList([clock]), pad_token_id=0, **kwargs)  # fmt: skip
+        return out, 0.0, (clock.marks[-1] - clock.marks[0]) / (len(clock.marks) - 1)
+
+    def gqa_no_nan_rule():
+        with without_nan_rule():
+            return gqa_run(swapped, prompt, args.steps, compile=True)
+
+    runs = {
+        "torchtune": lambda: torchtune_run(tt, prompt, args.steps, cache=total),
+        "hf_static": lambda: hf_run(False),
+        "hf_static_compiled": None if args.no_hf_compile else lambda: hf_run(True),
+        "torchtune_swapped": lambda: torchtune_run(swapped, prompt, args.steps, cache=total),
+        "gqa_generate": lambda: gqa_run(swapped, prompt, args.steps),
+        "gqa_generate_compiled": lambda: gqa_run(swapped, prompt, args.steps, compile=True),
+        "gqa_generate_compiled_no_nan_rule": gqa_no_nan_rule if args.diagnose_nan_rule else None,
+    }
+    times, _ = time_runs({name: run for name, run in runs.items() if run is not None}, args, "torchtune")
+    hf_ms, hf_best = times["hf_static"].median, min(times["hf_static"].times)
+    H.table(
+        ["case", "ms per decode step (IQR)", "decode tokens/s", "vs hf_static", "best run ms", "best vs best"],
+        [[name, H.fmt(m, digits=2), f"{4 / m.median:.0f}", f"{hf_ms / m.median:.2f}x", f"{min(m.times) * 1e3:.2f}",
+          f"{hf_best / min(m.times):.2f}x"] for name, m in times.items()],
+        f"Greedy decode, CPU fp32, {torch.get_num_threads()} threads: {H.LLAMA['generate']} (vocab {args.vocab}), "
+        f"batch 4, prompt {args.prompt}, {args.steps} tokens, median of {args.repeats}; all give torchtune's tokens",
+    )  # fmt: skip
+    return {"times": times}
+
+
+def long_context(args) -> dict:
+    if args.prompt + args.new_tokens + 1 > args.cache:
+        raise SystemExit("--context + --new-tokens + 1 must fit in --cache")
+    torch.manual_seed(args.seed)
+    tt = H.llama("tiny", args.cache).eval()
+    with torch.no_grad():
+        for p in tt.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.3)
+    ours = copy.deepcopy(tt)
+    gqa_tune.swap_attention(ours, backend=args.backend)
+    ours_tt_loop = copy.deepcopy(ours)
+    for model in (tt, ours_tt_loop):
+        model.setup_caches(batch_size=1, dtype=torch.float32, decoder_max_seq_len=args.cache)
+    prompt = torch.randint(0, 256, (1, args.prompt), generator=torch.Generator().manual_seed(args.seed))
+    n = args.new_tokens + 1  # one token from the prefill, then --new-tokens one-token steps
+    attn = tt.layers[0].attn
+    per_position = 2 * len(tt.layers) * attn.num_kv_heads * attn.head_dim * 4
+    cases = {  # name: (attention, loop, cache positions, run)
+        "torchtune": ("torchtune llama3_2", "torchtune.generation.generate", args.cache,
+                      lambda: torchtune_run(tt, prompt, n, PAD_ID)),
+        "gqa_tune_tt_loop": ("gqa_tune attention", "torchtune.generation.generate", args.cache,
+                             lambda: torchtune_run(ours_tt_loop, prompt, n, PAD_ID)),
+        "gqa_tune": ("gqa_tune attention", "gqa_tune.generate", args.prompt + n,
+                     lambda: gqa_run(ours, prompt, n, pad_id=PAD_ID)),
+    }  # fmt: skip
+    times, found = time_runs({name: c[3] for name, c in cases.items()}, args, "torchtune")
+    base = times["torchtune"].median
+    H.table(
+        ["attention", "generation loop", "cache positions", "KV cache MiB", "prefill tokens/s", "decode ms/token (IQR)",
+         "decode tokens/s", "vs torchtune"],
+        [[c[0], c[1], c[2], f"{c[2] * per_position / 2**20:.2f}", f"{args.prompt / found[name][1]:.0f}",
+          H.fmt(times[name]), f"{1 / times[name].median:.0f}", f"{base / times[name].median:.2f}x"]
+         for name, c in cases.items()],
+        f"Decoding, CPU fp32, gqa_tiny's shape, max_seq_len {args.cache}, batch 1, greedy, prompt {args.prompt} random "
+        f"tokens, {args.new_tokens} one-token steps, {torch.get_num_threads()} threads, median of {args.repeats}; "
+        f"all give torchtune's tokens (prefill: the last run's)",
+    )  # fmt: skip
+    forward = {}
+    x, rows = torch.tensor([[5]]), []
+    for fill in sorted({16, args.prompt}):
+        mask, pos = (torch.arange(args.cache) <= fill).view(1, 1, -1), torch.tensor([[fill]])
+        steps = {}
+        with torch.inference_mode():
+            for name, model in (("torchtune", tt), ("gqa_tune", ours_tt_loop)):
+                model.reset_caches()
+                model(prompt[:, :fill], input_pos=torch.arange(fill)[None],
+                      mask=torch.tril(torch.ones(fill, args.cache, dtype=torch.bool))[None])  # fmt: skip
+                undo = [H.rewinder(layer.attn.kv_cache, fill) for layer in model.layers]
+                step = lambda m=model, p=pos, k=mask: m(x, input_pos=p, mask=k)  # noqa: E731
+                steps[name] = step, (lambda u=undo: [f() for f in u])
+            forward[fill] = t = H.time_cases(steps, args.forward_repeats, warmup=5)
+        ratio = t["torchtune"].median / t["gqa_tune"].median
+        rows.append([fill, H.fmt(t["torchtune"]), H.fmt(t["gqa_tune"]), f"{ratio:.2f}x"])
+    H.table(["cache fill", "torchtune ms (IQR)", "gqa_tune ms (IQR)", "ratio"], rows,
+            f"One model forward of one token ({args.cache}-position caches), median of {args.forward_repeats}")
+    return {"times": times, "forward": forward}
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=16, help="tokens generated per prompt")
-    parser.add_argument("--repeats", type=int, default=5, help="timed runs per case")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads")
-    parser.add_argument("--vocab", type=int, default=32000, help="vocabulary size")
-    parser.add_argument("--prompt", type=int, default=PROMPT, help="prompt length")
-    parser.add_argument("--no-hf-compile", action="store_true", help="skip transformers' compiled decode step")
-    parser.add_argument(
-        "--diagnose-nan-rule", action="store_true", help="add the compiled step without the NaN rule (diagnostic)"
-    )
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", metavar="PATH", help="also write the results here as JSON")
-    args = parser.parse_args()
+    p = H.parser(__doc__, cases=list(DEFAULTS))
+    p.add_argument("--repeats", type=int, help="timed generations per case (transformers 5, long-context 3)")
+    p.add_argument("--prompt", "--context", type=int, help="prompt tokens (transformers 1024, long-context 2048)")
+    p.add_argument("--steps", type=int, default=16, help="transformers: tokens generated per prompt")
+    p.add_argument("--vocab", type=int, default=32000, help="transformers: vocabulary size")
+    p.add_argument("--no-hf-compile", action="store_true", help="transformers: skip its compiled decode step")
+    p.add_argument("--diagnose-nan-rule", action="store_true", help="transformers: add the step without the NaN rule")
+    p.add_argument("--new-tokens", type=int, default=64, help="long-context: one-token decode steps")
+    p.add_argument("--cache", type=int, default=4096, help="long-context: max_seq_len and torchtune's cache positions")
+    p.add_argument("--forward-repeats", type=int, default=100, help="long-context: timed one-token forwards")
+    p.add_argument("--backend", default="auto", help="long-context: gqa_tune attention backend")
+    args = p.parse_args()
+    for key, value in {**DEFAULTS[args.case], **(SMOKE if args.smoke else {})}.items():
+        if getattr(args, key) is None or args.smoke:
+            setattr(args, key, value)
+    args.no_hf_compile = args.no_hf_compile or args.smoke  # its compilation alone takes minutes on a CPU
     if args.steps < 3:
-        parser.error("--steps must be at least 3")
-
-    torch.set_num_threads(args.threads)
-    env = environment()
-    print_environment(env)
-    total = args.prompt + args.steps
-    tt, swapped, hf = build(args.vocab, max(total, 8192), args.seed)  # 8192: Llama 3.2's RoPE scaling base
-    prompt = torch.randint(1, args.vocab, (BATCH, args.prompt), generator=torch.Generator().manual_seed(args.seed))
-    weight_bytes = sum(p.numel() * p.element_size() for p in tt.parameters())
-    print(f"model: {weight_bytes / 2**20:.1f} MiB of fp32 weights, vocab {args.vocab}, cache {total} positions")
-
-    per_step: Dict[str, List[float]] = {}
-    tokens: Dict[str, torch.Tensor] = {}
-    extra: Dict[str, List[float]] = {}
-
-    def torchtune_case(model):
-        def run():
-            marks: List[float] = []
-
-            def timed_step(*a, **kw):
-                marks.append(time.perf_counter())
-                out = generate_next_token(*a, **kw)
-                marks.append(time.perf_counter())
-                return out
-
-            with local_kv_cache(model, batch_size=BATCH, device=prompt.device, dtype=torch.float32,
-                                decoder_max_seq_len=total):  # fmt: skip
-                out, _ = tt_generate(model, prompt, max_generated_tokens=args.steps, temperature=1e-9, top_k=1,
-                                     custom_generate_next_token=timed_step)  # fmt: skip
-            return out, (marks[-1] - marks[0]) / (len(marks) // 2)
-
-        return run
-
-    def hf_case(compiled: bool):
-        kwargs = {}
-        if compiled:
-            compile_config = CompileConfig(fullgraph=True, dynamic=False, mode="default")
-            compile_config._compile_all_devices = True  # transformers' switch for compiling on CPU
-            kwargs["compile_config"] = compile_config
-
-        def run():
-            clock = StepClock()
-            out = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=args.steps,
-                              min_new_tokens=args.steps, do_sample=False, cache_implementation="static",
-                              logits_processor=LogitsProcessorList([clock]), pad_token_id=0, **kwargs)  # fmt: skip
-            return out, (clock.times[-1] - clock.times[0]) / (len(clock.times) - 1)
-
-        return run
-
-    def gqa_case(compiled: bool, nan_rule: bool = True):
-        def run():
-            stats = GenerationStats()
-            with contextlib.ExitStack() as stack:
-                if not nan_rule:
-                    stack.enter_context(without_nan_rule())
-                out, _ = gqa_tune.generate(swapped, prompt, args.steps, compile=compiled, stats=stats)
-            if compiled:
-                extra.setdefault(f"compile_seconds_{'with' if nan_rule else 'without'}_nan_rule", []).append(
-                    stats.compile_seconds
-                )
-            return out, stats.decode_seconds / stats.decode_steps
-
-        return run
-
-    runs = {
-        "torchtune": torchtune_case(tt),
-        "hf_static": hf_case(False),
-        "hf_static_compiled": None if args.no_hf_compile else hf_case(True),
-        "torchtune_swapped": torchtune_case(swapped),
-        "gqa_generate": gqa_case(False),
-        "gqa_generate_compiled": gqa_case(True),
-        "gqa_generate_compiled_no_nan_rule": gqa_case(True, nan_rule=False) if args.diagnose_nan_rule else None,
-    }
-    runs = {name: fn for name, fn in runs.items() if fn is not None}
-
-    def case(name):
-        def fn():
-            out, seconds = runs[name]()
-            tokens.setdefault(name, out)
-            per_step.setdefault(name, []).append(seconds)
-
-        return fn
-
-    started = time.perf_counter()
-    time_interleaved({name: (case(name), None) for name in runs}, repeats=args.repeats, warmup=1)
-    print(f"all runs: {time.perf_counter() - started:.0f} s")
-
-    reference = tokens["torchtune"]
-    same = {name: bool(torch.equal(out.to(reference.dtype), reference)) for name, out in tokens.items()}
-    results = []
-    hf_ms = statistics.median(per_step["hf_static"][1:]) * 1e3
-    hf_best = min(per_step["hf_static"][1:]) * 1e3
-    for name in runs:
-        ms = statistics.median(per_step[name][1:]) * 1e3  # the first run is the warm-up
-        best = min(per_step[name][1:]) * 1e3
-        results.append(
-            {
-                "case": name,
-                "ms_per_step": ms,
-                "best_ms_per_step": best,
-                "decode_tokens_per_s": BATCH / ms * 1e3,
-                "speedup_vs_hf_static": hf_ms / ms,
-                "best_speedup_vs_hf_static": hf_best / best,
-                "same_tokens_as_torchtune": same[name],
-                "ms_per_step_runs": [t * 1e3 for t in per_step[name]],
-            }
-        )
-    print()
-    print(
-        f"Greedy decode, CPU fp32, {args.threads} threads: {NUM_LAYERS} layers, width {EMBED_DIM}, "
-        f"{NUM_HEADS}/{NUM_KV_HEADS} heads of {HEAD_DIM}, MLP {MLP_DIM}, vocab {args.vocab}, batch {BATCH}, "
-        f"prompt {args.prompt}, {args.steps} tokens, median of {args.repeats}"
-    )
-    print()
-    print(
-        markdown_table(
-            [
-                "case",
-                "ms per decode step",
-                "decode tokens/s",
-                "vs hf_static",
-                "best run ms",
-                "best vs best",
-                "same tokens",
-            ],
-            [
-                [
-                    r["case"],
-                    f"{r['ms_per_step']:.2f}",
-                    f"{r['decode_tokens_per_s']:.0f}",
-                    f"{r['speedup_vs_hf_static']:.2f}x",
-                    f"{r['best_ms_per_step']:.2f}",
-                    f"{r['best_speedup_vs_hf_static']:.2f}x",
-                    "yes" if r["same_tokens_as_torchtune"] else "NO",
-                ]
-                for r in results
-            ],
-        )
-    )
-    for key, seconds in extra.items():
-        print(f"{key}: first call {seconds[0]:.1f} s, then {max(seconds[1:], default=0):.2f} s at most (untimed)")
-    write_json(
-        args.json,
-        {
-            "benchmark": "generate",
-            "env": env,
-            "config": {
-                "num_layers": NUM_LAYERS,
-                "embed_dim": EMBED_DIM,
-                "num_heads": NUM_HEADS,
-                "num_kv_heads": NUM_KV_HEADS,
-                "head_dim": HEAD_DIM,
-                "intermediate_dim": MLP_DIM,
-                "vocab_size": args.vocab,
-                "batch": BATCH,
-                "prompt": args.prompt,
-                "steps": args.steps,
-                "repeats": args.repeats,
-                "seed": args.seed,
-                "weight_bytes": weight_bytes,
-            },
-            "results": results,
-            "extra": extra,
-        },
-    )
-    if not all(same.values()):
-        raise SystemExit(f"greedy tokens differ from torchtune's: {[n for n, ok in same.items() if not ok]}")
+        p.error("--steps must be at least 3")
+    env = H.start(args)
+    data = {"transformers": transformers, "long-context": long_context}[args.case](args)
+    H.finish(args, env, {"case": args.case, **data})
 
 
 if __name__ == "__main__":
