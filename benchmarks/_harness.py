@@ -37,7 +37,6 @@ from torch.utils.benchmark.utils.timer import timer
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 TUNE = str(Path(sys.executable).with_name("tune"))
-VAL = "data/tasks/val.jsonl"
 
 #: gqa_tune's names beyond its stable top-level API: name -> "module:attribute" candidates, first found wins.
 INTERNAL = {
@@ -51,6 +50,7 @@ INTERNAL = {
     "GenerateRecipe": ["gqa_tune.recipes.generate:GenerateRecipe"],
     "ConfigError": ["gqa_tune.config_check:ConfigError"],
     "weight_bytes": ["gqa_tune.quantization:weight_bytes"],
+    "resolve_data_file": ["gqa_tune.data:resolve_data_file"],
     "document_block_mask": ["gqa_tune.data.packing:document_block_mask"],
     "quantize_kv": ["gqa_tune.ops.kv_quant:quantize_kv"],
     "dequantize_kv": ["gqa_tune.ops.kv_quant:dequantize_kv"],
@@ -306,7 +306,7 @@ def decode_steps(modules: Dict[str, torch.nn.Module], x: torch.Tensor, k: torch.
     return outputs, times
 
 
-# ---------------------------------------------------------------- recipes, checkpoints, answers
+# ---------------------------------------------------------------- recipes
 
 
 def tune_run(recipe: str, config: str, overrides: Sequence[str], threads: int, env: Optional[dict] = None) -> str:
@@ -321,59 +321,3 @@ def tune_run(recipe: str, config: str, overrides: Sequence[str], threads: int, e
     if proc.returncode != 0:
         raise SystemExit(f"{shlex.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
     return proc.stdout + proc.stderr
-
-
-def tiny_checkpoint(checkpoint: Optional[Path], work_dir: Path, overrides: Sequence[str], threads: int) -> Path:
-    """``checkpoint`` (a checkpoint, or a run's ``output_dir``), else the run already in ``work_dir``, else
-    ``gqa_tiny`` trained into ``work_dir`` by the full recipe (``configs/gqa_tiny/full.yaml`` + ``overrides``)."""
-    latest = __getattr__("latest_checkpoint")
-    if checkpoint is not None:
-        return latest(checkpoint) or checkpoint
-    if latest(work_dir) is None:
-        tune_run("full_finetune_single_device", "configs/gqa_tiny/full.yaml", [f"output_dir={work_dir}", *overrides],
-                 threads)  # fmt: skip
-    return latest(work_dir)
-
-
-def generate_recipe(checkpoint: Path, **updates):
-    """The generate recipe (``configs/gqa_tiny/generate.yaml``) set up on ``checkpoint`` with ``updates`` to its
-    config; or, where its setup refuses them, the last line of its message."""
-    from omegaconf import OmegaConf
-
-    cfg = OmegaConf.load(REPO / "configs/gqa_tiny/generate.yaml")
-    for key, value in {"checkpoint_dir": str(checkpoint), **updates}.items():
-        OmegaConf.update(cfg, key, value, force_add=True)
-    try:
-        recipe = __getattr__("GenerateRecipe")(cfg)
-        recipe.setup(cfg)
-    except __getattr__("ConfigError") as err:
-        return str(err).strip().splitlines()[-1].strip()
-    return recipe
-
-
-def val_rows(examples: int) -> List[dict]:
-    """The first ``examples`` rows of :data:`VAL`."""
-    lines = (REPO / VAL).read_text().splitlines()
-    return [json.loads(line) for line in lines if line.strip()][:examples]
-
-
-def greedy_answers(model, tokenizer, rows: Sequence[dict], kv_cache_dtype=None, batch: int = 64) -> List[List[int]]:
-    """Greedy answer ids (up to the stop token) to ``rows``' prompts, in batches of ``batch`` as ``task_accuracy``
-    runs them, through ``gqa_tune.generate`` with caches of ``kv_cache_dtype`` (``None``: the model's dtype)."""
-    from torchtune.modules.common_utils import local_kv_cache
-
-    import gqa_tune
-
-    answers, stops = [], set(tokenizer.stop_tokens)
-    longest = max(len(tokenizer.encode(r["answer"], add_bos=False, add_eos=False)) for r in rows) + 1
-    dtype = next(model.parameters()).dtype
-    for i in range(0, len(rows), batch):
-        prompts = [tokenizer.encode(r["prompt"], add_bos=True, add_eos=False) for r in rows[i : i + batch]]
-        width = max(map(len, prompts))
-        tokens = torch.tensor([[tokenizer.pad_id] * (width - len(p)) + p for p in prompts])
-        with local_kv_cache(model, batch_size=len(prompts), device=tokens.device, dtype=kv_cache_dtype or dtype,
-                            decoder_max_seq_len=width + longest):  # fmt: skip
-            out, _ = gqa_tune.generate(model, tokens, longest, pad_id=tokenizer.pad_id, stop_tokens=list(stops))
-        for row in out[:, width:].tolist():
-            answers.append(row[: next((j for j, t in enumerate(row) if t in stops), len(row))])
-    return answers
