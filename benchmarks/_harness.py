@@ -37,6 +37,7 @@ from torch.utils.benchmark.utils.timer import timer
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 TUNE = str(Path(sys.executable).with_name("tune"))
+FULL, LORA = (f"gqa_tune/recipes/{name}_finetune_single_device.py" for name in ("full", "lora"))
 
 #: gqa_tune's names beyond its stable top-level API: name -> "module:attribute" candidates, first found wins.
 INTERNAL = {
@@ -310,10 +311,8 @@ def decode_steps(modules: Dict[str, torch.nn.Module], x: torch.Tensor, k: torch.
 
 
 def tune_run(recipe: str, config: str, overrides: Sequence[str], threads: int, env: Optional[dict] = None) -> str:
-    """``tune run`` from the repository root (``recipe``: a built-in name, or a file of ``recipes/`` without
-    ``.py``); returns stdout + stderr, exits with their tails if it fails."""
-    if "/" not in recipe and (REPO / "recipes" / f"{recipe}.py").is_file():
-        recipe = f"gqa_tune/recipes/{recipe}.py"
+    """``tune run recipe --config config *overrides`` from the repository root with ``threads`` OpenMP threads;
+    returns stdout + stderr, exits with their tails if it fails."""
     cmd = [TUNE, "run", recipe, "--config", config, *overrides]
     print(shlex.join(cmd[1:]), flush=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1", **(env or {})}

@@ -68,7 +68,7 @@ def checkpoint(args, overrides=()) -> Path:
         return H.latest_checkpoint(args.checkpoint) or args.checkpoint
     if H.latest_checkpoint(args.work_dir) is None:
         steps = "null" if args.steps_per_epoch is None else args.steps_per_epoch
-        H.tune_run("full_finetune_single_device", "configs/gqa_tiny/full.yaml", [
+        H.tune_run(H.FULL, "configs/gqa_tiny/full.yaml", [
             f"output_dir={args.work_dir}", f"epochs={args.epochs}", f"max_steps_per_epoch={steps}", *overrides,
         ], args.threads or torch.get_num_threads())  # fmt: skip
     return H.latest_checkpoint(args.work_dir)
@@ -242,11 +242,11 @@ def qlora(args) -> dict:
         base = args.work_dir / "base"
         if H.latest_checkpoint(base) is None:
             runs["base (no adapters)"] = evaluation(H.tune_run(
-                "full_finetune_single_device", "configs/gqa_tiny/full.yaml",
+                H.FULL, "configs/gqa_tiny/full.yaml",
                 [f"output_dir={base}", "epochs=1", f"max_steps_per_epoch={args.base_steps}", *small], threads))
     for kind in ("lora", "qlora"):
         out = args.work_dir / kind
-        runs[kind] = evaluation(H.tune_run("lora_finetune_single_device", f"configs/gqa_tiny/{kind}.yaml", [
+        runs[kind] = evaluation(H.tune_run(H.LORA, f"configs/gqa_tiny/{kind}.yaml", [
             f"output_dir={out}", f"base_checkpoint_dir={base}", "epochs=1", f"max_steps_per_epoch={args.steps}", *small,
         ], threads))  # fmt: skip
         runs[kind].update(tokens_per_second=statistics.median(logged(out, "tokens_per_second")),
