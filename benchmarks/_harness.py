@@ -1,21 +1,13 @@
-"""What every benchmark shares (not a public API): timing, reporting, the model shapes, gqa_tune's internals.
+"""What every benchmark shares (not a public API): timing, reports, the model shapes, gqa_tune's internals.
 
-Timing, the one way every script measures:
-
-- :func:`autorange`: repeated calls of one function. CPU: ``torch.utils.benchmark.Timer.blocked_autorange``;
-  CUDA: ``triton.testing.do_bench`` (L2 flushed before each call) or ``do_bench_cudagraph``.
-- :func:`time_cases`: several cases called one at a time, taking turns (``interleaved``: A, B, A, B, ..., so
-  each call finds the CPU caches as the other case left them and a drifting machine load hits all alike) or
-  one case after another (``blocked``), with an untimed cleanup after each call (e.g. rewinding a KV cache),
-  timed by ``torch.utils.benchmark``'s timer (which synchronizes the accelerator). A case whose call returns
-  a ``float`` reports its own seconds instead (e.g. the decode loop measured inside a generation call).
-
-Every result is a ``torch.utils.benchmark.Measurement``; :func:`fmt` prints its median and, in parentheses,
-its interquartile range.
-
-gqa_tune is imported lazily: ``bench_triton.py --smoke`` sets ``TRITON_INTERPRET`` before anything imports
-it. Names of gqa_tune beyond its stable top-level API are looked up through :data:`INTERNAL`, the one place
-to change when they move.
+Timing: :func:`autorange` times repeated calls of one function (CPU: ``torch.utils.benchmark.Timer``'s
+``blocked_autorange``; CUDA: ``triton.testing.do_bench``, L2 flushed before each call, or ``do_bench_cudagraph``).
+:func:`time_cases` times single calls of several cases with ``torch.utils.benchmark``'s timer, taking turns
+(``interleaved``: each call finds the CPU caches as the other case left them, and a drifting machine load hits all
+alike) or not (``blocked``), with an untimed cleanup after each call; a call that returns a ``float`` reports its
+own seconds (e.g. a decode loop timed inside a generation call). Results are ``Measurement`` objects; tables
+show ``median (IQR)``. gqa_tune is imported lazily (``bench_triton.py --smoke`` sets ``TRITON_INTERPRET`` first), its
+names beyond the stable top-level API through :data:`INTERNAL`, the one place to change when they move.
 """
 
 import argparse
@@ -111,14 +103,8 @@ Case = Union[Callable[[], object], Tuple[Callable[[], object], Optional[Callable
 def time_cases(
     cases: Dict[str, Case], repeats: int, warmup: int = 1, order: str = "interleaved"
 ) -> Dict[str, Measurement]:
-    """Per case, ``repeats`` timed calls after ``warmup`` untimed ones; see the module docstring.
-
-    Args:
-        cases: name -> ``fn`` or ``(fn, cleanup)``; ``cleanup`` runs untimed after every call of ``fn``.
-        repeats: timed calls per case.
-        warmup: untimed calls per case first.
-        order: ``interleaved`` (the cases take turns) or ``blocked`` (all calls of one case, then the next).
-    """
+    """Per case (name -> ``fn`` or ``(fn, cleanup)``), ``repeats`` timed calls after ``warmup`` untimed ones, the
+    cases taking turns (``order="interleaved"``) or not (``"blocked"``); see the module docstring."""
     if order not in ("interleaved", "blocked"):
         raise ValueError(f"order must be 'interleaved' or 'blocked', got {order!r}")
     seconds: Dict[str, List[float]] = {name: [] for name in cases}
@@ -139,16 +125,32 @@ def time_cases(
 # ---------------------------------------------------------------- command line and reports
 
 
-def parser(doc: str, cases: Sequence[str] = (), default: Optional[str] = None) -> argparse.ArgumentParser:
+def parser(doc: str, cases: Sequence[str] = ()) -> argparse.ArgumentParser:
     """The options every script has (``--threads``, ``--seed``, ``--json``, ``--smoke``), and ``--case``."""
-    p = argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     if cases:
-        p.add_argument("--case", choices=list(cases), default=default or cases[0], help="the question to answer")
+        p.add_argument("--case", choices=list(cases), default=cases[0], help="the question to answer")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", metavar="PATH", help="also write the results here as JSON")
     p.add_argument("--smoke", action="store_true", help="tiny sizes: check that every code path runs (no figures)")
     return p
+
+
+def parse(p: argparse.ArgumentParser, defaults: Dict[str, dict], smoke: dict) -> argparse.Namespace:
+    """Parsed options; those left unset taken from ``defaults[args.case]``, and with ``--smoke`` all of ``smoke``."""
+    args = p.parse_args()
+    for key, value in defaults.get(getattr(args, "case", None), {}).items():
+        setattr(args, key, value if getattr(args, key) is None else getattr(args, key))
+    for key, value in smoke.items() if args.smoke else ():
+        setattr(args, key, value)
+    return args
+
+
+def run(args: argparse.Namespace, cases: Dict[str, Callable[[argparse.Namespace], dict]]) -> None:
+    """:func:`start`, the function of ``--case``, :func:`finish` with what it returns."""
+    env = start(args)
+    finish(args, env, {"case": args.case, **cases[args.case](args)})
 
 
 def start(args: argparse.Namespace) -> Dict[str, object]:
@@ -283,14 +285,10 @@ def rewinder(cache: torch.nn.Module, fill: int) -> Callable[[], None]:
 
 def decode_steps(modules: Dict[str, torch.nn.Module], x: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  mask_len: int, repeats: int, warmup: int, order: str = "interleaved"):  # fmt: skip
-    """One KV-cached decode step of attention modules with caches set up, torchtune's call ``attn(x, x,
-    mask=mask, input_pos=[[fill]])`` with a bool ``mask`` ``[1, 1, mask_len]`` True up to ``fill``; every cache
-    holds ``k``/``v`` (``fill`` positions) and every step is undone (untimed), so each repetition sees the same
-    cache. Checked: the repetitions leave each module giving its first output again, exactly.
-
-    Returns:
-        (first output by name, :func:`time_cases` measurements by name)
-    """
+    """One decode step of each attention module (caches set up), torchtune's call ``attn(x, x, mask=mask,
+    input_pos=[[fill]])``, ``mask`` ``[1, 1, mask_len]`` True up to ``fill``; every cache holds ``k``/``v`` and
+    every step is undone (untimed), so each repetition sees the same cache (checked: the same output again).
+    Returns (first output by name, :func:`time_cases` measurements by name)."""
     fill = k.shape[2]
     mask, pos = (torch.arange(mask_len) <= fill).view(1, 1, mask_len), torch.tensor([[fill]])
     cases, outputs = {}, {}

@@ -1,34 +1,27 @@
 """How long does one KV-cached decode step take: gqa_tune against torchtune 0.6.1, and against fewer kv heads?
 
-Cases (``--case``), each timed by ``_harness`` (medians with their IQR), outputs checked before timing:
+Cases (``--case``), outputs checked before timing, ``_harness`` medians (IQR):
 
-- ``attention`` (default): one attention module, Llama-3.2-1B's shape (embed 2048, 32 query / 8 kv heads, head_dim
-  64, RoPE), torchtune's ``MultiHeadAttention`` against gqa_tune's with the same weights, batch 1, fp32, a
-  4096-position cache holding the same random K/V to each of ``--fills``, torchtune's call ``attn(x, x,
-  mask=mask, input_pos=[[fill]])``, every step undone afterwards (untimed). ``--order interleaved`` (the
-  modules take turns: each step finds the CPU caches as the other left them, as in a model whose weights do
-  not fit in L3) or ``blocked`` (each in its own steady state). ``bound`` = (projection weight bytes +
-  filled K/V bytes) / copy bandwidth (the best copy of a 256 MiB tensor, read + write, before and after).
-- ``gemma2``: a Gemma 2 2B-shaped local layer (width 2304, 8 / 4 heads of 256, soft-cap 50, window 1024, cache
-  8192 filled to 8000): torchtune's ``Gemma2Attention`` (K/V expanded to 8 heads over the whole cache) against
-  gqa_tune's ring of the window. gqa_tune's output is checked against gqa_tune with a full-length cache and
-  against float64 attention over the window; torchtune's distance to the latter is reported (its windowed
-  cache is wrong past the window in 0.6.1).
-- ``kv-heads``: the paper's Fig. 6 trend. ``gqa_decoder`` (4 layers, embed 512, 16 query heads of 32, MLP
-  1536, vocab 260, cache 4096, batch 8) with 1, 2, 4, 8, 16 kv heads, the same seed; every cache filled with
-  random K/V to 2048 positions, then ``--repeats`` real decode steps (the cache growing, tokens fed back)
-  after ``--warmup``; median step, ms per token per sequence, KV bytes per token. 1 thread unless
-  ``--threads``. Writes ``<out-dir>/speed.json`` and ``speed.png`` (``speed_cuda.*`` on a GPU).
+- ``attention``: one attention module of Llama-3.2-1B's shape, torchtune's and gqa_tune's with the same weights,
+  fp32, batch 1, the cache (4096) holding the same random K/V to each of ``--fills``, torchtune's call ``attn(x, x,
+  mask=mask, input_pos=[[fill]])``, every step undone (untimed). ``--order interleaved`` (each step finds the CPU
+  caches as the other module left them) or ``blocked``. ``bound`` = (projection weight + filled K/V bytes) / copy
+  bandwidth (the best copy of a 256 MiB tensor).
+- ``gemma2``: a Gemma 2 2B-shaped local layer (window 1024, cache 8192 filled to 8000): torchtune's
+  ``Gemma2Attention`` against gqa_tune's ring of the window, checked against a full-length cache and float64
+  attention over the window (torchtune's own error is reported: its windowed cache is wrong past the window).
+- ``kv-heads`` (the paper's Fig. 6): ``gqa_decoder`` (4 layers, embed 512, 16 heads, batch 8) with 1..16 kv heads,
+  caches filled to 2048, then real decode steps (the cache growing); 1 thread unless ``--threads``. Writes
+  ``<out-dir>/speed.json`` and ``speed.png`` (``speed_cuda.*`` on a GPU).
 
 Commands::
 
     .venv/bin/python benchmarks/bench_decode.py [--fills 128 1024 4000] [--repeats 50] [--order blocked]
-    .venv/bin/python benchmarks/bench_decode.py --case gemma2 [--fills 8000] [--window 1024] [--cache 8192]
+    .venv/bin/python benchmarks/bench_decode.py --case gemma2
     .venv/bin/python benchmarks/bench_decode.py --case kv-heads --repeats 32 [--device cuda --dtype bf16 --batch 32]
-    .venv/bin/python benchmarks/bench_decode.py --case CASE --smoke   # tiny sizes, a few seconds
+    .venv/bin/python benchmarks/bench_decode.py --case CASE --smoke   # tiny sizes, seconds
 """
 
-import json
 import tempfile
 from pathlib import Path
 
@@ -137,22 +130,21 @@ def gemma2(args) -> dict:
 
 
 def kv_heads(args) -> dict:
-    device, dtype, context = torch.device(args.device), DTYPES[args.dtype], args.fills[0]
+    device, dtype, context, shape = torch.device(args.device), DTYPES[args.dtype], args.fills[0], H.KV_SWEEP
     if context + args.warmup + args.repeats > args.cache:
         raise SystemExit("fill + warmup + repeats must fit in --cache")
-    results, shape = [], H.KV_SWEEP
+    rows, head_dim = [], shape["embed_dim"] // shape["num_heads"]
     for kv in sorted(args.kv_heads):
         torch.manual_seed(args.seed)
         with device:
             model = gqa_decoder(**shape, num_kv_heads=kv, max_seq_len=args.cache, backend=args.backend)
-            model = model.to(dtype=dtype).eval()
+            model = model.to(dtype).eval()
             model.setup_caches(batch_size=args.batch, dtype=dtype, decoder_max_seq_len=args.cache)
-        head_dim = shape["embed_dim"] // shape["num_heads"]
         for i, layer in enumerate(model.layers):
-            k, v = (t.to(device, dtype) for t in random_kv(kv, context, head_dim, i, args.batch))
-            H.fill_cache(layer.attn.kv_cache, k, v)
-        positions = torch.arange(args.cache, device=device)
+            k, v = random_kv(kv, context, head_dim, i, args.batch)
+            H.fill_cache(layer.attn.kv_cache, k.to(device, dtype), v.to(device, dtype))
         state = {"pos": context, "tokens": torch.full((args.batch, 1), 7, device=device)}
+        positions = torch.arange(args.cache, device=device)
 
         def step(state=state, model=model, positions=positions):
             mask = (positions <= state["pos"]).view(1, 1, -1).expand(args.batch, 1, -1)
@@ -162,63 +154,43 @@ def kv_heads(args) -> dict:
             return logits
 
         with torch.inference_mode():
-            m = H.time_cases({"step": step}, args.repeats, args.warmup)["step"]
+            m = H.time_cases({"step": step}, args.repeats, args.warmup)["step"]  # the cache grows by one each step
             assert torch.isfinite(step()).all()
-        per_token = 2 * shape["num_layers"] * kv * head_dim * torch.empty((), dtype=dtype).element_size()
-        results.append({
-            "num_kv_heads": kv, "step_ms": m.median * 1e3, "step_iqr_ms": m.iqr * 1e3,
-            "step_ms_min": min(m.times) * 1e3, "step_ms_max": max(m.times) * 1e3,
-            "ms_per_token_per_sequence": m.median * 1e3 / args.batch, "tokens_per_s": args.batch / m.median,
-            "kv_bytes_per_token": per_token,
-            "kv_cache_bytes": sum(layer.attn.kv_cache.nbytes for layer in model.layers),
-            "kv_bytes_read_per_step": per_token * args.batch * context,
-            "weight_bytes": sum(p.nbytes for p in model.parameters()),
-        })  # fmt: skip
-        print(f"kv {kv:2d}: step {m.median * 1e3:.1f} ms (IQR {m.iqr * 1e3:.1f})", flush=True)
-    mha = results[-1]
+        per_token = 2 * shape["num_layers"] * kv * head_dim * dtype.itemsize
+        rows.append(dict(num_kv_heads=kv, step=m, ms_per_token_per_sequence=m.median * 1e3 / args.batch,
+                         tokens_per_s=args.batch / m.median, kv_bytes_per_token=per_token,
+                         kv_cache_bytes=sum(layer.attn.kv_cache.nbytes for layer in model.layers),
+                         kv_bytes_read_per_step=per_token * args.batch * context))  # fmt: skip
+    mha = rows[-1]["step"].median
+    title = (f"gqa_decoder: {H.KV_SWEEP} (head_dim {head_dim}), batch {args.batch}, context {context} (cache "
+             f"{args.cache}), {args.dtype}, {args.device}, {torch.get_num_threads()} thread(s)")  # fmt: skip
     text = H.table(
-        ["kv heads", f"decode step ms (batch {args.batch}, IQR)", "ms/token/sequence", "tokens/s",
-         f"speedup vs {mha['num_kv_heads']}", "KV bytes/token", "KV read per step MiB", "cache MiB"],
-        [[r["num_kv_heads"], f"{r['step_ms']:.1f} ({r['step_iqr_ms']:.1f})", f"{r['ms_per_token_per_sequence']:.2f}",
-          f"{r['tokens_per_s']:.0f}", f"{mha['step_ms'] / r['step_ms']:.2f}x", r["kv_bytes_per_token"],
-          f"{r['kv_bytes_read_per_step'] / 2**20:.0f}", f"{r['kv_cache_bytes'] / 2**20:.0f}"] for r in results],
-    )  # fmt: skip
-    title = (f"gqa_decoder: {shape['num_layers']} layers, embed {shape['embed_dim']}, {shape['num_heads']} heads "
-             f"(head_dim {head_dim}), batch {args.batch}, context {context} (cache {args.cache}), {args.dtype}, "
-             f"{args.device}, {torch.get_num_threads()} thread(s)")  # fmt: skip
-    name = "speed" if device.type == "cpu" else f"speed_{device.type}"
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-    data = {"env": args.env, "config": config, "shape": title, "results": results, "table": text}
-    (args.out_dir / f"{name}.json").write_text(json.dumps(data, indent=2))
-    plot(results, args.batch, args.out_dir / f"{name}.png", title)
-    print(f"wrote {args.out_dir}/{name}.json and {name}.png")
-    return {"results": results}
-
-
-def plot(results, batch: int, path: Path, title: str) -> None:
+        ["kv heads", f"decode step ms (batch {args.batch}, IQR)", "ms/token/sequence", "tokens/s", f"speedup vs "
+         f"{rows[-1]['num_kv_heads']}", "KV bytes/token", "KV read per step MiB", "cache MiB"],
+        [[r["num_kv_heads"], H.fmt(r["step"], digits=1), f"{r['ms_per_token_per_sequence']:.2f}",
+          f"{r['tokens_per_s']:.0f}", f"{mha / r['step'].median:.2f}x", r["kv_bytes_per_token"],
+          f"{r['kv_bytes_read_per_step'] / 2**20:.0f}", f"{r['kv_cache_bytes'] / 2**20:.0f}"] for r in rows],
+        title)  # fmt: skip
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    kv = [r["num_kv_heads"] for r in results]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-    err = [[(r["step_ms"] - r[k]) * s / batch for r in results] for k, s in (("step_ms_min", 1), ("step_ms_max", -1))]
-    a.errorbar(kv, [r["ms_per_token_per_sequence"] for r in results], yerr=err, marker="o", capsize=3)
-    a.set_ylabel(f"decode ms per token per sequence (batch {batch})")
-    b.plot(kv, [r["kv_bytes_per_token"] / 1024 for r in results], marker="s", color="C1")
+    kv, (fig, (a, b)) = [r["num_kv_heads"] for r in rows], plt.subplots(1, 2, figsize=(10, 4))
+    spread = [[abs(r["step"].median - f(r["step"].times)) * 1e3 / args.batch for r in rows] for f in (min, max)]
+    a.errorbar(kv, [r["ms_per_token_per_sequence"] for r in rows], yerr=spread, marker="o", capsize=3)
+    a.set_ylabel(f"decode ms per token per sequence (batch {args.batch})")
+    b.plot(kv, [r["kv_bytes_per_token"] / 1024 for r in rows], marker="s", color="C1")
     b.set_ylabel("KV cache KiB per token (one sequence)")
     for ax in (a, b):
-        ax.set_ylim(bottom=0)
-        ax.set_xscale("log", base=2)
+        ax.set(ylim=(0, None), xscale="log", xlabel=f"kv heads ({max(kv)} = MHA, 1 = MQA)")
         ax.set_xticks(kv, [str(k) for k in kv])
-        ax.set_xlabel(f"kv heads ({max(kv)} = MHA, 1 = MQA)")
         ax.grid(alpha=0.3)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    fig.savefig(Path(args.json).with_suffix(".png"), dpi=110)
+    print(f"wrote {Path(args.json).with_suffix('.png')}")
+    return {"shape": title, "results": rows, "table": text}
 
 
 def main() -> None:
@@ -235,20 +207,16 @@ def main() -> None:
     p.add_argument("--device", default="cpu", help="kv-heads: cpu or cuda")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="kv-heads")
     p.add_argument("--out-dir", type=Path, default=H.REPO / "docs/repro", help="kv-heads: speed.json / speed.png here")
-    args = p.parse_args()
-    for key, value in {**DEFAULTS[args.case], **(SMOKE if args.smoke else {})}.items():
-        if getattr(args, key) is None or args.smoke:
-            setattr(args, key, value)
-    if args.smoke and args.case == "kv-heads" and args.out_dir == p.get_default("out_dir"):
-        args.out_dir = Path(tempfile.mkdtemp(prefix="bench_decode_smoke_"))
-    if args.case == "kv-heads" and args.threads is None and args.device == "cpu":
-        args.threads = 1  # steadier on a shared machine
+    args = H.parse(p, DEFAULTS, SMOKE)
+    if args.case == "kv-heads":  # writes <out-dir>/speed.json (speed_cuda.json on a GPU) and the figure beside it
+        args.out_dir = Path(tempfile.mkdtemp()) if args.smoke else args.out_dir
+        args.out_dir.mkdir(parents=True, exist_ok=True)
+        name = "speed.json" if args.device == "cpu" else f"speed_{args.device}.json"
+        args.json = args.json or str(args.out_dir / name)
+        args.threads = args.threads or (1 if args.device == "cpu" else None)  # steadier on a shared machine
     if args.case == "attention" and any(not 0 <= f < args.cache for f in args.fills):
         p.error(f"fills must be in [0, {args.cache - 1}] (one free position for the step)")
-    args.env = env = H.start(args)
-    data = {"attention": attention, "gemma2": gemma2, "kv-heads": kv_heads}[args.case](args)
-    del args.env
-    H.finish(args, env, {"case": args.case, **data})
+    H.run(args, {"attention": attention, "gemma2": gemma2, "kv-heads": kv_heads})
 
 
 if __name__ == "__main__":

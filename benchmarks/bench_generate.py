@@ -1,34 +1,31 @@
 """How fast does a whole generation loop decode: gqa_tune against torchtune 0.6.1 and HF transformers, on CPU?
 
-Cases (``--case``). Decode time is measured inside each library's own loop (stamps around torchtune's
+Decode time per step is measured inside each library's own loop (stamps around torchtune's
 ``custom_generate_next_token``, a ``LogitsProcessor`` for transformers, ``GenerationStats`` for gqa_tune), so
-prefill and compilation are left out; every case decodes the same greedy tokens as torchtune (checked: a
-mismatch fails the run). The cases take turns (``_harness.time_cases``), medians with their IQR.
+prefill and compilation are left out; the cases take turns (``_harness.time_cases``), medians (IQR); every case
+must decode torchtune's greedy tokens (checked). Cases (``--case``):
 
-- ``transformers`` (default): one random-weight Llama 3.2-style model (``llama3_2``: 4 layers, width 512, 8 / 2
-  heads of 64, MLP 1536, vocab 32000, untied), fp32, a batch of 4 random 1024-token prompts, ``--steps`` tokens,
-  every cache prompt + steps long: ``torchtune`` (``torchtune.generation.generate``); ``hf_static``
-  (``LlamaForCausalLM`` built from ``hf_config`` of it, weights through ``tune_to_hf``, ``generate(...,
-  cache_implementation="static")``); ``hf_static_compiled`` (transformers' compiled decode step; skipped with
-  ``--no-hf-compile``); ``torchtune_swapped`` (after ``gqa_tune.swap_attention``); ``gqa_generate`` and
-  ``gqa_generate_compiled`` (``gqa_tune.generate(..., compile=False/True)``); with ``--diagnose-nan-rule``
-  also the compiled step with the NaN rule replaced by a no-op (a diagnostic of its cost, not a mode).
-- ``long-context``: gqa_tiny's shape (torchtune's ``llama3_2``, weights N(0, 0.3) so greedy tokens have clear
-  margins), batch 1, a prompt of ``--context`` (2048) random bytes, ``--new-tokens`` (64) steps, model
-  ``max_seq_len`` ``--cache`` (4096): torchtune's model and a swapped copy through torchtune's ``generate``
-  with caches of ``--cache`` positions set up beforehand, and the copy through ``gqa_tune.generate``, which
-  sizes its caches to the request. A second table times one model forward of one token (torchtune's decoding
-  call, mask ``[1, 1, cache]``) at cache fills 16 and ``--context``, without any loop.
+- ``transformers``: a random Llama 3.2-style model (``llama3_2``: 4 layers, width 512, 8 / 2 heads, vocab 32000,
+  untied), fp32, 4 random 1024-token prompts, ``--steps`` tokens: torchtune's ``generate``; HF
+  ``LlamaForCausalLM`` (``hf_config`` + ``tune_to_hf``) with ``cache_implementation="static"``, eager and with
+  transformers' compiled step (``--no-hf-compile`` skips it); torchtune's ``generate`` after ``swap_attention``;
+  ``gqa_tune.generate``, eager and ``compile=True``; ``--diagnose-nan-rule`` adds the compiled step with the NaN
+  rule replaced by a no-op (a diagnostic of its cost, not a mode of the library).
+- ``long-context``: gqa_tiny's shape (N(0, 0.3) weights: clear greedy margins), batch 1, a 2048-token prompt, 64
+  steps, ``max_seq_len`` 4096: torchtune's model and a swapped copy through torchtune's ``generate`` with
+  4096-position caches, and the copy through ``gqa_tune.generate`` (caches sized to the request); then one
+  model forward of one token (torchtune's decoding call) at cache fills 16 and 2048, without any loop.
 
 Commands::
 
-    .venv/bin/python benchmarks/bench_generate.py [--steps 16] [--repeats 5] [--threads 1] [--diagnose-nan-rule]
-    .venv/bin/python benchmarks/bench_generate.py --case long-context [--context 2048] [--repeats 3] [--threads 1]
+    .venv/bin/python benchmarks/bench_generate.py --threads 1 [--steps 16] [--repeats 5] [--diagnose-nan-rule]
+    .venv/bin/python benchmarks/bench_generate.py --case long-context --threads 1 [--context 2048] [--repeats 3]
     .venv/bin/python benchmarks/bench_generate.py --case CASE --smoke   # tiny sizes, under a minute
 """
 
 import contextlib
 import copy
+import functools
 
 import _harness as H
 import torch
@@ -85,14 +82,11 @@ def time_runs(runs, args, reference: str):
     """Every run through ``time_cases`` (each reporting its own decode seconds per step); greedy tokens checked."""
     found = {}
 
-    def case(name):
-        def call() -> float:
-            found[name] = runs[name]()
-            return found[name][2]
+    def call(name: str) -> float:
+        found[name] = runs[name]()
+        return found[name][2]
 
-        return call
-
-    times = H.time_cases({name: case(name) for name in runs}, args.repeats, warmup=1)
+    times = H.time_cases({name: functools.partial(call, name) for name in runs}, args.repeats, warmup=1)
     ref = found[reference][0]
     same = {name: bool(torch.equal(out[0].to(ref.dtype), ref)) for name, out in found.items()}
     if not all(same.values()):
@@ -231,16 +225,11 @@ def main() -> None:
     p.add_argument("--cache", type=int, default=4096, help="long-context: max_seq_len and torchtune's cache positions")
     p.add_argument("--forward-repeats", type=int, default=100, help="long-context: timed one-token forwards")
     p.add_argument("--backend", default="auto", help="long-context: gqa_tune attention backend")
-    args = p.parse_args()
-    for key, value in {**DEFAULTS[args.case], **(SMOKE if args.smoke else {})}.items():
-        if getattr(args, key) is None or args.smoke:
-            setattr(args, key, value)
+    args = H.parse(p, DEFAULTS, SMOKE)
     args.no_hf_compile = args.no_hf_compile or args.smoke  # its compilation alone takes minutes on a CPU
     if args.steps < 3:
         p.error("--steps must be at least 3")
-    env = H.start(args)
-    data = {"transformers": transformers, "long-context": long_context}[args.case](args)
-    H.finish(args, env, {"case": args.case, **data})
+    H.run(args, {"transformers": transformers, "long-context": long_context})
 
 
 if __name__ == "__main__":

@@ -1,32 +1,29 @@
-"""What do quantized KV caches, quantized weights and QLoRA's NF4 base cost in accuracy, and save, on the tiny model?
+"""What do int8/fp8 KV caches, torchao-quantized weights and QLoRA's NF4 base cost in accuracy, and save?
 
-Cases (``--case``); ``gqa_tiny`` is trained first by the full recipe through ``tune run`` (unless ``--checkpoint``
-names one, e.g. the quickstart's ``outputs/gqa_tiny_full``, or ``--work-dir`` already holds a run):
+On ``gqa_tiny``, trained first by the full recipe through ``tune run`` unless ``--checkpoint`` names a checkpoint
+(e.g. the quickstart's ``outputs/gqa_tiny_full``) or ``--work-dir`` holds a run. Accuracy: exact-match greedy
+answers on the first ``--examples`` rows of ``data/tasks/val.jsonl`` (``task_accuracy``), and the fraction of
+answers equal to the unquantized model's. Cases (``--case``):
 
-- ``kv-cache`` (default): (1) bytes per token of one layer's ``KVCache`` (8 kv heads of 64, scales included)
-  in fp32, bf16, int8 and float8_e4m3fn; (2) task accuracy (``task_accuracy(..., kv_cache_dtype=...)`` on the
-  first ``--examples`` rows of ``data/tasks/val.jsonl``) of a checkpoint of ``configs/gqa_tiny/full.yaml`` (its 8
-  epochs, evaluation off) loaded by the generate recipe's setup, with fp32, int8 and fp8 caches, and the
-  fraction of greedy answers equal to the fp32 cache's; (3) one decode step of the attention module (Llama-3.2-1B's
-  shape, fp32, batch 1, torchtune's call) with an fp32 and an int8 cache of the same weights and K/V, taking turns
-  (``_harness.decode_steps``). On a CPU the int8 step dequantizes the filled prefix before SDPA: it trades time
-  for memory (the GPU kernel reads int8 itself: ``bench_triton.py --mode decode``).
-- ``weights``: generation with torchao-quantized weights (the generate recipe with ``dtype`` and ``quantizer``
-  set) of a checkpoint trained 4 x 300 steps: the linear layers' bytes as stored, greedy decode tokens/s of
-  ``--new-tokens`` tokens for one prompt (``gqa_tune.generate``, no stop token, the cases taking turns), task
-  accuracy and answers equal to fp32's. A case the recipe refuses here is listed with its message.
-- ``qlora``: (1) the memory of the frozen base's linear weights and of all parameters, LoRA against QLoRA (NF4),
-  for gqa_tiny and the Llama-3.2-1B shape (built on the meta device: counted, not allocated), fp32 and bf16;
-  (2) a base trained ``--base-steps``, then ``configs/gqa_tiny/lora.yaml`` and ``qlora.yaml`` (identical but for
-  the NF4 base) for ``--steps`` each: the held-out loss and accuracy the recipe's ``eval:`` prints, and the
-  median training tokens/s of its logs.
+- ``kv-cache``: bytes per token of one layer's ``KVCache`` (8 kv heads of 64, scales included) in fp32, bf16,
+  int8 and fp8; the accuracy of a checkpoint of ``configs/gqa_tiny/full.yaml`` (8 epochs) with fp32, int8 and fp8
+  caches; one decode step of the attention module (Llama-3.2-1B's shape) with an fp32 and an int8 cache of the
+  same weights and K/V, taking turns (``_harness.decode_steps``). On a CPU the int8 step dequantizes the filled
+  prefix before SDPA; on a GPU the kernel reads int8 itself (``bench_triton.py --mode decode``).
+- ``weights``: the generate recipe with ``dtype`` and a torchao ``quantizer`` (fp32 / bf16, int8 weight-only, int8
+  dynamic, int4, fp8) on a checkpoint trained 4 x 300 steps: linear bytes as stored, decode ms/token of
+  ``--new-tokens`` tokens (``gqa_tune.generate``, eager, the cases taking turns), accuracy; refusals are listed.
+- ``qlora``: the bytes of the frozen base's linear weights and of all parameters, LoRA against QLoRA, for gqa_tiny
+  and the Llama-3.2-1B shape (on the meta device), fp32 and bf16; then a base trained ``--base-steps`` and
+  ``configs/gqa_tiny/lora.yaml`` / ``qlora.yaml`` on it for ``--steps`` each: the held-out loss and accuracy of the
+  recipe's ``eval:`` line and the median tokens/s of its logs.
 
 Commands::
 
-    .venv/bin/python benchmarks/bench_quantized.py --case kv-cache --checkpoint outputs/gqa_tiny_full [--skip accuracy]
+    .venv/bin/python benchmarks/bench_quantized.py --checkpoint outputs/gqa_tiny_full [--skip accuracy]
     .venv/bin/python benchmarks/bench_quantized.py --case weights --threads 1 --repeats 7
     .venv/bin/python benchmarks/bench_quantized.py --case qlora --threads 1
-    .venv/bin/python benchmarks/bench_quantized.py --case CASE --smoke   # a few training steps, a minute or two
+    .venv/bin/python benchmarks/bench_quantized.py --case CASE --smoke   # a few training steps, under a minute
 """
 
 import json
@@ -48,17 +45,21 @@ DEFAULTS = {
 }
 SMOKE = dict(epochs=1, steps_per_epoch=4, examples=8, repeats=2, fills=[64], new_tokens=4, base_steps=4, steps=4)
 VAL = "data/tasks/val.jsonl"
-INT4_CPU = {"_component_": "torchao.quantization.Int4WeightOnlyConfig", "group_size": 32, "version": 1,
-            "layout": {"_component_": "torchao.dtypes.Int4CPULayout"}}  # fmt: skip
+
+
+def ao(name: str, **kwargs) -> dict:
+    return {"_component_": f"torchao.quantization.{name}", **kwargs}
+
+
+INT4_CPU = ao("Int4WeightOnlyConfig", group_size=32, version=1, layout={"_component_": "torchao.dtypes.Int4CPULayout"})
 QUANTIZERS = [  # (name, dtype, quantizer config)
     ("fp32", "fp32", None), ("bf16", "bf16", None),
-    *((name, dtype, {"_component_": f"torchao.quantization.{component}"})
-      for name, component in (("int8 weight-only", "Int8WeightOnlyConfig"),
-                              ("int8 dynamic", "Int8DynamicActivationInt8WeightConfig"))
-      for dtype in ("fp32", "bf16")),
+    ("int8 weight-only", "fp32", ao("Int8WeightOnlyConfig")), ("int8 weight-only", "bf16", ao("Int8WeightOnlyConfig")),
+    ("int8 dynamic", "fp32", ao("Int8DynamicActivationInt8WeightConfig")),
+    ("int8 dynamic", "bf16", ao("Int8DynamicActivationInt8WeightConfig")),
     ("int4 CPU layout, group 32", "fp32", INT4_CPU), ("int4 CPU layout, group 32", "bf16", INT4_CPU),
-    ("int4 default", "bf16", {"_component_": "torchao.quantization.Int4WeightOnlyConfig"}),
-    ("float8 dynamic", "bf16", {"_component_": "torchao.quantization.Float8DynamicActivationFloat8WeightConfig"}),
+    ("int4 default", "bf16", ao("Int4WeightOnlyConfig")),
+    ("float8 dynamic", "bf16", ao("Float8DynamicActivationFloat8WeightConfig")),
 ]  # fmt: skip
 
 
@@ -200,10 +201,9 @@ def weights(args) -> dict:
     H.table(["case", "dtype", "linear MiB", "decode ms/token (IQR)", "decode tok/s", "copy", "add", "all",
              "same as fp32"], table,
             f"checkpoint {path}; decode: {args.new_tokens} tokens, eager, median of {args.repeats} rounds")  # fmt: skip
+    print("".join(f"- {r['case']}, {r['dtype']}: {r['error']}\n" for r in results if "error" in r))
     for r in results:
         r.pop("answers", None)
-        if "error" in r:
-            print(f"- {r['case']}, {r['dtype']}: {r['error']}")
     return {"checkpoint": str(path), "results": results}
 
 
@@ -273,15 +273,10 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=32, help="weights: tokens decoded per timed generation")
     p.add_argument("--base-steps", type=int, default=300, help="qlora: steps of the base model's training")
     p.add_argument("--steps", type=int, default=300, help="qlora: steps of each adapter run")
-    args = p.parse_args()
-    for key, value in {**DEFAULTS[args.case], **(SMOKE if args.smoke else {})}.items():
-        if getattr(args, key) is None or args.smoke:
-            setattr(args, key, value)
+    args = H.parse(p, DEFAULTS, SMOKE)
     if args.work_dir is None:
         args.work_dir = Path(tempfile.mkdtemp()) if args.smoke else H.REPO / f"outputs/bench_quantized_{args.case}"
-    env = H.start(args)
-    data = {"kv-cache": kv_cache, "weights": weights, "qlora": qlora}[args.case](args)
-    H.finish(args, env, {"case": args.case, **data})
+    H.run(args, {"kv-cache": kv_cache, "weights": weights, "qlora": qlora})
 
 
 if __name__ == "__main__":

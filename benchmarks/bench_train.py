@@ -1,25 +1,22 @@
-"""What does a training step (forward + backward) cost: gqa_tune's attention against torchtune 0.6.1's, on CPU?
+"""What does a training step (forward + backward) cost with gqa_tune's attention against torchtune 0.6.1's, on CPU?
 
-Cases (``--case``), timed by ``_harness`` (the cases take turns; medians with their IQR), outputs and
-gradients checked against torchtune's before timing:
+Cases (``--case``); outputs and gradients checked against torchtune's first; ``_harness`` medians (IQR), the
+cases taking turns:
 
-- ``attention`` (default): one attention module, Llama-3.2-1B's shape (embed 2048, 32 / 8 heads, head_dim 64,
-  RoPE), the same weights in both, ``attn(x, x)`` (causal) on ``x`` ``[batch, seq, 2048]`` requiring grad, then
-  ``out.backward(grad_out)``; gradients cleared between steps (untimed). ``saved MiB``: the activations
-  autograd saves in one forward (``saved_tensors_hooks``; distinct storages, whole, leaving out those of the
-  parameters, also when saved as views such as ``weight.t()``, and of the buffers such as the RoPE table).
-- ``packed``: packed documents, module level. torchtune's ``llama3_2`` (2 layers, width 256, 8 / 2 heads),
-  one row of ``--seq`` (4096) tokens holding ``--docs`` (40) documents, positions restarting per document,
-  forward + backward of the summed logits: torchtune's attention with the dense block-causal mask of its CPU
-  packed collate, against a ``swap_attention`` copy given that dense mask and given the ``BlockMask`` of
-  ``gqa_tune.data.packing``; the largest single allocation of a step (torch's profiler) shows whether an
-  ``s x s`` tensor is built.
+- ``attention``: one attention module of Llama-3.2-1B's shape, the same weights in both, ``attn(x, x)`` (causal)
+  on ``x`` ``[batch, seq, 2048]``, then ``out.backward(grad_out)``; gradients cleared between steps (untimed).
+  ``saved MiB``: the activations autograd saves in one forward (distinct storages, parameters and buffers left
+  out, also when saved as views such as ``weight.t()``).
+- ``packed``: torchtune's ``llama3_2`` (2 layers, width 256, 8 / 2 heads), one row of ``--seq`` tokens holding
+  ``--docs`` documents, forward + backward of the summed logits: torchtune's attention with its CPU packed
+  collate's dense block-causal mask, against a ``swap_attention`` copy given that mask and given the
+  ``BlockMask`` of ``gqa_tune.data.packing``; the largest single allocation of a step (torch's profiler).
 
 Commands::
 
     .venv/bin/python benchmarks/bench_train.py [--batch 2] [--seq 1024] [--repeats 5] [--threads N]
-    .venv/bin/python benchmarks/bench_train.py --case packed [--seq 4096] [--docs 40] [--repeats 5]
-    .venv/bin/python benchmarks/bench_train.py --case CASE --smoke   # tiny sizes, a few seconds
+    .venv/bin/python benchmarks/bench_train.py --case packed [--seq 4096] [--docs 40] [--repeats 7]
+    .venv/bin/python benchmarks/bench_train.py --case CASE --smoke   # tiny sizes, seconds
 """
 
 import copy
@@ -143,12 +140,7 @@ def main() -> None:
     p.add_argument("--docs", type=int, default=40, help="packed: documents in the row")
     p.add_argument("--repeats", type=int, help="timed steps per case (5)")
     p.add_argument("--backend", default="auto", help="attention: gqa_tune attention backend")
-    args = p.parse_args()
-    for key, value in {**DEFAULTS[args.case], **(SMOKE if args.smoke else {})}.items():
-        if getattr(args, key) is None or args.smoke:
-            setattr(args, key, value)
-    env = H.start(args)
-    H.finish(args, env, {"case": args.case, **{"attention": attention, "packed": packed}[args.case](args)})
+    H.run(H.parse(p, DEFAULTS, SMOKE), {"attention": attention, "packed": packed})
 
 
 if __name__ == "__main__":

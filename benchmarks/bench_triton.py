@@ -1,34 +1,29 @@
 """How fast are gqa_tune's Triton kernels against torch SDPA and compiled flex_attention, on a CUDA GPU?
 
-Modes (``--mode``, default all), bf16, every configuration checked before it is timed (the Triton output, and
-for ``fwdbwd`` dQ/dK/dV, against SDPA's within ``--atol``/``--rtol``; a mismatch aborts with exit code 1):
+Modes (``--mode``, default all), bf16; every configuration is checked first (Triton's output, and for ``fwdbwd``
+dQ/dK/dV, against SDPA's within ``--atol``/``--rtol``; a mismatch aborts with exit code 1):
 
-- ``fwd``: ``scaled_dot_product_gqa(..., backend="triton")`` against ``F.scaled_dot_product_attention`` (torch
-  picks its kernel; ``enable_gqa`` only when G > 1) and ``torch.compile(flex_attention)`` (``dynamic=False``,
-  causal through a cached ``BlockMask``): head_dim 64 / 128, seq 512..16384, G = n_h / n_kv in {1, 4, 8}, causal
-  and not, ``n_h = --hidden // head_dim``, batch ``max(1, --tokens // seq)``; TFLOP/s from ``4 b n_h s^2 d``
-  FLOPs, halved when causal.
-- ``fwdbwd``: forward then ``torch.autograd.grad`` for q, k, v, timed together; FLOPs 3.5x forward.
-- ``decode``: ``flash_decode_gqa`` over a KV cache (s_q 1, n_h 32, n_kv 8, d 128, every row filled to the
-  length; batch 1..64, length 1k..32k) against SDPA and flex over K/V sliced to the length; bandwidth = bytes of
-  the filled K/V / time, and its fraction of ``--hbm-peak`` (H100 SXM). Each configuration runs again with the
-  cache in int8 (``cache int8`` rows: per-token scales, ``2 b n_kv len (d + 4)`` bytes), checked against SDPA
-  over the dequantized cache; only the kernel is timed there. ``--cuda-graph``: CUDA-graph replays.
+- ``fwd``: ``scaled_dot_product_gqa(..., backend="triton")`` against ``F.scaled_dot_product_attention``
+  (``enable_gqa`` when G > 1) and ``torch.compile(flex_attention)`` (causal through a ``BlockMask``): head_dim 64 /
+  128, seq 512..16384, G in {1, 4, 8}, causal and not, ``n_h = 2048 // head_dim``, batch ``16384 // seq``;
+  TFLOP/s from ``4 b n_h s^2 d`` FLOPs, halved when causal. ``fwdbwd``: with ``torch.autograd.grad``, 3.5x FLOPs.
+- ``decode``: ``flash_decode_gqa`` (s_q 1, n_h 32, n_kv 8, d 128, batch 1..64, length 1k..32k) against SDPA and flex
+  over K/V sliced to the length: bandwidth = filled K/V bytes / time, and its fraction of ``--hbm-peak``; each
+  configuration again with an int8 cache (``2 b n_kv len (d + 4)`` bytes, checked against SDPA over the
+  dequantized cache). ``--cuda-graph``: CUDA-graph replays.
 
-Timing: ``_harness.autorange``, i.e. ``triton.testing.do_bench`` (L2 flushed before each call; ``--warmup-ms``,
-``--rep-ms``) or ``do_bench_cudagraph``; the median is reported. The first call (flex's compilation) is untimed.
-An OOM marks its cell ``oom``; a call that raises, ``error`` (exit code 1 after the tables). Without a GPU the
-script exits with code 2; ``--smoke`` runs tiny float32 shapes on CPU through Triton's interpreter (every code
-path and check, no flex, times of the interpreter only). ``--quick``: a small subset for a fast GPU check.
+Timing: ``_harness.autorange`` (``triton.testing.do_bench``, L2 flushed before each call, or
+``do_bench_cudagraph``), the median; the first call (flex's compilation) is untimed. An OOM marks its cell
+``oom``, a call that raises ``error`` (exit code 1 after the tables). Without a GPU: exit code 2. ``--quick``: a
+subset; ``--smoke``: tiny float32 shapes on CPU through Triton's interpreter (every path and check, no flex).
 
 Commands::
 
     .venv/bin/python benchmarks/bench_triton.py [--mode fwd|fwdbwd|decode|all] [--quick] [--methods triton sdpa]
         [--seqs ...] [--head-dims ...] [--groups ...] [--batches ...] [--lengths ...] [--cuda-graph] [--json PATH]
-    .venv/bin/python benchmarks/bench_triton.py --smoke   # CPU dry run, about 30 s
+    .venv/bin/python benchmarks/bench_triton.py --smoke   # CPU dry run, under a minute
 """
 
-import argparse
 import functools
 import os
 import sys
@@ -45,9 +40,9 @@ PRESETS = {
     "full": FULL,
     "quick": {**FULL, "seqs": [2048], "groups": [1, 8], "batches": [1, 16], "lengths": [4096, 32768],
               "warmup_ms": 10.0, "rep_ms": 40.0},
-    # Tiny float32 shapes for the interpreter; 40 and the cache slack exercise partial blocks.
+    # Tiny float32 shapes for the interpreter; 40 and the cache slack (cache_len) exercise partial blocks.
     "smoke": dict(seqs=[32, 40], head_dims=[16], groups=[1, 2], hidden=64, tokens=64, batches=[1, 2], lengths=[32, 40],
-                  decode_heads=4, decode_kv_heads=2, decode_head_dim=16, warmup_ms=0.0, rep_ms=0.0),
+                  decode_heads=4, decode_kv_heads=2, decode_head_dim=16, warmup_ms=0.0, rep_ms=0.0, cache_len=48),
 }  # fmt: skip
 METHODS = ("triton", "sdpa", "flex")
 
@@ -73,181 +68,153 @@ def causal_block_mask(s: int, device: str):
     return create_block_mask(lambda b, h, q, kv: q >= kv, None, None, s, s, device=device)
 
 
-def attention_fn(method: str, causal: bool, group: int):
-    """``f(q, k, v)`` for training-shaped (s_q == s_kv) attention."""
+def attention(method: str, q, k, v, causal: bool):
+    """Training-shaped (s_q == s_kv) attention by ``method``."""
     if method == "triton":
         from gqa_tune import scaled_dot_product_gqa
 
-        return lambda q, k, v: scaled_dot_product_gqa(q, k, v, is_causal=causal, backend="triton")
-    if method == "sdpa":
-        return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=group > 1)
-    mask = (lambda q: causal_block_mask(q.shape[2], str(q.device))) if causal else (lambda q: None)
-    return lambda q, k, v: compiled_flex()(q, k, v, block_mask=mask(q), enable_gqa=True)
+        return scaled_dot_product_gqa(q, k, v, is_causal=causal, backend="triton")
+    if method == "sdpa":  # enable_gqa only with groups: at G = 1 it would only narrow torch's choice of kernel
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=q.shape[1] > k.shape[1])
+    mask = causal_block_mask(q.shape[2], str(q.device)) if causal else None
+    return compiled_flex()(q, k, v, block_mask=mask, enable_gqa=True)
 
 
-def decode_fn(method: str):
-    """``f(q, k_cache, v_cache, cache_seqlens, length)``: one query position over the cache."""
+def decode(method: str, q, kc, vc, lens, n: int, scales=None):
+    """One query position over the first ``n`` positions of the cache by ``method`` (``scales``: an int8 cache's)."""
     if method == "triton":
         from gqa_tune import flash_decode_gqa
 
-        return lambda q, kc, vc, lens, n: flash_decode_gqa(q, kc, vc, lens)
+        return flash_decode_gqa(q, kc, vc, lens, **({"k_scale": scales[0], "v_scale": scales[1]} if scales else {}))
+    if scales:  # the reference reads the dequantized cache
+        kc, vc = (H.dequantize_kv(c, scale, q.dtype) for c, scale in zip((kc, vc), scales))
     attend = F.scaled_dot_product_attention if method == "sdpa" else compiled_flex()
-    return lambda q, kc, vc, lens, n: attend(q, kc[:, :, :n], vc[:, :, :n], enable_gqa=True)
+    return attend(q, kc[:, :, :n], vc[:, :, :n], enable_gqa=True)
 
 
-def check_close(name, actual, expected, args, where) -> None:
+def configs(args, mode: str):
+    """Per configuration of ``mode``: its result row, ``work`` (TFLOP or bytes) and the function giving its calls."""
+    if mode == "decode":
+        n_h, n_kv, d = args.decode_heads, args.decode_kv_heads, args.decode_head_dim
+        for b, n, cache in ((b, n, c) for b in args.batches for n in args.lengths for c in ("fp", "int8")):
+            per_token = d * args.dtype.itemsize if cache == "fp" else d + 4  # int8 values + a float32 scale
+            yield ({"mode": mode, "batch": b, "length": n, "cache": cache, "where": f"decode b={b} len={n} n_h={n_h} "
+                    f"n_kv={n_kv} d={d} {cache} cache"}, 2 * b * n_kv * n * per_token,
+                   functools.partial(decode_calls, args, b, n_h, n_kv, d, n, cache == "int8"))  # fmt: skip
+        return
+    backward = mode == "fwdbwd"
+    for d, g, causal, s in ((d, g, c, s) for d in args.head_dims for g in args.groups for c in (False, True)
+                            for s in args.seqs if (args.hidden // d) % g == 0):  # fmt: skip
+        n_h, b = args.hidden // d, max(1, args.tokens // s)
+        yield ({"mode": mode, "head_dim": d, "group": g, "n_h": n_h, "n_kv": n_h // g, "causal": causal, "batch": b,
+                "seq": s, "where": f"{mode} d={d} G={g} n_h={n_h} causal={causal} b={b} s={s}"},
+               4 * b * n_h * s * s * d / (2 if causal else 1) * (3.5 if backward else 1.0) / 1e12,
+               functools.partial(training_calls, args, b, n_h, n_h // g, s, d, causal, backward))  # fmt: skip
+
+
+def randn(args, *shape, grad=False):
+    return torch.randn(shape, device=args.device, dtype=args.dtype, requires_grad=grad)
+
+
+def check(name: str, actual, expected, args, where: str) -> None:
     try:
         torch.testing.assert_close(actual, expected, atol=args.atol, rtol=args.rtol)
     except AssertionError as e:
         raise CorrectnessError(f"triton {name} differs from SDPA's at {where}:\n{e}") from None
 
 
-class Runner:
-    def __init__(self, args: argparse.Namespace):
-        self.args, self.smoke, self.errors = args, args.smoke, []
-        self.device, self.dtype = ("cpu", torch.float32) if args.smoke else ("cuda", torch.bfloat16)
-        self.methods = [m for m in args.methods if not (self.smoke and m == "flex")]
+def training_calls(args, b, n_h, n_kv, s, d, causal, backward, where):
+    q, k, v = randn(args, b, n_h, s, d, grad=backward), *(randn(args, b, n_kv, s, d, grad=backward) for _ in "kv")
+    dout = randn(args, b, n_h, s, d) if backward else None
 
-    def randn(self, *shape, grad=False):
-        return torch.randn(shape, device=self.device, dtype=self.dtype, requires_grad=grad)
+    def step(method):
+        out = attention(method, q, k, v, causal)
+        return (out, *torch.autograd.grad(out, (q, k, v), dout)) if backward else (out,)
 
-    def measure(self, result, method, fn, cuda_graph=False) -> None:
-        """Median seconds of ``fn`` into ``result["s"][method]``; an OOM or an error marks the cell instead."""
-        a = self.args
+    for name, x, y in zip(("output", "dq", "dk", "dv"), step("triton"), step("sdpa")):
+        check(name, x, y, args, where)
+    return {m: functools.partial(step, m) for m in args.methods}
+
+
+def decode_calls(args, b, n_h, n_kv, d, n, int8, where):
+    q, lens = randn(args, b, n_h, 1, d), torch.full((b,), n, device=args.device, dtype=torch.int32)
+    kc, vc = (randn(args, b, n_kv, args.cache_len or n, d) for _ in "kv")
+    scales = None
+    if int8:
+        (kc, ks), (vc, vs) = H.quantize_kv(kc, torch.int8), H.quantize_kv(vc, torch.int8)
+        scales = (ks, vs)
+    check("decode output", decode("triton", q, kc, vc, lens, n, scales), decode("sdpa", q, kc, vc, lens, n, scales),
+          args, where)  # fmt: skip
+    return {m: functools.partial(decode, m, q, kc, vc, lens, n, scales) for m in (["triton"] if int8 else args.methods)}
+
+
+def measure(args, row, work: float, make_calls, errors: list) -> None:
+    """Check, then time each method into ``row`` (``s``, ``iqr``, ``status``; ``per_s`` = ``work`` / median)."""
+    print(row["where"], flush=True)
+    row.update(s={}, iqr={}, per_s={}, status={m: "skipped" for m in METHODS})
+    try:
+        calls = make_calls(row["where"])
+    except torch.cuda.OutOfMemoryError:
+        row["status"] = {m: "oom" for m in METHODS}
+        return
+    for method, call in calls.items():
         try:
-            m = H.autorange(fn, label=method, min_run_time=0.0 if self.smoke else 0.5, cuda=not self.smoke,
-                            cuda_graph=cuda_graph, warmup_ms=a.warmup_ms, rep_ms=a.rep_ms)  # fmt: skip
-            result["s"][method], result["iqr"][method], result["status"][method] = m.median, m.iqr, "ok"
+            with torch.inference_mode() if row["mode"] == "decode" else torch.enable_grad():
+                m = H.autorange(call, label=method, min_run_time=0.0 if args.smoke else 0.5, cuda=not args.smoke,
+                                cuda_graph=args.cuda_graph and row["mode"] == "decode", warmup_ms=args.warmup_ms,
+                                rep_ms=args.rep_ms)  # fmt: skip
+            row["s"][method], row["iqr"][method], row["status"][method] = m.median, m.iqr, "ok"
+            row["per_s"][method] = work / m.median
         except torch.cuda.OutOfMemoryError:
-            result["status"][method] = "oom"
+            row["status"][method] = "oom"
         except Exception:
-            result["status"][method] = "error"
-            self.errors.append(f"{method} at {result['where']}:\n{traceback.format_exc()}")
-            print(f"  ERROR {self.errors[-1]}", file=sys.stderr, flush=True)
+            row["status"][method] = "error"
+            errors.append(f"{method} at {row['where']}:\n{traceback.format_exc()}")
+            print(f"  ERROR {errors[-1]}", file=sys.stderr, flush=True)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-
-    def run(self, result, configure, work: float, key: str) -> None:
-        """``configure(result)`` checks and times; then per method ``key`` = ``work`` / time, and triton / best."""
-        print(result["where"], flush=True)
-        try:
-            configure(result)
-        except torch.cuda.OutOfMemoryError:
-            result["status"] = {m: "oom" for m in METHODS}
-        result[key] = {m: work / seconds for m, seconds in result["s"].items()}
-        others = [result[key][m] for m in ("sdpa", "flex") if m in result[key]]
-        if "triton" in result[key] and others:
-            result["triton_over_best"] = result[key]["triton"] / max(others)
-
-    def training(self, backward: bool):
-        a, mode, results = self.args, "fwdbwd" if backward else "fwd", []
-        for d in a.head_dims:
-            n_h = a.hidden // d
-            for g in (g for g in a.groups if n_h % g == 0):
-                for causal in (False, True):
-                    for s in a.seqs:
-                        b = max(1, a.tokens // s)
-                        flops = 4 * b * n_h * s * s * d / (2 if causal else 1) * (3.5 if backward else 1.0) / 1e12
-                        r = {"mode": mode, "head_dim": d, "n_h": n_h, "n_kv": n_h // g, "group": g, "causal": causal,
-                             "batch": b, "seq": s, "where": f"{mode} d={d} G={g} n_h={n_h} causal={causal} b={b} s={s}",
-                             "s": {}, "iqr": {}, "status": {m: "skipped" for m in METHODS}}  # fmt: skip
-                        self.run(r, functools.partial(self._training, backward, b, n_h, n_h // g, s, d, causal, g),
-                                 flops, "tflops")  # fmt: skip
-                        results.append(r)
-        return results
-
-    def _training(self, backward, b, n_h, n_kv, s, d, causal, g, result) -> None:
-        q, k, v = self.randn(b, n_h, s, d, grad=backward), *(self.randn(b, n_kv, s, d, grad=backward) for _ in "kv")
-        dout = self.randn(b, n_h, s, d) if backward else None
-
-        def step(attn):
-            out = attn(q, k, v)
-            return (out, *torch.autograd.grad(out, (q, k, v), dout)) if backward else (out,)
-
-        expected, actual = step(attention_fn("sdpa", causal, g)), step(attention_fn("triton", causal, g))
-        for name, x, y in zip(("output", "dq", "dk", "dv"), actual, expected):
-            check_close(name, x, y, self.args, result["where"])
-        del expected, actual
-        for method in self.methods:
-            self.measure(result, method, functools.partial(step, attention_fn(method, causal, g)))
-
-    def decode(self):
-        a, results = self.args, []
-        n_h, n_kv, d = a.decode_heads, a.decode_kv_heads, a.decode_head_dim
-        for b, n, cache in ((b, n, c) for b in a.batches for n in a.lengths for c in ("fp", "int8")):
-            per_token = d * self.dtype.itemsize if cache == "fp" else d + 4  # int8 values + a float32 scale
-            where = f"decode b={b} len={n} (cache {a.cache_len or n}) n_h={n_h} n_kv={n_kv} d={d}"
-            where += " int8 cache" if cache == "int8" else ""
-            r = {"mode": "decode", "batch": b, "length": n, "cache_len": a.cache_len or n, "cache": cache,
-                 "kv_bytes": 2 * b * n_kv * n * per_token, "s": {}, "iqr": {},
-                 "status": {m: "skipped" for m in METHODS}, "where": where}  # fmt: skip
-            if r["cache_len"] >= n:
-                self.run(r, functools.partial(self._decode, b, n_h, n_kv, d, n, r["cache_len"], cache), r["kv_bytes"],
-                         "bytes_per_s")  # fmt: skip
-            r["peak_fraction"] = {m: bw / a.hbm_peak for m, bw in r.get("bytes_per_s", {}).items()}
-            results.append(r)
-        return results
-
-    def _decode(self, b, n_h, n_kv, d, n, cache_len, cache, result) -> None:
-        from gqa_tune import flash_decode_gqa
-
-        q, lens = self.randn(b, n_h, 1, d), torch.full((b,), n, device=self.device, dtype=torch.int32)
-        kc, vc = (self.randn(b, n_kv, cache_len, d) for _ in "kv")
-        if cache == "int8":
-            (kc, ks), (vc, vs) = H.quantize_kv(kc, torch.int8), H.quantize_kv(vc, torch.int8)
-            expected = decode_fn("sdpa")(q, H.dequantize_kv(kc, ks, q.dtype), H.dequantize_kv(vc, vs, q.dtype), lens, n)
-            calls = {"triton": functools.partial(flash_decode_gqa, q, kc, vc, lens, k_scale=ks, v_scale=vs)}
-        else:
-            expected = decode_fn("sdpa")(q, kc, vc, lens, n)
-            calls = {m: functools.partial(decode_fn(m), q, kc, vc, lens, n) for m in self.methods}
-        name = "int8 decode output" if cache == "int8" else "decode output"
-        check_close(name, calls["triton"](), expected, self.args, result["where"])
-        with torch.inference_mode():
-            for method, call in calls.items():
-                self.measure(result, method, call, self.args.cuda_graph)
-
-
-def cell(r, method, key, spec, smoke) -> str:
-    """A number, or why there is none (``oom``, ``error``, ``skipped``; ``-`` for figures of a smoke run)."""
-    if r["status"].get(method) != "ok":
-        return r["status"].get(method) or "-"
-    return "-" if smoke and key != "s" else format(r[key][method] * (1e6 if key == "s" else 1), spec)  # s: in µs
+    others = [row["per_s"][m] for m in ("sdpa", "flex") if m in row["per_s"]]
+    row["triton_over_best"] = row["per_s"]["triton"] / max(others) if "triton" in row["per_s"] and others else None
 
 
 def tables(results, args) -> None:
-    smoke = args.smoke
-    dtype, timing = ("fp32", "smoke: the interpreter's times") if smoke else ("bf16", "do_bench median")
+    dtype = "fp32" if args.smoke else "bf16"
+    timing = "smoke: the interpreter's times" if args.smoke else "do_bench median"
+
+    def cell(r, method, scale=1.0, spec=".1f") -> str:  # a figure, or why there is none
+        if r["status"][method] != "ok" or (args.smoke and scale != 1e6):
+            return r["status"][method] if r["status"][method] != "ok" else "-"
+        return format((r["s"][method] if scale == 1e6 else r["per_s"][method]) * scale, spec)
+
     for mode, rs in results.items():
-        best = ["-" if smoke or r.get("triton_over_best") is None else f"{r['triton_over_best']:.2f}" for r in rs]
+        best = ["-" if args.smoke or r["triton_over_best"] is None else f"{r['triton_over_best']:.2f}" for r in rs]
         if mode == "decode":
-            headers = ["cache", "batch", "length", "KV MiB", "triton µs", "triton B/s"]
-            headers += [f"{m} % of peak" for m in METHODS]
-            rows = [[r["cache"].replace("fp", dtype), r["batch"], r["length"], f"{r['kv_bytes'] / 2**20:.1f}",
-                     cell(r, "triton", "s", ".1f", smoke), cell(r, "triton", "bytes_per_s", ".3g", smoke),
-                     *(cell(r, m, "peak_fraction", ".1%", smoke) for m in METHODS), ratio]
-                    for r, ratio in zip(rs, best)]
-            title = (f"Decode ({dtype}, {timing}{', CUDA graphs' * args.cuda_graph}): n_h {args.decode_heads}, n_kv "
-                     f"{args.decode_kv_heads}, d {args.decode_head_dim}; HBM peak {args.hbm_peak:.3g} B/s")
+            peak = 1 / args.hbm_peak
+            rows = [[r["cache"].replace("fp", dtype), r["batch"], r["length"], cell(r, "triton", 1e6),
+                     cell(r, "triton", 1e-12, ".2f"), *(cell(r, m, 100 * peak) for m in METHODS), x]
+                    for r, x in zip(rs, best)]  # fmt: skip
+            H.table(["cache", "batch", "length", "triton µs", "triton TB/s", *(f"{m} % of peak" for m in METHODS),
+                     "triton/best"], rows, f"Decode ({dtype}, {timing}{', CUDA graphs' * args.cuda_graph}): n_h "
+                    f"{args.decode_heads}, n_kv {args.decode_kv_heads}, d {args.decode_head_dim}; HBM peak "
+                    f"{args.hbm_peak:.3g} B/s")  # fmt: skip
         else:
-            headers = ["head_dim", "G", "n_h/n_kv", "causal", "batch", "seq", "triton µs"]
-            headers += [f"{m} TFLOP/s" for m in METHODS]
             rows = [[r["head_dim"], r["group"], f"{r['n_h']}/{r['n_kv']}", "yes" if r["causal"] else "no", r["batch"],
-                     r["seq"], cell(r, "triton", "s", ".1f", smoke),
-                     *(cell(r, m, "tflops", ".1f", smoke) for m in METHODS), ratio] for r, ratio in zip(rs, best)]
-            title = (f"{'Forward' if mode == 'fwd' else 'Forward + backward'} ({dtype}, {timing}): n_h = {args.hidden} "
-                     f"// head_dim, batch = max(1, {args.tokens} // seq)")
-        H.table([*headers, "triton/best"], rows, title)  # fmt: skip
+                     r["seq"], cell(r, "triton", 1e6), *(cell(r, m) for m in METHODS), x] for r, x in zip(rs, best)]
+            H.table(["head_dim", "G", "n_h/n_kv", "causal", "batch", "seq", "triton µs",
+                     *(f"{m} TFLOP/s" for m in METHODS), "triton/best"], rows,
+                    f"{'Forward' if mode == 'fwd' else 'Forward + backward'} ({dtype}, {timing}): n_h = {args.hidden} "
+                    f"// head_dim, batch = max(1, {args.tokens} // seq)")  # fmt: skip
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def parse_args(argv=None):
     p = H.parser(__doc__)
     p.add_argument("--mode", choices=["fwd", "fwdbwd", "decode", "all"], default="all")
     p.add_argument("--quick", action="store_true", help="a small subset, for a fast check on the GPU")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="what to time")
-    for name, kind in (("seqs", "+"), ("head-dims", "+"), ("groups", "+"), ("batches", "+"), ("lengths", "+"),
-                       ("hidden", None), ("tokens", None), ("decode-heads", None), ("decode-kv-heads", None),
-                       ("decode-head-dim", None), ("cache-len", None)):  # fmt: skip
-        p.add_argument(f"--{name}", type=int, nargs=kind, help="see the module docstring; default per preset")
+    for name, nargs in (("seqs", "+"), ("head-dims", "+"), ("groups", "+"), ("batches", "+"), ("lengths", "+"),
+                        ("hidden", None), ("tokens", None), ("decode-heads", None), ("decode-kv-heads", None),
+                        ("decode-head-dim", None), ("cache-len", None)):  # fmt: skip
+        p.add_argument(f"--{name}", type=int, nargs=nargs, help="see the module docstring; default per preset")
     p.add_argument("--warmup-ms", type=float, help="do_bench's untimed calls, in ms (default 25)")
     p.add_argument("--rep-ms", type=float, help="do_bench's timed calls, in ms (default 100)")
     p.add_argument("--cuda-graph", action="store_true", help="decode: time CUDA-graph replays (no launch overhead)")
@@ -258,28 +225,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.quick and args.smoke:
         p.error("--quick and --smoke do not go together")
     for name, value in PRESETS["smoke" if args.smoke else "quick" if args.quick else "full"].items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
-    if args.smoke and args.cache_len is None:
-        args.cache_len = max(args.lengths) + 8  # slack past the fill: the kernel must stop at cache_seqlens
+        setattr(args, name, value if getattr(args, name, None) is None else getattr(args, name))
     if args.decode_heads % args.decode_kv_heads:
         p.error("--decode-heads must be a multiple of --decode-kv-heads")
+    args.device, args.dtype = ("cpu", torch.float32) if args.smoke else ("cuda", torch.bfloat16)
+    args.methods = [m for m in args.methods if not (args.smoke and m == "flex")]
     return args
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.smoke:
-        os.environ["TRITON_INTERPRET"] = "1"  # before gqa_tune is imported (below)
+        os.environ["TRITON_INTERPRET"] = "1"  # before gqa_tune is imported (lazily, below)
     elif not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET", "0") == "1":
-        print("bench_triton.py needs a CUDA GPU (and TRITON_INTERPRET unset); use --smoke for a CPU dry run",
-              file=sys.stderr)
+        print("bench_triton.py needs a CUDA GPU (TRITON_INTERPRET unset); --smoke: a CPU dry run", file=sys.stderr)
         return 2
     import triton
 
-    runner = Runner(args)
     for head_dim in {*args.head_dims, args.decode_head_dim}:  # flash_decode_gqa would silently fall back
-        problem = H.kernel_problem(torch.device(runner.device), runner.dtype, head_dim)
+        problem = H.kernel_problem(torch.device(args.device), args.dtype, head_dim)
         if problem is not None:
             print(f"the Triton kernels cannot run here (head_dim {head_dim}): {problem}", file=sys.stderr)
             return 2
@@ -288,19 +252,22 @@ def main(argv=None) -> int:
     smoke = "SMOKE RUN: CPU, Triton interpreter, float32, tiny shapes, no flex: the times measure the interpreter"
     print(f"triton {triton.__version__}; " + (smoke if args.smoke else f"GPU {env['gpu']}, CUDA {torch.version.cuda}"))
     torch.manual_seed(args.seed)
-    results = {}
+    results, errors = {}, []
     try:
         for mode in ["fwd", "fwdbwd", "decode"] if args.mode == "all" else [args.mode]:
-            results[mode] = runner.decode() if mode == "decode" else runner.training(mode == "fwdbwd")
+            results[mode] = []
+            for row, work, make_calls in configs(args, mode):
+                measure(args, row, work, make_calls, errors)
+                results[mode].append(row)
     except CorrectnessError as e:
         print(f"\n{'!' * 100}\nCORRECTNESS CHECK FAILED, benchmark aborted: {e}\n{'!' * 100}", file=sys.stderr)
         return 1
     print(f"\nall checks passed (triton vs SDPA, atol {args.atol:g}, rtol {args.rtol:g})")
     tables(results, args)
-    if runner.errors:
-        print(f"\n{len(runner.errors)} timed call(s) raised (cells marked 'error'); tracebacks above", file=sys.stderr)
+    if errors:
+        print(f"\n{len(errors)} timed call(s) raised (cells marked 'error'); tracebacks above", file=sys.stderr)
     H.finish(args, env, {"results": results})
-    return 1 if runner.errors else 0
+    return 1 if errors else 0
 
 
 if __name__ == "__main__":
