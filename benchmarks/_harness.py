@@ -19,50 +19,44 @@ import shlex
 import subprocess
 import sys
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
+from omegaconf import OmegaConf
+from torch import nn
 from torch.utils.benchmark import Measurement, Timer
 from torch.utils.benchmark.utils.common import TaskSpec
 from torch.utils.benchmark.utils.timer import timer
+from torchtune.models.gemma2._attention import Gemma2Attention
+from torchtune.models.llama3_2 import llama3_2
+from torchtune.modules import MultiHeadAttention as TorchtuneMHA
+from torchtune.modules import RotaryPositionalEmbeddings
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 TUNE = str(Path(sys.executable).with_name("tune"))
 FULL, LORA = (f"gqa_tune/recipes/{name}_finetune_single_device.py" for name in ("full", "lora"))
 
-#: gqa_tune's names beyond its stable top-level API: name -> "module:attribute" candidates, first found wins.
-INTERNAL = {
-    "from_torchtune_attention": ["gqa_tune.convert.swap:from_torchtune_attention"],
-    "latest_checkpoint": ["gqa_tune.training.checkpoint:latest_checkpoint"],
-    "load_checkpoint": ["gqa_tune.training.checkpoint:load_checkpoint"],
-    "hf_config": ["gqa_tune.hf:hf_config", "gqa_tune.training.checkpoint:hf_config"],
-    "model_shape": ["gqa_tune.hf:model_shape", "gqa_tune.training.checkpoint:model_shape"],
-    "task_accuracy": ["gqa_tune.training.evaluate:task_accuracy"],
-    "heldout_loss": ["gqa_tune.training.evaluate:heldout_loss"],
-    "GenerateRecipe": ["gqa_tune.recipes.generate:GenerateRecipe"],
-    "ConfigError": ["gqa_tune.config_check:ConfigError"],
-    "weight_bytes": ["gqa_tune.quantization:weight_bytes"],
-    "resolve_data_file": ["gqa_tune.data:resolve_data_file"],
-    "document_block_mask": ["gqa_tune.data.packing:document_block_mask"],
-    "quantize_kv": ["gqa_tune.ops.kv_quant:quantize_kv"],
-    "dequantize_kv": ["gqa_tune.ops.kv_quant:dequantize_kv"],
-    "kernel_problem": ["gqa_tune.ops.backends.triton:kernel_problem"],
-    "nan_rule_owner": ["gqa_tune.ops.dispatch"],  # the module whose hide_masked_nans attention calls
-    "convert_model_": ["gqa_tune.convert.pooling:convert_model_"],
-    "pool_heads": ["gqa_tune.convert.pooling:pool_heads"],
-}
+#: gqa_tune's names beyond its stable top-level API, by the modules that hold them (the first one found wins).
+INTERNAL = {name: modules.split() for names, modules in (
+    ("from_torchtune_attention", "gqa_tune.convert.swap"), ("convert_model_ pool_heads", "gqa_tune.convert.pooling"),
+    ("latest_checkpoint load_checkpoint", "gqa_tune.training.checkpoint"),
+    ("hf_config model_shape", "gqa_tune.hf gqa_tune.training.checkpoint"),
+    ("task_accuracy heldout_loss", "gqa_tune.training.evaluate"), ("GenerateRecipe", "gqa_tune.recipes.generate"),
+    ("ConfigError", "gqa_tune.config_check"), ("weight_bytes", "gqa_tune.quantization"),
+    ("resolve_data_file", "gqa_tune.data"), ("document_block_mask", "gqa_tune.data.packing"),
+    ("quantize_kv dequantize_kv", "gqa_tune.ops.kv_quant"), ("kernel_problem", "gqa_tune.ops.backends.triton"),
+    ("dispatch", "gqa_tune.ops"),  # the module whose hide_masked_nans attention calls
+) for name in names.split()}  # fmt: skip
 
 
 def __getattr__(name: str):
-    for target in INTERNAL.get(name, ()):
-        module, _, attr = target.partition(":")
+    for module in INTERNAL.get(name, ()):
         try:
-            found = importlib.import_module(module)
-            return getattr(found, attr) if attr else found
+            return getattr(importlib.import_module(module), name)
         except (ImportError, AttributeError):
             continue
-    raise AttributeError(f"_harness has no {name!r}" + (f" (tried {INTERNAL[name]})" if name in INTERNAL else ""))
+    raise AttributeError(f"_harness has no {name!r} (looked in {INTERNAL.get(name)})")
 
 
 # ---------------------------------------------------------------- timing
@@ -79,35 +73,26 @@ def fmt(m: Measurement, scale: float = 1e3, digits: int = 3) -> str:
     return f"{m.median * scale:.{digits}f} ({m.iqr * scale:.{digits}f})"
 
 
-def autorange(
-    fn: Callable[[], object], *, label: str = "", min_run_time: float = 0.5, cuda: bool = False,
-    cuda_graph: bool = False, warmup_ms: float = 25, rep_ms: float = 100,
-) -> Measurement:  # fmt: skip
+def autorange(fn: Callable[[], object], *, label: str = "", min_run_time: float = 0.5, cuda: bool = False,
+              cuda_graph: bool = False, warmup_ms: float = 25, rep_ms: float = 100) -> Measurement:  # fmt: skip
     """Time repeated calls of ``fn``: ``Timer.blocked_autorange`` on CPU, ``triton.testing.do_bench`` on CUDA
     (``do_bench_cudagraph`` with ``cuda_graph``: replays of a CUDA graph of the calls, no launch overhead)."""
     if cuda:
         from triton.testing import do_bench, do_bench_cudagraph
 
-        if cuda_graph:
-            ms = do_bench_cudagraph(fn, rep=rep_ms, return_mode="all")
-        else:
-            ms = do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="all")
+        ms = do_bench_cudagraph(fn, rep=rep_ms, return_mode="all") if cuda_graph else do_bench(
+            fn, warmup=warmup_ms, rep=rep_ms, return_mode="all")  # fmt: skip
         return measurement(label, [t / 1e3 for t in ms])
     t = Timer("fn()", globals={"fn": fn}, label=label, num_threads=torch.get_num_threads())
     return t.blocked_autorange(min_run_time=min_run_time)
 
 
-Case = Union[Callable[[], object], Tuple[Callable[[], object], Optional[Callable[[], object]]]]
-
-
-def time_cases(
-    cases: Dict[str, Case], repeats: int, warmup: int = 1, order: str = "interleaved"
-) -> Dict[str, Measurement]:
+def time_cases(cases: Dict[str, object], repeats: int, warmup: int = 1, order: str = "interleaved"):
     """Per case (name -> ``fn`` or ``(fn, cleanup)``), ``repeats`` timed calls after ``warmup`` untimed ones, the
     cases taking turns (``order="interleaved"``) or not (``"blocked"``); see the module docstring."""
     if order not in ("interleaved", "blocked"):
         raise ValueError(f"order must be 'interleaved' or 'blocked', got {order!r}")
-    seconds: Dict[str, List[float]] = {name: [] for name in cases}
+    seconds: Dict[str, List[float]] = {name: [] for name in cases}  # the cases' Measurements, by name
     calls = range(warmup + repeats)
     plan = [(n, i) for i in calls for n in cases] if order == "interleaved" else [(n, i) for n in cases for i in calls]
     for name, i in plan:
@@ -172,16 +157,13 @@ def finish(args: argparse.Namespace, env: Dict[str, object], data: Dict[str, obj
     env["loadavg_1min_end"] = os.getloadavg()[0]
     print(f"\n1-min load average at the end {env['loadavg_1min_end']:.2f}")
     if getattr(args, "json", None):
-        plain = (int, float, str, list, type(None))
-        arguments = {k: v if isinstance(v, plain) else str(v) for k, v in vars(args).items()}
-        Path(args.json).write_text(json.dumps({"env": env, "args": arguments, **data}, indent=2, default=_jsonable))
+        def jsonable(obj: object) -> object:
+            if isinstance(obj, Measurement):
+                return {"median_s": obj.median, "iqr_s": obj.iqr, "times_s": obj.times}
+            return str(obj)
+
+        Path(args.json).write_text(json.dumps({"env": env, "args": vars(args), **data}, indent=2, default=jsonable))
         print(f"wrote {args.json}")
-
-
-def _jsonable(obj: object) -> object:
-    if isinstance(obj, Measurement):
-        return {"median_s": obj.median, "iqr_s": obj.iqr, "times_s": obj.times}
-    return str(obj)
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[object]], title: str = "") -> str:
@@ -212,11 +194,7 @@ KV_SWEEP = dict(vocab_size=260, num_layers=4, num_heads=16, embed_dim=512, inter
 
 def llama(shape: str, max_seq_len: int, **overrides) -> torch.nn.Module:
     """torchtune's ``llama3_2`` in one of the :data:`LLAMA` shapes."""
-    from torchtune.models.llama3_2 import llama3_2
-
     if shape == "tiny":
-        from omegaconf import OmegaConf
-
         node = OmegaConf.to_container(OmegaConf.load(HERE / "configs/torchtune_full_single_device.yaml").model)
         kwargs = {k: v for k, v in node.items() if k != "_component_"}
     else:
@@ -228,11 +206,6 @@ def attention_pair(shape: Dict[str, object], max_seq_len: int, *, window: Option
                    backend: str = "auto", seed: int = 0) -> Tuple[torch.nn.Module, torch.nn.Module]:  # fmt: skip
     """torchtune's attention (bias-free projections, RoPE; ``Gemma2Attention`` for the :data:`GEMMA2` shape) and
     gqa_tune's sharing its weights and RoPE (``from_torchtune_attention``), both in eval mode."""
-    from torch import nn
-    from torchtune.models.gemma2._attention import Gemma2Attention
-    from torchtune.modules import MultiHeadAttention as TorchtuneMHA
-    from torchtune.modules import RotaryPositionalEmbeddings
-
     torch.manual_seed(seed)
     e, h, kv, d = (shape[k] for k in ("embed_dim", "num_heads", "num_kv_heads", "head_dim"))
     parts = dict(

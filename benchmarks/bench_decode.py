@@ -1,18 +1,16 @@
 """How long does one KV-cached decode step take: gqa_tune against torchtune 0.6.1, and against fewer kv heads?
 
-Cases (``--case``), outputs checked before timing, ``_harness`` medians (IQR):
+Outputs are checked before timing. Cases (``--case``):
 
 - ``attention``: one attention module of Llama-3.2-1B's shape, torchtune's and gqa_tune's with the same weights,
-  fp32, batch 1, the cache (4096) holding the same random K/V to each of ``--fills``, torchtune's call ``attn(x, x,
-  mask=mask, input_pos=[[fill]])``, every step undone (untimed). ``--order interleaved`` (each step finds the CPU
-  caches as the other module left them) or ``blocked``. ``bound`` = (projection weight + filled K/V bytes) / copy
-  bandwidth (the best copy of a 256 MiB tensor).
+  batch 1, a 4096-position cache filled to each of ``--fills``, torchtune's call, every step undone (untimed);
+  ``--order interleaved`` (each step finds the CPU caches as the other module left them) or ``blocked``.
+  ``bound`` = (projection weight + filled K/V bytes) / copy bandwidth (the best copy of a 256 MiB tensor).
 - ``gemma2``: a Gemma 2 2B-shaped local layer (window 1024, cache 8192 filled to 8000): torchtune's
   ``Gemma2Attention`` against gqa_tune's ring of the window, checked against a full-length cache and float64
-  attention over the window (torchtune's own error is reported: its windowed cache is wrong past the window).
+  attention over the window (torchtune's own error is shown: its windowed cache is wrong past the window).
 - ``kv-heads`` (the paper's Fig. 6): ``gqa_decoder`` (4 layers, embed 512, 16 heads, batch 8) with 1..16 kv heads,
-  caches filled to 2048, then real decode steps (the cache growing); 1 thread unless ``--threads``. Writes
-  ``<out-dir>/speed.json`` and ``speed.png`` (``speed_cuda.*`` on a GPU).
+  caches filled to 2048, real decode steps; 1 thread by default. Writes ``<out-dir>/speed.json`` and ``speed.png``.
 
 Commands::
 

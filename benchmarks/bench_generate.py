@@ -1,20 +1,16 @@
 """How fast does a whole generation loop decode: gqa_tune against torchtune 0.6.1 and HF transformers, on CPU?
 
-Decode time per step is measured inside each library's own loop (stamps around torchtune's
-``custom_generate_next_token``, a ``LogitsProcessor`` for transformers, ``GenerationStats`` for gqa_tune), so
-prefill and compilation are left out; the cases take turns (``_harness.time_cases``), medians (IQR); every case
-must decode torchtune's greedy tokens (checked). Cases (``--case``):
+Decode time per step is measured inside each library's loop (stamps around torchtune's ``generate_next_token``, a
+``LogitsProcessor``, ``GenerationStats``): no prefill, no compilation. The cases take turns; every one must decode
+torchtune's greedy tokens (checked). Cases (``--case``):
 
-- ``transformers``: a random Llama 3.2-style model (``llama3_2``: 4 layers, width 512, 8 / 2 heads, vocab 32000,
-  untied), fp32, 4 random 1024-token prompts, ``--steps`` tokens: torchtune's ``generate``; HF
-  ``LlamaForCausalLM`` (``hf_config`` + ``tune_to_hf``) with ``cache_implementation="static"``, eager and with
-  transformers' compiled step (``--no-hf-compile`` skips it); torchtune's ``generate`` after ``swap_attention``;
-  ``gqa_tune.generate``, eager and ``compile=True``; ``--diagnose-nan-rule`` adds the compiled step with the NaN
-  rule replaced by a no-op (a diagnostic of its cost, not a mode of the library).
-- ``long-context``: gqa_tiny's shape (N(0, 0.3) weights: clear greedy margins), batch 1, a 2048-token prompt, 64
-  steps, ``max_seq_len`` 4096: torchtune's model and a swapped copy through torchtune's ``generate`` with
-  4096-position caches, and the copy through ``gqa_tune.generate`` (caches sized to the request); then one
-  model forward of one token (torchtune's decoding call) at cache fills 16 and 2048, without any loop.
+- ``transformers``: a random Llama 3.2-style model (4 layers, width 512, 8 / 2 heads, vocab 32000), 4 prompts of 1024
+  tokens: torchtune's ``generate``; HF ``LlamaForCausalLM`` with a static cache, eager and compiled
+  (``--no-hf-compile``); torchtune's ``generate`` after ``swap_attention``; ``gqa_tune.generate``, eager and
+  ``compile=True``; ``--diagnose-nan-rule``: the compiled step without the NaN rule (a diagnostic of its cost).
+- ``long-context``: gqa_tiny's shape, a 2048-token prompt, 64 steps, ``max_seq_len`` 4096: torchtune's model and a
+  swapped copy through torchtune's ``generate`` (4096-position caches), the copy through ``gqa_tune.generate``
+  (caches sized to the request); then one model forward of one token at cache fills 16 and 2048.
 
 Commands::
 
@@ -31,6 +27,7 @@ import _harness as H
 import torch
 from torchtune.generation import generate as tt_generate
 from torchtune.generation import generate_next_token
+from torchtune.models.convert_weights import tune_to_hf
 from torchtune.modules.common_utils import local_kv_cache
 
 import gqa_tune
@@ -70,7 +67,7 @@ def gqa_run(model, prompt, tokens: int, compile: bool = False, pad_id: int = 0):
 @contextlib.contextmanager
 def without_nan_rule():
     """Diagnostic only: attention without the NaN rule (K/V as given, output unchanged)."""
-    owner = H.nan_rule_owner
+    owner = H.dispatch
     saved, owner.hide_masked_nans = owner.hide_masked_nans, lambda q, k, v, *a, **kw: (k, v, lambda out: out)
     try:
         yield
@@ -95,7 +92,6 @@ def time_runs(runs, args, reference: str):
 
 
 def transformers(args) -> dict:
-    from torchtune.models.convert_weights import tune_to_hf
     from transformers import CompileConfig, LlamaConfig, LlamaForCausalLM, LogitsProcessor, LogitsProcessorList
 
     total = args.prompt + args.steps

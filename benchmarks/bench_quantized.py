@@ -1,22 +1,15 @@
 """What do int8/fp8 KV caches, torchao-quantized weights and QLoRA's NF4 base cost in accuracy, and save?
 
-On ``gqa_tiny``, trained first by the full recipe through ``tune run`` unless ``--checkpoint`` names a checkpoint
-(e.g. the quickstart's ``outputs/gqa_tiny_full``) or ``--work-dir`` holds a run. Accuracy: exact-match greedy
-answers on the first ``--examples`` rows of ``data/tasks/val.jsonl`` (``task_accuracy``), and the fraction of
-answers equal to the unquantized model's. Cases (``--case``):
+On ``gqa_tiny`` trained by the full recipe (``tune run``), unless ``--checkpoint`` names one (e.g. the quickstart's
+``outputs/gqa_tiny_full``) or ``--work-dir`` holds a run. Accuracy: greedy answers on ``data/tasks/val.jsonl``
+(``task_accuracy``), and the fraction equal to the unquantized model's. Cases (``--case``):
 
-- ``kv-cache``: bytes per token of one layer's ``KVCache`` (8 kv heads of 64, scales included) in fp32, bf16,
-  int8 and fp8; the accuracy of a checkpoint of ``configs/gqa_tiny/full.yaml`` (8 epochs) with fp32, int8 and fp8
-  caches; one decode step of the attention module (Llama-3.2-1B's shape) with an fp32 and an int8 cache of the
-  same weights and K/V, taking turns (``_harness.decode_steps``). On a CPU the int8 step dequantizes the filled
-  prefix before SDPA; on a GPU the kernel reads int8 itself (``bench_triton.py --mode decode``).
-- ``weights``: the generate recipe with ``dtype`` and a torchao ``quantizer`` (fp32 / bf16, int8 weight-only, int8
-  dynamic, int4, fp8) on a checkpoint trained 4 x 300 steps: linear bytes as stored, decode ms/token of
-  ``--new-tokens`` tokens (``gqa_tune.generate``, eager, the cases taking turns), accuracy; refusals are listed.
-- ``qlora``: the bytes of the frozen base's linear weights and of all parameters, LoRA against QLoRA, for gqa_tiny
-  and the Llama-3.2-1B shape (on the meta device), fp32 and bf16; then a base trained ``--base-steps`` and
-  ``configs/gqa_tiny/lora.yaml`` / ``qlora.yaml`` on it for ``--steps`` each: the held-out loss and accuracy of the
-  recipe's ``eval:`` line and the median tokens/s of its logs.
+- ``kv-cache``: bytes per token of one layer's cache (fp32, bf16, int8, fp8, scales included); accuracy with each
+  cache; one attention-module decode step (Llama-3.2-1B's shape) with an fp32 and an int8 cache, taking turns.
+- ``weights``: the generate recipe with each torchao ``quantizer`` (or a refusal): linear bytes as stored, decode
+  ms/token (``gqa_tune.generate``, eager, the cases taking turns), accuracy.
+- ``qlora``: base and all-parameter bytes, LoRA against QLoRA (gqa_tiny, and Llama-3.2-1B on the meta device); then
+  ``configs/gqa_tiny/lora.yaml`` and ``qlora.yaml`` on one base: held-out loss, accuracy, training tokens/s.
 
 Commands::
 
@@ -34,6 +27,9 @@ from pathlib import Path
 
 import _harness as H
 import torch
+from omegaconf import OmegaConf
+from torchtune import training
+from torchtune.modules.common_utils import local_kv_cache
 
 import gqa_tune
 from gqa_tune.models import lora_gqa_llama3_2_1b, lora_gqa_tiny, qlora_gqa_llama3_2_1b, qlora_gqa_tiny
@@ -78,8 +74,6 @@ def checkpoint(args, overrides=()) -> Path:
 def generate_recipe(path: Path, **updates):
     """The generate recipe set up on ``path`` with ``updates`` to ``configs/gqa_tiny/generate.yaml``, or the last
     line of the message with which its setup refuses them."""
-    from omegaconf import OmegaConf
-
     cfg = OmegaConf.load(H.REPO / "configs/gqa_tiny/generate.yaml")
     for key, value in {"checkpoint_dir": str(path), **updates}.items():
         OmegaConf.update(cfg, key, value, force_add=True)
@@ -94,8 +88,6 @@ def generate_recipe(path: Path, **updates):
 def greedy_answers(model, tokenizer, rows, kv_cache_dtype=None, batch: int = 64):
     """Greedy answer ids (cut at the stop token) to ``rows``' prompts, in batches as ``task_accuracy`` runs them,
     through ``gqa_tune.generate`` with caches of ``kv_cache_dtype`` (``None``: the model's dtype)."""
-    from torchtune.modules.common_utils import local_kv_cache
-
     answers, stops = [], list(tokenizer.stop_tokens)
     longest = max(len(tokenizer.encode(r["answer"], add_bos=False, add_eos=False)) for r in rows) + 1
     for i in range(0, len(rows), batch):
@@ -208,8 +200,6 @@ def weights(args) -> dict:
 
 
 def qlora(args) -> dict:
-    from torchtune import training
-
     memory = []
     builders = (("gqa_tiny", lora_gqa_tiny, qlora_gqa_tiny, "cpu"),
                 ("Llama-3.2-1B", lora_gqa_llama3_2_1b, qlora_gqa_llama3_2_1b, "meta"))  # counted, not allocated

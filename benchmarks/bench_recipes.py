@@ -1,25 +1,13 @@
 """What training throughput do gqa_tune's recipes reach against torchtune 0.6.1's, end to end, unpacked and packed?
 
-Both recipes run through ``tune run`` as a user starts them (configs ``benchmarks/configs/``), on gqa_tiny's
-shape (torchtune's side: its ``llama3_2`` as that config writes it, the same function: checked), from the same
-random-init weights (``<workdir>/init/model.pt``, read by ``FullModelTorchTuneCheckpointer`` in both), on the same
-data and batches (``task_dataset`` + ``byte_tokenizer``, sampler seed 0: the losses agree), AdamW, cosine
-schedule, clipping 1.0, fp32; each run its own process, the order alternating between rounds. Both log every
-step through :class:`StepTimeLogger` (a timer stamp per ``log_dict``): tokens/s = non-padding input tokens of
-the steps after ``--warmup-steps`` (counted from the same dataloader, rebuilt here) / the time between the
-stamps, i.e. everything a step costs in each recipe; ms/step: median (IQR) of the stamps' differences. The
-recipes' own figures measure other things and are shown for reference (torchtune's ``tokens_per_second_per_gpu``
-counts label tokens per loop iteration, gqa_tune's ``tokens_per_second`` input tokens over ``train_step``).
-
-- ``--mode train``: batch 64, tokenizer ``max_seq_len`` 64, 100 steps (10 untimed): gqa_tune's
-  ``full_finetune_single_device`` against torchtune's, with its configs' ``CEWithChunkedOutputLoss`` and/or
-  ``torch.nn.CrossEntropyLoss`` (``--tt-loss``).
-- ``--mode packed`` (issue 11): model and tokenizer ``max_seq_len`` ``--seq`` (2048), nothing shuffled, 8 steps
-  (2 untimed): gqa_tune with ``dataset.packed=true`` (``--batch`` rows per step, its BlockMask collate), gqa_tune
-  unpacked on the same examples (packs hold consecutive examples: a batch of the packed run's examples / steps
-  covers them to within steps / 2), and torchtune's recipe packed (its dense block-causal mask). torchtune
-  shifts labels across a document boundary where gqa_tune ignores that position, but the label there is the next
-  prompt's BOS, never supervised here, so both compute the same loss.
+Both recipes run through ``tune run`` (configs ``benchmarks/configs/``) on gqa_tiny's shape (torchtune's side: its
+``llama3_2`` as that config writes it, checked to compute the same function), from the same init weights, on the
+same batches (the losses agree), each run its own process, the order alternating between rounds. Both log every
+step through :class:`StepTimeLogger`: tokens/s = non-padding input tokens of the timed steps / the time between
+their stamps, everything a step costs; ms/step: median (IQR). ``--mode train``: batch 64, 100 steps, torchtune with
+its chunked loss and/or cross-entropy (``--tt-loss``). ``--mode packed`` (issue 11): ``max_seq_len`` 2048, no
+shuffling; gqa_tune packed (BlockMask collate), gqa_tune unpacked on the same examples, torchtune packed (dense
+block-causal mask).
 
 Commands::
 
@@ -30,12 +18,20 @@ Commands::
 
 import argparse
 import json
+import numbers
 import shutil
 import statistics
+from functools import partial
 from pathlib import Path
 from typing import Dict, List, NamedTuple, Tuple
 
 import _harness as H
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+from torchtune.data import padded_collate_sft
+
+from gqa_tune.data import EOS_ID, ByteTokenizer, task_dataset
+from gqa_tune.models import gqa_tiny, init_from_scratch
 
 STEPS_FILE = "steps.jsonl"
 TRAIN = {"steps": 100, "warmup_steps": 10, "batch": 64, "seq": 64, "tt_loss": "both"}
@@ -59,13 +55,8 @@ class StepTimeLogger:
         self.log_dict({name: data}, step)
 
     def log_dict(self, payload: dict, step: int) -> None:
-        row = {"step": int(step), "time": H.timer()}
-        for key, value in payload.items():
-            try:
-                row[key] = float(value)
-            except (TypeError, ValueError):
-                row[key] = str(value)
-        self.rows.append(row)
+        values = {k: float(v) for k, v in payload.items() if isinstance(v, (numbers.Number, torch.Tensor))}
+        self.rows.append({"step": int(step), "time": H.timer(), **values})
 
     def close(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -110,10 +101,6 @@ def packed_cases(args: argparse.Namespace, unpacked_batch: int) -> List[Case]:
 def write_init_checkpoint(directory: Path, seed: int) -> None:
     """gqa_tune's from-scratch init in torchtune's model, as ``directory/model.pt``; checked to compute
     gqa_tiny's function."""
-    import torch
-
-    from gqa_tune.models import gqa_tiny, init_from_scratch
-
     torch.manual_seed(seed)
     tt, ours = init_from_scratch(H.llama("tiny", 128)), gqa_tiny(max_seq_len=128)
     ours.load_state_dict(tt.state_dict())  # strict: same keys and shapes
@@ -128,14 +115,6 @@ def token_counts(steps: int, batch: int, seq: int, packed: bool = False, shuffle
     """Per step, the input (non-padding) tokens and examples of the batches the recipes draw (sampler seed 0,
     ``drop_last``). A packed row's documents each end with EOS, then padding: its tokens are those up to its
     last EOS."""
-    from functools import partial
-
-    import torch
-    from torch.utils.data import DataLoader, DistributedSampler
-    from torchtune.data import padded_collate_sft
-
-    from gqa_tune.data import EOS_ID, ByteTokenizer, task_dataset
-
     tok = ByteTokenizer(max_seq_len=seq)
     dataset = task_dataset(tok, data_file="data/tasks/train.jsonl", packed=packed)
     sampler = DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=shuffle, seed=0)
@@ -187,12 +166,27 @@ def run_rounds(cases: List[Case], counts: Dict[str, dict], args) -> List[dict]:
              "examples_per_step": statistics.mean(counts[case.name]["examples"])} for case in cases]  # fmt: skip
 
 
-def report(results: List[dict], title: str, first_steps: int) -> None:
-    ours, rows = results[0], []
+def bench(args, mode: str) -> List[dict]:
+    """The runs of ``mode``, their table, and the issue's goal (gqa_tune 1.1x torchtune; packed: 3x)."""
+    if mode == "train":
+        counts = token_counts(args.steps, args.batch, args.seq)
+        cases = [Case("gqa_tune_ce", "gqa_tune", "ce", args.batch)]
+        cases += [Case(f"torchtune_{loss}", "torchtune", loss, args.batch) for loss in tt_losses(args)]
+        counts, first, goal, what = {c.name: counts for c in cases}, args.steps, 1.1, f"batch {args.batch}"
+    else:
+        packed_counts = token_counts(args.steps, args.batch, args.seq, packed=True, shuffle=False)
+        unpacked = round(sum(packed_counts["examples"]) / args.steps)  # examples per step: the same examples
+        cases = packed_cases(args, unpacked)
+        counts = {c.name: token_counts(args.steps, unpacked, args.seq, shuffle=False) if c.name == "gqa_tune_unpacked"
+                  else packed_counts for c in cases}  # fmt: skip
+        first, goal = min(FIRST_STEPS, args.steps), 3
+        what = f"no shuffling, packed: {args.batch} rows, unpacked: {unpacked} examples"
+    results, ours, rows = run_rounds(cases, counts, args), None, []
     for r in results:
-        c, diff = r["case"], [abs(a - b) for a, b in zip(r["losses"], ours["losses"])]
+        ours, c = ours or r, r["case"]
+        diff = [abs(a - b) for a, b in zip(r["losses"], ours["losses"])]
         r.update(speedup=ours["tokens_per_s"] / r["tokens_per_s"], max_loss_diff=max(diff),
-                 loss_diff_first=max(diff[:first_steps]))  # fmt: skip
+                 loss_diff_first=max(diff[:first]))  # fmt: skip
         own = "tokens_per_second" if c.which == "gqa_tune" else "tokens_per_second_per_gpu"
         rounds = ", ".join(f"{t:.0f}" for t in r["rounds"])
         rows.append([c.name, {"ce": "cross-entropy", "chunked": "CEWithChunkedOutputLoss"}[c.loss], c.batch,
@@ -200,39 +194,14 @@ def report(results: List[dict], title: str, first_steps: int) -> None:
                      f"{r['speedup']:.2f}x", f"{r['losses'][0]:.4f} / {r['losses'][-1]:.4f}",
                      f"{r['loss_diff_first']:.1e} / {r['max_loss_diff']:.1e}", f"{own} {r['own']:.0f}"])  # fmt: skip
     H.table(["run", "loss", "batch", "examples/step", "tokens/s (rounds)", "ms/step (IQR)",
-             f"{ours['case'].name} speedup", "loss step 1 / last", f"max loss diff, steps 1-{first_steps} / all",
-             "recipe's own metric (median)"],
-            rows, title)  # fmt: skip
-
-
-def train(args) -> List[dict]:
-    counts = token_counts(args.steps, args.batch, args.seq)
-    cases = [Case("gqa_tune_ce", "gqa_tune", "ce", args.batch)]
-    cases += [Case(f"torchtune_{loss}", "torchtune", loss, args.batch) for loss in tt_losses(args)]
-    results = run_rounds(cases, {case.name: counts for case in cases}, args)
-    report(results, f"Training, CPU fp32, gqa_tiny shape, batch {args.batch}, max_seq_len {args.seq}, {args.steps} "
-                    f"steps ({args.warmup_steps} untimed), {args.threads} threads, median of {args.rounds} round(s)",
-           args.steps)  # fmt: skip
-    for r in results[1:]:
-        print(f"goal: training >= 1.1x torchtune ({r['case'].loss} loss): {r['speedup']:.2f}x, "
-              f"{'met' if r['speedup'] >= 1.1 else 'NOT met'}")  # fmt: skip
-    return results
-
-
-def packed(args) -> List[dict]:
-    packed_counts = token_counts(args.steps, args.batch, args.seq, packed=True, shuffle=False)
-    unpacked_batch = round(sum(packed_counts["examples"]) / args.steps)
-    unpacked_counts = token_counts(args.steps, unpacked_batch, args.seq, shuffle=False)
-    cases = packed_cases(args, unpacked_batch)
-    counts = {c.name: unpacked_counts if c.name == "gqa_tune_unpacked" else packed_counts for c in cases}
-    results = run_rounds(cases, counts, args)
-    report(results, f"Packed training, CPU fp32, gqa_tiny shape, max_seq_len {args.seq}, {args.steps} steps "
-                    f"({args.warmup_steps} untimed), {args.threads} threads, median of {args.rounds} round(s), no "
-                    f"shuffling; packed: {args.batch} rows per step; unpacked: {unpacked_batch} examples per step",
-           min(FIRST_STEPS, args.steps))  # fmt: skip
-    for r in results[2:]:
-        print(f"goal: gqa_tune packed >= 3x torchtune packed ({r['case'].loss} loss): {r['speedup']:.2f}x, "
-              f"{'met' if r['speedup'] >= 3 else 'NOT met'}")  # fmt: skip
+             f"{ours['case'].name} speedup", "loss step 1 / last", f"max loss diff, steps 1-{first} / all",
+             "recipe's own metric (median)"], rows,
+            f"{mode} mode, CPU fp32, gqa_tiny's shape, max_seq_len {args.seq}, {what}, {args.steps} steps "
+            f"({args.warmup_steps} untimed), {args.threads} threads, median of {args.rounds} round(s)")  # fmt: skip
+    for r in results:
+        if r["case"].which == "torchtune":
+            print(f"goal: {ours['case'].name} >= {goal}x {r['case'].name}: {r['speedup']:.2f}x, "
+                  f"{'met' if r['speedup'] >= goal else 'NOT met'}")  # fmt: skip
     return results
 
 
@@ -259,7 +228,7 @@ def main() -> None:
     env = H.start(args)
     args.threads, args.workdir = env["threads"], args.workdir.resolve()
     data = {}
-    for mode, run, defaults in (("train", train, TRAIN), ("packed", packed, PACKED)):
+    for mode, defaults in (("train", TRAIN), ("packed", PACKED)):
         if args.mode in (mode, "all"):
             mode_args = with_defaults(args, SMOKE[mode] if args.smoke else defaults)
             if mode_args.steps <= mode_args.warmup_steps:
@@ -267,7 +236,7 @@ def main() -> None:
             if args.smoke:
                 mode_args.rounds = 1
             write_init_checkpoint(args.workdir / "init", args.seed)
-            data[mode] = run(mode_args)
+            data[mode] = bench(mode_args, mode)
     H.finish(args, env, {mode: [dict(r, case=r["case"]._asdict()) for r in results] for mode, results in data.items()})
 
 

@@ -1,16 +1,12 @@
 """What does a training step (forward + backward) cost with gqa_tune's attention against torchtune 0.6.1's, on CPU?
 
-Cases (``--case``); outputs and gradients checked against torchtune's first; ``_harness`` medians (IQR), the
-cases taking turns:
+Outputs and gradients are checked against torchtune's first; the cases take turns. Cases (``--case``):
 
-- ``attention``: one attention module of Llama-3.2-1B's shape, the same weights in both, ``attn(x, x)`` (causal)
-  on ``x`` ``[batch, seq, 2048]``, then ``out.backward(grad_out)``; gradients cleared between steps (untimed).
-  ``saved MiB``: the activations autograd saves in one forward (distinct storages, parameters and buffers left
-  out, also when saved as views such as ``weight.t()``).
-- ``packed``: torchtune's ``llama3_2`` (2 layers, width 256, 8 / 2 heads), one row of ``--seq`` tokens holding
-  ``--docs`` documents, forward + backward of the summed logits: torchtune's attention with its CPU packed
-  collate's dense block-causal mask, against a ``swap_attention`` copy given that mask and given the
-  ``BlockMask`` of ``gqa_tune.data.packing``; the largest single allocation of a step (torch's profiler).
+- ``attention``: one attention module of Llama-3.2-1B's shape, the same weights, ``attn(x, x)`` (causal) and
+  ``backward``; also the activations saved for backward (distinct storages, parameters and buffers left out).
+- ``packed``: torchtune's ``llama3_2`` (2 layers, width 256), one row of ``--seq`` tokens holding ``--docs``
+  documents: torchtune's attention with its CPU packed collate's dense mask, against a ``swap_attention`` copy given
+  that mask and given ``gqa_tune.data.packing``'s ``BlockMask``; the largest single allocation of a step.
 
 Commands::
 

@@ -1,21 +1,14 @@
 """How fast are gqa_tune's Triton kernels against torch SDPA and compiled flex_attention, on a CUDA GPU?
 
-Modes (``--mode``, default all), bf16; every configuration is checked first (Triton's output, and for ``fwdbwd``
-dQ/dK/dV, against SDPA's within ``--atol``/``--rtol``; a mismatch aborts with exit code 1):
-
-- ``fwd``: ``scaled_dot_product_gqa(..., backend="triton")`` against ``F.scaled_dot_product_attention``
-  (``enable_gqa`` when G > 1) and ``torch.compile(flex_attention)`` (causal through a ``BlockMask``): head_dim 64 /
-  128, seq 512..16384, G in {1, 4, 8}, causal and not, ``n_h = 2048 // head_dim``, batch ``16384 // seq``;
-  TFLOP/s from ``4 b n_h s^2 d`` FLOPs, halved when causal. ``fwdbwd``: with ``torch.autograd.grad``, 3.5x FLOPs.
-- ``decode``: ``flash_decode_gqa`` (s_q 1, n_h 32, n_kv 8, d 128, batch 1..64, length 1k..32k) against SDPA and flex
-  over K/V sliced to the length: bandwidth = filled K/V bytes / time, and its fraction of ``--hbm-peak``; each
-  configuration again with an int8 cache (``2 b n_kv len (d + 4)`` bytes, checked against SDPA over the
-  dequantized cache). ``--cuda-graph``: CUDA-graph replays.
-
-Timing: ``_harness.autorange`` (``triton.testing.do_bench``, L2 flushed before each call, or
-``do_bench_cudagraph``), the median; the first call (flex's compilation) is untimed. An OOM marks its cell
-``oom``, a call that raises ``error`` (exit code 1 after the tables). Without a GPU: exit code 2. ``--quick``: a
-subset; ``--smoke``: tiny float32 shapes on CPU through Triton's interpreter (every path and check, no flex).
+bf16; each configuration is checked first (output, and dQ/dK/dV, against SDPA's within ``--atol``/``--rtol``: a
+mismatch aborts, exit code 1). ``fwd``: ``scaled_dot_product_gqa(backend="triton")``, SDPA and
+``torch.compile(flex_attention)``, head_dim 64/128, seq 512..16k, G 1/4/8, causal or not, about 16k tokens: TFLOP/s.
+``fwdbwd``: with ``torch.autograd.grad`` (3.5x the FLOPs). ``decode``: ``flash_decode_gqa`` (n_h 32, n_kv 8, d 128,
+batch 1..64, length 1k..32k) against SDPA and flex over the filled K/V: bandwidth and % of ``--hbm-peak``; also
+with an int8 cache (checked against SDPA over the dequantized one). Timing: ``triton.testing.do_bench`` (L2
+flushed; ``--cuda-graph``: ``do_bench_cudagraph``) through ``_harness.autorange``. An OOM or a raising call marks
+its cell (``oom``, ``error``: exit code 1). Without a GPU: exit code 2. ``--smoke``: tiny float32 shapes on CPU
+through Triton's interpreter (every path and check, no flex).
 
 Commands::
 
@@ -31,7 +24,9 @@ import traceback
 
 import _harness as H
 import torch
+import torch._dynamo
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 FULL = dict(seqs=[512, 1024, 2048, 4096, 8192, 16384], head_dims=[64, 128], groups=[1, 4, 8], hidden=2048,
             tokens=16384, batches=[1, 4, 16, 64], lengths=[1024, 4096, 16384, 32768], decode_heads=32,
@@ -53,9 +48,6 @@ class CorrectnessError(AssertionError):
 
 @functools.cache
 def compiled_flex():
-    import torch._dynamo
-    from torch.nn.attention.flex_attention import flex_attention
-
     torch._dynamo.config.recompile_limit = 4096  # one specialized graph per shape
     torch._dynamo.config.accumulated_recompile_limit = 65536
     return torch.compile(flex_attention, dynamic=False)
@@ -63,8 +55,6 @@ def compiled_flex():
 
 @functools.lru_cache(maxsize=8)
 def causal_block_mask(s: int, device: str):
-    from torch.nn.attention.flex_attention import create_block_mask
-
     return create_block_mask(lambda b, h, q, kv: q >= kv, None, None, s, s, device=device)
 
 

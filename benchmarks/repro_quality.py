@@ -1,14 +1,11 @@
 """Does uptraining reproduce the GQA paper's quality results (Ainslie et al., 2023, Figs. 3-6) at small scale?
 
-Per seed: pre-train the small MHA model (``configs/gqa_small/mha_pretrain.yaml``: 2 layers, 8 heads, 8 kv heads)
-for P steps at batch 32; convert it to 4, 2, 1 kv heads with mean, first and random pooling and uptrain 5% and
-10% of P (``recipes/uptrain.py``, ``configs/gqa_small/uptrain.yaml``); as references, continue the MHA model
-for the same steps (the uptrain recipe at 8 kv heads: the identity conversion) and train GQA from scratch for
-P + those steps. Longer uptraining (``--long-fractions``, 25% and 100% of P) with mean pooling only. Every model
-is evaluated on ``data/tasks/val.jsonl`` (held-out loss, greedy accuracy on 200 examples), the uptrained ones
-also right after conversion. Runs go in worker processes (``--workers``, one thread each). Then the held-out
-loss of each pre-trained model with only K, only V, or both mean-pooled (the pooling diagnostic). Writes
-``<out-dir>/quality.json``, ``quality.md``, ``pooling_diagnostic.json`` and ``quality_{loss,accuracy,recovery}.png``.
+Per seed: pre-train the small MHA model (``configs/gqa_small/mha_pretrain.yaml``) for P steps; convert it to 4, 2, 1
+kv heads (mean, first, random pooling) and uptrain 5% and 10% of P (``recipes/uptrain.py``); references: the MHA
+model continued as long (the identity conversion) and GQA trained from scratch for P + those steps; longer
+uptraining (``--long-fractions``) with mean pooling only. Held-out loss and accuracy on ``data/tasks/val.jsonl``
+(also right after conversion), then the pooling diagnostic (pooling only K, only V, or both). Writes
+``<out-dir>/quality.{json,md}``, ``pooling_diagnostic.json`` and ``quality_{loss,accuracy,recovery}.png``.
 
 Commands::
 
@@ -16,7 +13,7 @@ Commands::
     .venv/bin/python benchmarks/repro_quality.py --quick    # P = 250, about half the time
     .venv/bin/python benchmarks/repro_quality.py --replot   # redraw the figures from <out-dir>/quality.json
     .venv/bin/python benchmarks/repro_quality.py --pooling-diagnostic   # only the diagnostic, on <runs-dir>
-    .venv/bin/python benchmarks/repro_quality.py --smoke    # P = 4, one seed and model of each kind, temporary dirs
+    .venv/bin/python benchmarks/repro_quality.py --smoke    # P = 4, one seed, temporary directories
 """
 
 import contextlib
@@ -31,6 +28,11 @@ from multiprocessing import get_context
 from pathlib import Path
 
 import _harness as H
+import torch
+from omegaconf import OmegaConf
+
+from gqa_tune.data import byte_tokenizer, task_dataset
+from gqa_tune.models import gqa_decoder
 
 PRETRAIN, UPTRAIN = H.REPO / "configs/gqa_small/mha_pretrain.yaml", H.REPO / "configs/gqa_small/uptrain.yaml"
 NUM_HEADS, EPOCH_STEPS = 8, 625  # 20000 training examples at batch 32
@@ -39,8 +41,6 @@ METRICS = ("heldout_loss", "accuracy_all", "accuracy_copy", "accuracy_add")
 
 
 def _init_worker(threads: int) -> None:
-    import torch
-
     os.environ["OMP_NUM_THREADS"] = str(threads)
     torch.set_num_threads(threads)
     os.chdir(H.REPO)
@@ -48,8 +48,6 @@ def _init_worker(threads: int) -> None:
 
 def run_job(job: dict) -> dict:
     """One training run in this (worker) process: its eval results and wall seconds."""
-    from omegaconf import OmegaConf
-
     out = Path(job["output_dir"])
     out.mkdir(parents=True, exist_ok=True)
     cfg = OmegaConf.load(job["config"])
@@ -175,15 +173,6 @@ def tables(rows, args) -> str:
     return "\n".join(lines)
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _errorbar(ax, rows, metric, scale, xs, **style) -> None:
     ax.errorbar(xs, [scale * r[metric]["mean"] for r in rows], yerr=[scale * r[metric]["std"] for r in rows],
                 capsize=3, **style)  # fmt: skip
@@ -192,7 +181,9 @@ def _errorbar(ax, rows, metric, scale, xs, **style) -> None:
 def plot(rows, args, metric: str, ylabel: str, path: Path) -> None:
     """Per uptraining fraction: ``metric`` against kv heads, uptrained (per method) and from scratch, with the
     MHA references as lines."""
-    plt, scale = _pyplot(), 100.0 if metric.startswith("accuracy") else 1.0
+    import matplotlib.pyplot as plt
+
+    scale = 100.0 if metric.startswith("accuracy") else 1.0
     n = len(args.fractions)
     fig, axes = plt.subplots(1, n, figsize=(5.5 * n, 4.2), sharey=True, squeeze=False)
     kvs, markers = sorted(args.kv_heads, reverse=True), {"mean": "o", "first": "s", "random": "^"}
@@ -213,11 +204,10 @@ def plot(rows, args, metric: str, ylabel: str, path: Path) -> None:
                 if kind == "mha_continued":
                     low, high = scale * (s["mean"] - s["std"]), scale * (s["mean"] + s["std"])
                     ax.axhspan(low, high, color="black", alpha=0.08)
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(kvs + [NUM_HEADS], [str(k) for k in kvs + [NUM_HEADS]])
-        ax.set_xlabel("kv heads (8 = MHA, 1 = MQA)")
         extra = max(1, round(fraction * args.pretrain_steps))
-        ax.set_title(f"uptrain {fraction:.0%} of P={args.pretrain_steps} ({extra} steps)")
+        ax.set(xscale="log", xlabel="kv heads (8 = MHA, 1 = MQA)",
+               title=f"uptrain {fraction:.0%} of P={args.pretrain_steps} ({extra} steps)")
+        ax.set_xticks(kvs + [NUM_HEADS], [str(k) for k in kvs + [NUM_HEADS]])
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel(ylabel)
     fig.legend(*axes[0][-1].get_legend_handles_labels(), loc="lower center", ncol=6, fontsize=8)
@@ -229,7 +219,9 @@ def plot(rows, args, metric: str, ylabel: str, path: Path) -> None:
 
 def plot_recovery(rows, args, path: Path) -> None:
     """Held-out loss against uptraining steps (mean pooling), from the converted model (0 steps) on."""
-    plt, p = _pyplot(), args.pretrain_steps
+    import matplotlib.pyplot as plt
+
+    p = args.pretrain_steps
     fractions = sorted(args.fractions + args.long_fractions)
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for i, kv in enumerate(sorted(args.kv_heads, reverse=True)):
@@ -252,9 +244,8 @@ def plot_recovery(rows, args, path: Path) -> None:
     ax.set_xscale("symlog", linthresh=10)
     ax.set_xticks(ticks, [str(t) for t in ticks])
     ax.minorticks_off()
-    ax.set_xlabel(f"uptraining steps x after P={p} pre-training steps (0: right after conversion)")
-    ax.set_ylabel("held-out loss (val.jsonl)")
-    ax.set_title(f"recovery of the converted models, {len(args.seeds)} seeds: mean ± std", fontsize=10)
+    ax.set(xlabel=f"uptraining steps x after P={p} pre-training steps (0: right after conversion)",
+           ylabel="held-out loss (val.jsonl)", title=f"recovery of the converted models, {len(args.seeds)} seeds")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -266,11 +257,6 @@ def pooling_diagnostic(args) -> str:
     """Held-out loss of each seed's pre-trained MHA model with only K, only V, or both mean-pooled; the pooled
     head repeated over its group computes what the grouped model computes (checked against ``convert_model_``).
     Writes ``<out-dir>/pooling_diagnostic.json``; returns a markdown table."""
-    import torch
-
-    from gqa_tune.data import byte_tokenizer, task_dataset
-    from gqa_tune.models import gqa_decoder
-
     torch.set_num_threads(1)
     tokenizer = byte_tokenizer(64)
     dataset = task_dataset(tokenizer, data_file="data/tasks/val.jsonl")
@@ -303,6 +289,9 @@ def pooling_diagnostic(args) -> str:
 
 
 def write_figures(rows, args) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
     plot(rows, args, "heldout_loss", "held-out loss (val.jsonl)", args.out_dir / "quality_loss.png")
     plot(rows, args, "accuracy_all", "task accuracy % (greedy, 200 val examples)",
          args.out_dir / "quality_accuracy.png")
