@@ -22,15 +22,10 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
-from omegaconf import OmegaConf
 from torch import nn
 from torch.utils.benchmark import Measurement, Timer
 from torch.utils.benchmark.utils.common import TaskSpec
 from torch.utils.benchmark.utils.timer import timer
-from torchtune.models.gemma2._attention import Gemma2Attention
-from torchtune.models.llama3_2 import llama3_2
-from torchtune.modules import MultiHeadAttention as TorchtuneMHA
-from torchtune.modules import RotaryPositionalEmbeddings
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -194,6 +189,9 @@ KV_SWEEP = dict(vocab_size=260, num_layers=4, num_heads=16, embed_dim=512, inter
 
 def llama(shape: str, max_seq_len: int, **overrides) -> torch.nn.Module:
     """torchtune's ``llama3_2`` in one of the :data:`LLAMA` shapes."""
+    from omegaconf import OmegaConf
+    from torchtune.models.llama3_2 import llama3_2
+
     if shape == "tiny":
         node = OmegaConf.to_container(OmegaConf.load(HERE / "configs/torchtune_full_single_device.yaml").model)
         kwargs = {k: v for k, v in node.items() if k != "_component_"}
@@ -206,6 +204,9 @@ def attention_pair(shape: Dict[str, object], max_seq_len: int, *, window: Option
                    backend: str = "auto", seed: int = 0) -> Tuple[torch.nn.Module, torch.nn.Module]:  # fmt: skip
     """torchtune's attention (bias-free projections, RoPE; ``Gemma2Attention`` for the :data:`GEMMA2` shape) and
     gqa_tune's sharing its weights and RoPE (``from_torchtune_attention``), both in eval mode."""
+    from torchtune.models.gemma2._attention import Gemma2Attention
+    from torchtune.modules import MultiHeadAttention, RotaryPositionalEmbeddings
+
     torch.manual_seed(seed)
     e, h, kv, d = (shape[k] for k in ("embed_dim", "num_heads", "num_kv_heads", "head_dim"))
     parts = dict(
@@ -218,7 +219,7 @@ def attention_pair(shape: Dict[str, object], max_seq_len: int, *, window: Option
         tt = Gemma2Attention(**parts, sliding_window_size=window, softcapping=shape["softcapping"],
                              query_pre_attn_scalar=shape["query_pre_attn_scalar"])  # fmt: skip
     else:
-        tt = TorchtuneMHA(**parts)
+        tt = MultiHeadAttention(**parts)
     ours = __getattr__("from_torchtune_attention")(tt, backend=backend)
     return tt.eval(), ours.eval()
 
