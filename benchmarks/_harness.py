@@ -162,11 +162,11 @@ def finish(args: argparse.Namespace, env: Dict[str, object], data: Dict[str, obj
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[object]], title: str = "") -> str:
-    """Print (after ``title``) and return a markdown table."""
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---:" for _ in headers) + "|"]
-    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
-    text = "\n".join(lines)
-    print(f"\n{title}\n\n{text}" if title else f"\n{text}", flush=True)
+    """Print and return ``title`` and a markdown table."""
+    lines = [title, ""] if title else []
+    lines += ["| " + " | ".join(headers) + " |", "|" + "|".join("---:" for _ in headers) + "|"]
+    text = "\n".join(lines + ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows])
+    print(f"\n{text}", flush=True)
     return text
 
 
@@ -257,13 +257,20 @@ def rewinder(cache: torch.nn.Module, fill: int) -> Callable[[], None]:
     return undo
 
 
-def decode_steps(modules: Dict[str, torch.nn.Module], x: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                 mask_len: int, repeats: int, warmup: int, order: str = "interleaved"):  # fmt: skip
-    """One decode step of each attention module (caches set up), torchtune's call ``attn(x, x, mask=mask,
-    input_pos=[[fill]])``, ``mask`` ``[1, 1, mask_len]`` True up to ``fill``; every cache holds ``k``/``v`` and
-    every step is undone (untimed), so each repetition sees the same cache (checked: the same output again).
-    Returns (first output by name, :func:`time_cases` measurements by name)."""
-    fill = k.shape[2]
+def random_kv(n_kv: int, fill: int, head_dim: int, seed: int, batch: int = 1) -> List[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(batch, n_kv, fill, head_dim, generator=g) for _ in range(2)]
+
+
+def decode_steps(modules: Dict[str, torch.nn.Module], fill: int, mask_len: int, repeats: int, warmup: int,
+                 order: str = "interleaved", seed: int = 0):  # fmt: skip
+    """One decode step of each attention module (caches set up, the same shape), torchtune's call ``attn(x, x,
+    mask=mask, input_pos=[[fill]])``, ``mask`` ``[1, 1, mask_len]`` True up to ``fill``; every cache holds the same
+    random K/V and every step is undone (untimed), so each repetition sees the same cache (checked: the same output
+    again). Returns (first output by name, :func:`time_cases` measurements by name, (x, k, v))."""
+    m = next(iter(modules.values()))
+    k, v = random_kv(m.num_kv_heads, fill, m.head_dim, seed + fill)
+    x = torch.randn(1, 1, m.embed_dim, generator=torch.Generator().manual_seed(seed))
     mask, pos = (torch.arange(mask_len) <= fill).view(1, 1, mask_len), torch.tensor([[fill]])
     cases, outputs = {}, {}
     with torch.no_grad():
@@ -276,7 +283,7 @@ def decode_steps(modules: Dict[str, torch.nn.Module], x: torch.Tensor, k: torch.
         for name, (step, undo) in cases.items():
             torch.testing.assert_close(step(), outputs[name], rtol=0, atol=0, msg=f"{name}: the cache changed")
             undo()
-    return outputs, times
+    return outputs, times, (x, k, v)
 
 
 # ---------------------------------------------------------------- recipes

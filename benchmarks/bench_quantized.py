@@ -134,10 +134,7 @@ def kv_cache(args) -> dict:
         fp32.setup_cache(1, torch.float32, cache)
         int8.setup_cache(1, torch.float32, cache, kv_cache_dtype=torch.int8)
         for fill in args.fills:
-            g = torch.Generator().manual_seed(fill)
-            k, v = (torch.randn(1, s["num_kv_heads"], fill, s["head_dim"], generator=g) for _ in "kv")
-            x = torch.randn(1, 1, s["embed_dim"], generator=g)
-            outs, t = H.decode_steps({"fp32": fp32, "int8": int8}, x, k, v, cache, args.repeats, warmup=5)
+            outs, t, _ = H.decode_steps({"fp32": fp32, "int8": int8}, fill, cache, args.repeats, 5, seed=args.seed)
             rows.append([fill, H.fmt(t["fp32"]), H.fmt(t["int8"]), f"{t['int8'].median / t['fp32'].median:.2f}x",
                          f"{fp32.kv_cache.nbytes / 2**20:.1f} / {int8.kv_cache.nbytes / 2**20:.1f}",
                          f"{(outs['int8'] - outs['fp32']).abs().max().item():.1e}"])  # fmt: skip

@@ -36,7 +36,8 @@ from gqa_tune.models import gqa_decoder
 
 PRETRAIN, UPTRAIN = H.REPO / "configs/gqa_small/mha_pretrain.yaml", H.REPO / "configs/gqa_small/uptrain.yaml"
 NUM_HEADS, EPOCH_STEPS = 8, 625  # 20000 training examples at batch 32
-KINDS = {"mha_continued": "MHA continued", "uptrain": "GQA uptrained", "scratch": "GQA from scratch"}
+KINDS = {"pretrain": "MHA pre-trained (P)", "mha_continued": "MHA continued", "uptrain": "GQA uptrained",
+         "scratch": "GQA from scratch"}  # the tables' order
 METRICS = ("heldout_loss", "accuracy_all", "accuracy_copy", "accuracy_add")
 
 
@@ -154,23 +155,28 @@ def _fmt(s, pct=False):
 
 
 def tables(rows, args) -> str:
-    lines, p = [], args.pretrain_steps
+    """Per uptraining fraction, the models' mean ± std over seeds (printed; returned as markdown)."""
+    p, texts, methods = args.pretrain_steps, [], {m: i for i, m in enumerate(args.methods)}
     for fraction in args.fractions + args.long_fractions:
         extra = max(1, round(fraction * p))
-        lines += [f"### Uptraining {fraction:.0%} of P ({extra} steps; P = {p}), mean ± std over "
-                  f"{len(args.seeds)} seeds", "", "| model | kv heads | method | train steps | held-out loss "
-                  "| accuracy % | right after conversion: loss | acc % |", "|---|---|---|---|---|---|---|---|"]
-        lines += [f"| MHA pre-trained (P) | {r['kv']} | - | {r['steps']} | {_fmt(r['heldout_loss'])} | "
-                  f"{_fmt(r['accuracy_all'], True)} | - | - |" for r in rows if r["kind"] == "pretrain"]  # fmt: skip
-        order, methods = list(KINDS), {m: i for i, m in enumerate(args.methods)}
-        for r in sorted((r for r in rows if r["fraction"] == fraction and r["kind"] in KINDS),
-                        key=lambda r: (order.index(r["kind"]), -r["kv"], methods.get(r["method"], -1))):  # fmt: skip
-            steps = f"{p} + {extra}" if r["kind"] != "scratch" else str(r["steps"])
-            lines.append(f"| {KINDS[r['kind']]} | {r['kv']} | {r['method'] or '-'} | {steps} | "
-                         f"{_fmt(r['heldout_loss'])} | {_fmt(r['accuracy_all'], True)} | "
-                         f"{_fmt(r['converted_heldout_loss'])} | {_fmt(r['converted_accuracy_all'], True)} |")
-        lines.append("")
-    return "\n".join(lines)
+        sel = sorted((r for r in rows if r["kind"] == "pretrain" or r["fraction"] == fraction),
+                     key=lambda r: (list(KINDS).index(r["kind"]), -r["kv"], methods.get(r["method"], -1)))
+        texts.append(H.table(
+            ["model", "kv heads", "method", "train steps", "held-out loss", "accuracy %",
+             "right after conversion: loss", "acc %"],
+            [[KINDS[r["kind"]], r["kv"], r["method"] or "-",
+              r["steps"] if r["kind"] in ("pretrain", "scratch") else f"{p} + {extra}", _fmt(r["heldout_loss"]),
+              _fmt(r["accuracy_all"], True), *(_fmt(r[f"converted_{m}"], m != "heldout_loss") for m in METRICS[:2])]
+             for r in sel],
+            f"### Uptraining {fraction:.0%} of P ({extra} steps; P = {p}), mean ± std over {len(args.seeds)} seeds",
+        ))  # fmt: skip
+    return "\n\n".join(texts)
+
+
+def _save(plt, fig, path: Path, **layout) -> None:
+    fig.tight_layout(**layout)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def _errorbar(ax, rows, metric, scale, xs, **style) -> None:
@@ -212,9 +218,7 @@ def plot(rows, args, metric: str, ylabel: str, path: Path) -> None:
     axes[0][0].set_ylabel(ylabel)
     fig.legend(*axes[0][-1].get_legend_handles_labels(), loc="lower center", ncol=6, fontsize=8)
     fig.suptitle(f"small model (2 layers, 8 heads, d=128), {len(args.seeds)} seeds: mean ± std", fontsize=10)
-    fig.tight_layout(rect=(0, 0.07, 1, 1))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path, rect=(0, 0.07, 1, 1))
 
 
 def plot_recovery(rows, args, path: Path) -> None:
@@ -248,9 +252,7 @@ def plot_recovery(rows, args, path: Path) -> None:
            ylabel="held-out loss (val.jsonl)", title=f"recovery of the converted models, {len(args.seeds)} seeds")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def pooling_diagnostic(args) -> str:
@@ -282,10 +284,10 @@ def pooling_diagnostic(args) -> str:
             assert abs(row[f"kv{kv}_converted"] - row[f"kv{kv}_kv"]) < 1e-3, "grouped and repeated models differ"
         rows.append(row)
     (args.out_dir / "pooling_diagnostic.json").write_text(json.dumps(rows, indent=2))
-    head = "| seed | MHA (P) | " + " | ".join(f"{kv} kv: pool K only | V only | K and V" for kv in args.kv_heads) + " |"
-    return "\n".join([head, "|---|---|" + "---|---|---|" * len(args.kv_heads)] + [
-        f"| {r['seed']} | {r['mha']:.3f} | " + " | ".join(f"{r[f'kv{kv}_{w}']:.3f}" for kv in args.kv_heads
-                                                          for w in ("k", "v", "kv")) + " |" for r in rows])  # fmt: skip
+    columns = [(kv, w) for kv in args.kv_heads for w in ("k", "v", "kv")]
+    return H.table(["seed", "MHA (P)", *(f"{kv} kv: pool {w.upper()}" for kv, w in columns)],
+                   [[r["seed"], f"{r['mha']:.3f}", *(f"{r[f'kv{kv}_{w}']:.3f}" for kv, w in columns)] for r in rows],
+                   "### Held-out loss right after mean pooling only K, only V, or both (no uptraining)")
 
 
 def write_figures(rows, args) -> None:
@@ -322,8 +324,7 @@ def main() -> None:
         p.error(f"P must fit one epoch ({EPOCH_STEPS} steps at batch 32)")
     args.out_dir.mkdir(parents=True, exist_ok=True)
     if args.pooling_diagnostic:
-        print(pooling_diagnostic(args))
-        return
+        return pooling_diagnostic(args)
     if args.replot:
         data = json.loads((args.out_dir / "quality.json").read_text())
         for key in ("pretrain_steps", "seeds", "fractions", "long_fractions", "kv_heads", "methods"):
@@ -334,15 +335,11 @@ def main() -> None:
     results, wall = run_all(args)
     rows = summarize(results)
     md = tables(rows, args)
-    print(md)
     meta = {**{k: getattr(args, k) for k in ("pretrain_steps", "seeds", "fractions", "long_fractions", "kv_heads",
                                               "methods", "workers")}, **env,
             "wall_seconds": wall, "cpu_seconds_in_runs": sum(r["seconds"] for r in results)}  # fmt: skip
     (args.out_dir / "quality.json").write_text(json.dumps({"meta": meta, "summary": rows, "runs": results}, indent=2))
-    diagnostic = pooling_diagnostic(args)
-    print(diagnostic)
-    md += "\n### Held-out loss right after mean pooling only K, only V, or both (no uptraining)\n\n" + diagnostic
-    (args.out_dir / "quality.md").write_text(f"<!-- {env['command']} -->\n\n{md}\n")
+    (args.out_dir / "quality.md").write_text(f"<!-- {env['command']} -->\n\n{md}\n\n{pooling_diagnostic(args)}\n")
     write_figures(rows, args)
     print(f"wrote {args.out_dir}/quality.json, quality.md and quality_{{loss,accuracy,recovery}}.png ({wall:.0f}s)")
 

@@ -1,46 +1,52 @@
-"""How long does one KV-cached decode step take: gqa_tune against torchtune 0.6.1, and against fewer kv heads?
+"""How do gqa_tune's attention layers compare with torchtune 0.6.1's, step by step: decoding, training, kv heads?
 
-Outputs are checked before timing. Cases (``--case``):
+Outputs (and gradients) are checked before timing. Cases (``--case``):
 
-- ``attention``: one attention module of Llama-3.2-1B's shape, torchtune's and gqa_tune's with the same weights,
-  batch 1, a 4096-position cache filled to each of ``--fills``, torchtune's call, every step undone (untimed);
+- ``decode``: one KV-cached decode step of an attention module of Llama-3.2-1B's shape, torchtune's and gqa_tune's
+  with the same weights, a 4096-position cache filled to each of ``--fills``, every step undone (untimed);
   ``--order interleaved`` (each step finds the CPU caches as the other module left them) or ``blocked``.
-  ``bound`` = (projection weight + filled K/V bytes) / copy bandwidth (the best copy of a 256 MiB tensor).
-- ``gemma2``: a Gemma 2 2B-shaped local layer (window 1024, cache 8192 filled to 8000): torchtune's
-  ``Gemma2Attention`` against gqa_tune's ring of the window, checked against a full-length cache and float64
-  attention over the window (torchtune's own error is shown: its windowed cache is wrong past the window).
+  ``bound``: (projection weight + filled K/V bytes) / copy bandwidth.
+- ``gemma2``: the same for a Gemma 2 2B-shaped local layer (window 1024, cache 8192 filled to 8000), checked
+  against a full-length cache and float64 attention over the window (torchtune's own error is shown).
 - ``kv-heads`` (the paper's Fig. 6): ``gqa_decoder`` (4 layers, embed 512, 16 heads, batch 8) with 1..16 kv heads,
-  caches filled to 2048, real decode steps; 1 thread by default. Writes ``<out-dir>/speed.json`` and ``speed.png``.
+  caches filled to 2048, real decode steps, 1 thread by default; writes ``<out-dir>/speed.json`` and ``speed.png``.
+- ``train``: forward + backward of the attention module (causal, batch 2 x 1024), and the activations it saves.
+- ``packed``: ``llama3_2`` (2 layers, width 256), a row of 4096 tokens holding ``--docs`` documents: torchtune with
+  its CPU packed collate's dense mask, a ``swap_attention`` copy given that mask and given gqa_tune's
+  ``BlockMask``; forward + backward, and the largest single allocation of a step.
 
 Commands::
 
-    .venv/bin/python benchmarks/bench_decode.py [--fills 128 1024 4000] [--repeats 50] [--order blocked]
-    .venv/bin/python benchmarks/bench_decode.py --case gemma2
-    .venv/bin/python benchmarks/bench_decode.py --case kv-heads --repeats 32 [--device cuda --dtype bf16 --batch 32]
-    .venv/bin/python benchmarks/bench_decode.py --case CASE --smoke   # tiny sizes, seconds
+    .venv/bin/python benchmarks/bench_attention.py [--fills 128 1024 4000] [--repeats 50] [--order blocked]
+    .venv/bin/python benchmarks/bench_attention.py --case gemma2
+    .venv/bin/python benchmarks/bench_attention.py --case kv-heads --repeats 32 [--device cuda --dtype bf16 --batch 32]
+    .venv/bin/python benchmarks/bench_attention.py --case train [--batch 2] [--seq 1024] [--repeats 5]
+    .venv/bin/python benchmarks/bench_attention.py --case packed [--seq 4096] [--docs 40] [--repeats 7]
+    .venv/bin/python benchmarks/bench_attention.py --case CASE --smoke   # tiny sizes, seconds
 """
 
+import copy
+import random
 import tempfile
 from pathlib import Path
 
 import _harness as H
 import torch
+from torch.profiler import profile
+from torchtune.modules.attention_utils import create_block_causal_mask
 
 import gqa_tune
 from gqa_tune.models import gqa_decoder
 
 DEFAULTS = {
-    "attention": dict(fills=[128, 1024, 4000], cache=4096, repeats=50, warmup=5),
+    "decode": dict(fills=[128, 1024, 4000], cache=4096, repeats=50, warmup=5),
     "gemma2": dict(fills=[8000], cache=8192, repeats=20, warmup=3),
-    "kv-heads": dict(fills=[2048], cache=4096, repeats=16, warmup=3),
+    "kv-heads": dict(fills=[2048], cache=4096, repeats=16, warmup=3, batch=8),
+    "train": dict(seq=1024, repeats=5, warmup=1, batch=2),
+    "packed": dict(seq=4096, repeats=5, warmup=0),
 }
-SMOKE = {"fills": [100], "cache": 128, "repeats": 3, "warmup": 1, "window": 32, "kv_heads": [1, 16], "batch": 2}
+SMOKE = dict(fills=[100], cache=128, repeats=2, warmup=1, window=32, kv_heads=[1, 16], batch=2, seq=128, docs=5)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def random_kv(n_kv: int, fill: int, head_dim: int, seed: int, batch: int = 1):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(batch, n_kv, fill, head_dim, generator=g) for _ in range(2))
 
 
 def copy_bandwidth() -> float:
@@ -50,17 +56,15 @@ def copy_bandwidth() -> float:
     return 2 * src.nbytes / min(H.autorange(lambda: dst.copy_(src), min_run_time=0.5).times)
 
 
-def attention(args) -> dict:
+def decode(args) -> dict:
     tt, ours = H.attention_pair(H.ATTENTION, args.cache, backend=args.backend, seed=args.seed)
     for attn in (tt, ours):
         attn.setup_cache(batch_size=1, dtype=torch.float32, max_seq_len=args.cache)
     weight_bytes = sum(p.nbytes for p in tt.parameters())  # the four projections
-    bandwidth, x = copy_bandwidth(), torch.randn(1, 1, H.ATTENTION["embed_dim"])
-    rows = []
+    bandwidth, rows, mods, measured = copy_bandwidth(), [], {"torchtune": tt, "gqa_tune": ours}, {}
     for fill in args.fills:
-        k, v = random_kv(H.ATTENTION["num_kv_heads"], fill, H.ATTENTION["head_dim"], args.seed + fill)
-        mods = {"torchtune": tt, "gqa_tune": ours}
-        outs, times = H.decode_steps(mods, x, k, v, args.cache, args.repeats, args.warmup, args.order)
+        outs, times, (x, k, v) = H.decode_steps(mods, fill, args.cache, args.repeats, args.warmup, args.order)
+        measured[fill] = times
         torch.testing.assert_close(outs["gqa_tune"], outs["torchtune"], rtol=1e-4, atol=1e-5)
         with torch.no_grad():  # the step writes the same K to both caches
             for attn in mods.values():
@@ -68,21 +72,21 @@ def attention(args) -> dict:
             torch.testing.assert_close(ours.kv_cache.k_cache[:, :, : fill + 1], tt.kv_cache.k_cache[:, :, : fill + 1])
             H.rewinder(tt.kv_cache, fill)()
             H.rewinder(ours.kv_cache, fill)()
-        rows.append({"fill": fill, "times": times, "kv_bytes": k.nbytes + v.nbytes,
-                     "max_abs_diff": (outs["gqa_tune"] - outs["torchtune"]).abs().max().item()})  # fmt: skip
-    bandwidth = max(bandwidth, copy_bandwidth())
-    for r in rows:
-        r["bound_ms"] = (weight_bytes + r["kv_bytes"]) / bandwidth * 1e3
+        tt_s, ours_s = times["torchtune"].median, times["gqa_tune"].median
+        rows.append([fill, H.fmt(times["torchtune"]), H.fmt(times["gqa_tune"]), f"{tt_s / ours_s:.2f}x",
+                     ours_s, k.nbytes + v.nbytes, f"{(outs['gqa_tune'] - outs['torchtune']).abs().max().item():.1e}"])
+    bandwidth = max(bandwidth, copy_bandwidth())  # the best copy, before and after
+    for row in rows:  # bound = bytes to read / bandwidth
+        bound = (weight_bytes + row[5]) / bandwidth
+        row[4:6] = [f"{bound * 1e3:.3f}", f"{row[4] / bound:.2f}"]
     H.table(
         ["fill", "torchtune ms (IQR)", "gqa_tune ms (IQR)", "speedup", "bound ms", "gqa_tune / bound", "max abs diff"],
-        [[r["fill"], H.fmt(r["times"]["torchtune"]), H.fmt(r["times"]["gqa_tune"]),
-          f"{r['times']['torchtune'].median / r['times']['gqa_tune'].median:.2f}x", f"{r['bound_ms']:.3f}",
-          f"{r['times']['gqa_tune'].median * 1e3 / r['bound_ms']:.2f}", f"{r['max_abs_diff']:.1e}"] for r in rows],
+        rows,
         f"Decode step, CPU fp32, {H.ATTENTION}, cache {args.cache}, batch 1, {torch.get_num_threads()} threads, "
         f"median of {args.repeats}, {args.order}; copy bandwidth {bandwidth / 1e9:.1f} GB/s, weights "
         f"{weight_bytes / 2**20:.1f} MiB",
     )  # fmt: skip
-    return {"bandwidth": bandwidth, "weight_bytes": weight_bytes, "results": rows}
+    return {"bandwidth": bandwidth, "weight_bytes": weight_bytes, "table": rows, "times": measured}
 
 
 def gemma2(args) -> dict:
@@ -96,9 +100,8 @@ def gemma2(args) -> dict:
     ours.setup_cache(1, torch.float32, args.cache)  # a ring of the window
     plain.kv_cache = gqa_tune.KVCache(1, args.cache, s["num_kv_heads"], s["head_dim"], torch.float32)
     plain.cache_enabled = True
-    k, v = random_kv(s["num_kv_heads"], fill, s["head_dim"], args.seed)
-    x = torch.randn(1, 1, s["embed_dim"])
-    outs, times = H.decode_steps({"torchtune": tt, "gqa_tune": ours}, x, k, v, args.cache, args.repeats, args.warmup)
+    mods = {"torchtune": tt, "gqa_tune": ours}
+    outs, times, (x, k, v) = H.decode_steps(mods, fill, args.cache, args.repeats, args.warmup, seed=args.seed)
     with torch.no_grad():
         H.fill_cache(plain.kv_cache, k, v)
         pos = torch.tensor([[fill]])
@@ -139,7 +142,7 @@ def kv_heads(args) -> dict:
             model = model.to(dtype).eval()
             model.setup_caches(batch_size=args.batch, dtype=dtype, decoder_max_seq_len=args.cache)
         for i, layer in enumerate(model.layers):
-            k, v = random_kv(kv, context, head_dim, i, args.batch)
+            k, v = H.random_kv(kv, context, head_dim, i, args.batch)
             H.fill_cache(layer.attn.kv_cache, k.to(device, dtype), v.to(device, dtype))
         state = {"pos": context, "tokens": torch.full((args.batch, 1), 7, device=device)}
         positions = torch.arange(args.cache, device=device)
@@ -191,30 +194,131 @@ def kv_heads(args) -> dict:
     return {"shape": title, "results": rows, "table": text}
 
 
+def saved_activation_bytes(fn, module: torch.nn.Module) -> int:
+    """Bytes of the distinct storages autograd saves while ``fn`` runs, not counting ``module``'s own."""
+    skip = {t.untyped_storage().data_ptr() for t in (*module.parameters(), *module.buffers())}
+    seen = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.untyped_storage().data_ptr() not in skip:
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
+def train(args) -> dict:
+    tt, ours = H.attention_pair(H.ATTENTION, max(4096, args.seq), backend=args.backend, seed=args.seed)
+    modules = {"torchtune": tt.train(), "gqa_tune": ours.train()}
+    x = torch.randn(args.batch, args.seq, H.ATTENTION["embed_dim"], requires_grad=True)
+    grad_out = torch.randn_like(x)
+
+    def clear() -> None:
+        x.grad = None
+        tt.zero_grad(set_to_none=True)  # the parameters are shared: this clears ours too
+
+    def step(attn) -> torch.Tensor:
+        out = attn(x, x)
+        out.backward(grad_out)
+        return out
+
+    found = {}
+    for name, attn in modules.items():  # correctness, once: same output, input and weight gradients
+        clear()
+        found[name] = {"out": step(attn).detach(), "x": x.grad.clone()}
+        found[name].update({n: p.grad.clone() for n, p in attn.named_parameters()})
+    clear()
+    ref, got = found["torchtune"], found["gqa_tune"]
+    for key in ref:
+        torch.testing.assert_close(got[key], ref[key], rtol=1e-4, atol=1e-5 * ref[key].abs().max().item(), msg=key)
+    rel = max(((got[k] - ref[k]).abs().max() / ref[k].abs().max()).item() for k in ref)
+    print(f"outputs and gradients match; max |diff| / max |ref| = {rel:.1e} ({len(ref)} tensors)")
+    saved = {name: saved_activation_bytes(lambda a=attn: a(x, x), attn) / 2**20 for name, attn in modules.items()}
+    times = H.time_cases({n: (lambda a=a: step(a), clear) for n, a in modules.items()}, args.repeats, args.warmup)
+    ratio = times["torchtune"].median / times["gqa_tune"].median
+    H.table(
+        ["batch x seq", "torchtune ms (IQR)", "gqa_tune ms (IQR)", "time ratio", "torchtune saved MiB",
+         "gqa_tune saved MiB", "memory ratio"],
+        [[f"{args.batch} x {args.seq}", H.fmt(times["torchtune"], digits=1), H.fmt(times["gqa_tune"], digits=1),
+          f"{ratio:.2f}x", f"{saved['torchtune']:.1f}", f"{saved['gqa_tune']:.1f}",
+          f"{saved['torchtune'] / saved['gqa_tune']:.2f}x"]],
+        f"Attention fwd+bwd, CPU fp32, {H.ATTENTION}, causal, {torch.get_num_threads()} threads, median of "
+        f"{args.repeats}; ratios are torchtune / gqa_tune",
+    )  # fmt: skip
+    return {"times": times, "saved_mib": saved, "max_rel_diff": rel}
+
+
+def packed(args) -> dict:
+    rng = random.Random(args.seed)
+    cuts = sorted(rng.sample(range(1, args.seq), args.docs - 1))
+    lengths = torch.tensor([b - a for a, b in zip([0, *cuts], [*cuts, args.seq])])
+    positions = torch.cat([torch.arange(int(n)) for n in lengths])[None]
+    vocab = H.LLAMA["packed"]["vocab_size"]
+    tokens = torch.randint(0, vocab, (1, args.seq), generator=torch.Generator().manual_seed(args.seed))
+    torch.manual_seed(args.seed)
+    tt = H.llama("packed", args.seq)
+    for p in tt.parameters():
+        torch.nn.init.normal_(p, std=0.02)
+    ours = copy.deepcopy(tt)
+    gqa_tune.swap_attention(ours)
+    dense = create_block_causal_mask([lengths])  # torchtune's CPU packed collate
+    cases = {"torchtune, dense mask": (tt, dense), "gqa_tune, dense mask": (ours, dense),
+             "gqa_tune, BlockMask": (ours, H.document_block_mask([lengths], args.seq))}  # fmt: skip
+
+    def step(model, mask):
+        model.zero_grad(set_to_none=True)
+        logits = model(tokens, mask=mask, input_pos=positions)
+        logits.sum().backward()
+        return logits.detach()
+
+    expected = step(tt, dense)
+    tt_grads = [p.grad.clone() for p in tt.parameters()]
+    for model, mask in list(cases.values())[1:]:
+        torch.testing.assert_close(step(model, mask), expected, atol=2e-4, rtol=1e-4)
+        for p, g in zip(model.parameters(), tt_grads):
+            torch.testing.assert_close(p.grad, g, atol=2e-4, rtol=1e-3)
+    print("logits and gradients match torchtune's")
+    times = H.time_cases({n: (lambda c=c: step(*c)) for n, c in cases.items()}, args.repeats, args.warmup)
+    base, rows, peaks = times["torchtune, dense mask"].median, [], {}
+    for name, case in cases.items():
+        with profile(profile_memory=True) as prof:
+            step(*case)
+        peaks[name] = max((max(e.cpu_memory_usage, 0) for e in prof.events()), default=0) / 2**20
+        rows.append([name, H.fmt(times[name], digits=0), f"{base / times[name].median:.2f}x", f"{peaks[name]:.1f}"])
+    H.table(["case", "ms (IQR)", "speedup", "largest allocation MiB"], rows,
+            f"Forward + backward, {H.LLAMA['packed']}, one row of {args.seq} tokens, {args.docs} documents, "
+            f"{torch.get_num_threads()} threads, median of {args.repeats} (an s x s float32 tensor: "
+            f"{args.seq**2 * 4 / 2**20:.0f} MiB)")  # fmt: skip
+    return {"times": times, "largest_allocation_mib": peaks}
+
+
 def main() -> None:
     p = H.parser(__doc__, cases=list(DEFAULTS))
-    p.add_argument("--fills", type=int, nargs="+", help="cache fills (kv-heads: the context before decoding)")
-    p.add_argument("--cache", type=int, help="cache positions (attention 4096, gemma2 8192, kv-heads 4096)")
-    p.add_argument("--repeats", type=int, help="timed steps per module and fill (50, 20, 16)")
-    p.add_argument("--warmup", type=int, help="untimed steps first (5, 3, 3)")
-    p.add_argument("--order", choices=["interleaved", "blocked"], default="interleaved", help="attention case")
+    p.add_argument("--fills", type=int, nargs="+", help="decode steps: cache fills (kv-heads: the context)")
+    p.add_argument("--cache", type=int, help="decode steps: cache positions (decode 4096, gemma2 8192, kv-heads 4096)")
+    p.add_argument("--repeats", type=int, help="timed steps per module (decode 50, gemma2 20, kv-heads 16, else 5)")
+    p.add_argument("--warmup", type=int, help="untimed steps per module first")
+    p.add_argument("--order", choices=["interleaved", "blocked"], default="interleaved", help="decode: modules' turns")
     p.add_argument("--backend", default="auto", help="gqa_tune attention backend")
     p.add_argument("--window", type=int, default=1024, help="gemma2: the sliding window")
     p.add_argument("--kv-heads", type=int, nargs="+", default=[1, 2, 4, 8, 16], help="kv-heads: the counts")
-    p.add_argument("--batch", type=int, default=8, help="kv-heads: sequences decoded together")
+    p.add_argument("--batch", type=int, help="kv-heads: sequences decoded together (8); train: batch size (2)")
     p.add_argument("--device", default="cpu", help="kv-heads: cpu or cuda")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="kv-heads")
     p.add_argument("--out-dir", type=Path, default=H.REPO / "docs/repro", help="kv-heads: speed.json / speed.png here")
+    p.add_argument("--seq", type=int, help="train: sequence length (1024); packed: the row's tokens (4096)")
+    p.add_argument("--docs", type=int, default=40, help="packed: documents in the row")
     args = H.parse(p, DEFAULTS, SMOKE)
     if args.case == "kv-heads":  # writes <out-dir>/speed.json (speed_cuda.json on a GPU) and the figure beside it
         args.out_dir = Path(tempfile.mkdtemp()) if args.smoke else args.out_dir
         args.out_dir.mkdir(parents=True, exist_ok=True)
-        name = "speed.json" if args.device == "cpu" else f"speed_{args.device}.json"
-        args.json = args.json or str(args.out_dir / name)
+        args.json = args.json or str(args.out_dir / ("speed.json" if args.device == "cpu" else "speed_cuda.json"))
         args.threads = args.threads or (1 if args.device == "cpu" else None)  # steadier on a shared machine
-    if args.case == "attention" and any(not 0 <= f < args.cache for f in args.fills):
+    if args.case == "decode" and any(not 0 <= f < args.cache for f in args.fills):
         p.error(f"fills must be in [0, {args.cache - 1}] (one free position for the step)")
-    H.run(args, {"attention": attention, "gemma2": gemma2, "kv-heads": kv_heads})
+    H.run(args, {"decode": decode, "gemma2": gemma2, "kv-heads": kv_heads, "train": train, "packed": packed})
 
 
 if __name__ == "__main__":
