@@ -108,7 +108,7 @@ def test_a_write_killed_midway_leaves_the_previous_checkpoint(tmp_path, monkeypa
     def crash(*args, **kwargs):
         raise KeyboardInterrupt("killed while writing")
 
-    monkeypatch.setattr(ckpt, "save_file", crash)
+    monkeypatch.setattr(ckpt, "write_weights", crash)
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint(tmp_path, "epoch_0", model, {k: v + 1 for k, v in model.state_dict().items()})
     assert latest_checkpoint(tmp_path) == first
