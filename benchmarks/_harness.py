@@ -54,9 +54,6 @@ def __getattr__(name: str):
     raise AttributeError(f"_harness has no {name!r} (looked in {INTERNAL.get(name)})")
 
 
-# ---------------------------------------------------------------- timing
-
-
 def measurement(label: str, seconds: Sequence[float]) -> Measurement:
     """A ``Measurement`` of one call per sample (``seconds``)."""
     spec = TaskSpec(stmt=label, setup="", label=label, num_threads=torch.get_num_threads())
@@ -100,9 +97,6 @@ def time_cases(cases: Dict[str, object], repeats: int, warmup: int = 1, order: s
         if i >= warmup:
             seconds[name].append(out if isinstance(out, float) else elapsed)
     return {name: measurement(name, s) for name, s in seconds.items()}
-
-
-# ---------------------------------------------------------------- command line and reports
 
 
 def parser(doc: str, cases: Sequence[str] = ()) -> argparse.ArgumentParser:
@@ -170,8 +164,6 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[object]], title: str =
     return text
 
 
-# ---------------------------------------------------------------- model shapes and builders
-
 #: Llama-3.2-1B's attention: the module-level decode, training and int8-cache benchmarks.
 ATTENTION = dict(embed_dim=2048, num_heads=32, num_kv_heads=8, head_dim=64)
 #: Gemma 2 2B's attention (soft-capped, ``query_pre_attn_scalar``), local layers with a sliding window.
@@ -222,9 +214,6 @@ def attention_pair(shape: Dict[str, object], max_seq_len: int, *, window: Option
         tt = MultiHeadAttention(**parts)
     ours = __getattr__("from_torchtune_attention")(tt, backend=backend)
     return tt.eval(), ours.eval()
-
-
-# ---------------------------------------------------------------- KV caches
 
 
 def fill_cache(cache: torch.nn.Module, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -284,9 +273,6 @@ def decode_steps(modules: Dict[str, torch.nn.Module], fill: int, mask_len: int, 
             torch.testing.assert_close(step(), outputs[name], rtol=0, atol=0, msg=f"{name}: the cache changed")
             undo()
     return outputs, times, (x, k, v)
-
-
-# ---------------------------------------------------------------- recipes
 
 
 def tune_run(recipe: str, config: str, overrides: Sequence[str], threads: int, env: Optional[dict] = None) -> str:

@@ -1,19 +1,14 @@
 """How do gqa_tune's attention layers compare with torchtune 0.6.1's, step by step: decoding, training, kv heads?
 
-Outputs (and gradients) are checked before timing. Cases (``--case``):
-
-- ``decode``: one KV-cached decode step of an attention module of Llama-3.2-1B's shape, torchtune's and gqa_tune's
-  with the same weights, a 4096-position cache filled to each of ``--fills``, every step undone (untimed);
-  ``--order interleaved`` (each step finds the CPU caches as the other module left them) or ``blocked``.
-  ``bound``: (projection weight + filled K/V bytes) / copy bandwidth.
-- ``gemma2``: the same for a Gemma 2 2B-shaped local layer (window 1024, cache 8192 filled to 8000), checked
-  against a full-length cache and float64 attention over the window (torchtune's own error is shown).
-- ``kv-heads`` (the paper's Fig. 6): ``gqa_decoder`` (4 layers, embed 512, 16 heads, batch 8) with 1..16 kv heads,
-  caches filled to 2048, real decode steps, 1 thread by default; writes ``<out-dir>/speed.json`` and ``speed.png``.
-- ``train``: forward + backward of the attention module (causal, batch 2 x 1024), and the activations it saves.
-- ``packed``: ``llama3_2`` (2 layers, width 256), a row of 4096 tokens holding ``--docs`` documents: torchtune with
-  its CPU packed collate's dense mask, a ``swap_attention`` copy given that mask and given gqa_tune's
-  ``BlockMask``; forward + backward, and the largest single allocation of a step.
+Outputs (and gradients) are checked before timing. ``--case``: ``decode``, one KV-cached decode step of an attention
+module of Llama-3.2-1B's shape, the cache filled to each of ``--fills``, every step undone (untimed), the modules
+taking turns (``--order blocked``: not), and the bound (projection weight + filled K/V bytes) / copy bandwidth;
+``gemma2``, the same for a Gemma 2 2B-shaped local layer (window 1024, 8000 of 8192 positions), also checked against
+float64 attention over the window; ``kv-heads`` (the paper's Fig. 6), decode steps of ``gqa_decoder`` (4 layers,
+width 512, 16 heads, batch 8, 2048 cached) with 1..16 kv heads, writing ``<out-dir>/speed.json`` and ``speed.png``;
+``train``, forward + backward of the attention module (batch 2 x 1024) and the activations it saves; ``packed``,
+forward + backward of ``llama3_2`` (2 layers, width 256) on a 4096-token row of ``--docs`` documents: torchtune
+with its dense block-causal mask, gqa_tune given that mask and given its ``BlockMask``, and the largest allocation.
 
 Commands::
 
@@ -49,18 +44,13 @@ SMOKE = dict(fills=[100], cache=128, repeats=2, warmup=1, window=32, kv_heads=[1
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def copy_bandwidth() -> float:
-    """The best read + write bytes/s of copying a 256 MiB float32 tensor."""
-    src = torch.rand(2**26)
-    dst = torch.empty_like(src)
-    return 2 * src.nbytes / min(H.autorange(lambda: dst.copy_(src), min_run_time=0.5).times)
-
-
 def decode(args) -> dict:
     tt, ours = H.attention_pair(H.ATTENTION, args.cache, backend=args.backend, seed=args.seed)
     for attn in (tt, ours):
         attn.setup_cache(batch_size=1, dtype=torch.float32, max_seq_len=args.cache)
     weight_bytes = sum(p.nbytes for p in tt.parameters())  # the four projections
+    src, dst = torch.rand(2**26), torch.empty(2**26)  # bandwidth: the best read + write bytes/s of copying 256 MiB
+    copy_bandwidth = lambda: 2 * src.nbytes / min(H.autorange(lambda: dst.copy_(src)).times)  # noqa: E731
     bandwidth, rows, mods, measured = copy_bandwidth(), [], {"torchtune": tt, "gqa_tune": ours}, {}
     for fill in args.fills:
         outs, times, (x, k, v) = H.decode_steps(mods, fill, args.cache, args.repeats, args.warmup, args.order)

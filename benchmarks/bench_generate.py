@@ -1,16 +1,14 @@
 """How fast does a whole generation loop decode: gqa_tune against torchtune 0.6.1 and HF transformers, on CPU?
 
 Decode time per step is measured inside each library's loop (stamps around torchtune's ``generate_next_token``, a
-``LogitsProcessor``, ``GenerationStats``): no prefill, no compilation. The cases take turns; every one must decode
-torchtune's greedy tokens (checked). Cases (``--case``):
-
-- ``transformers``: a random Llama 3.2-style model (4 layers, width 512, 8 / 2 heads, vocab 32000), 4 prompts of 1024
-  tokens: torchtune's ``generate``; HF ``LlamaForCausalLM`` with a static cache, eager and compiled
-  (``--no-hf-compile``); torchtune's ``generate`` after ``swap_attention``; ``gqa_tune.generate``, eager and
-  ``compile=True``; ``--diagnose-nan-rule``: the compiled step without the NaN rule (a diagnostic of its cost).
-- ``long-context``: gqa_tiny's shape, a 2048-token prompt, 64 steps, ``max_seq_len`` 4096: torchtune's model and a
-  swapped copy through torchtune's ``generate`` (4096-position caches), the copy through ``gqa_tune.generate``
-  (caches sized to the request); then one model forward of one token at cache fills 16 and 2048.
+``LogitsProcessor``, ``GenerationStats``: no prefill, no compilation); the cases take turns and must all decode
+torchtune's greedy tokens (checked). ``--case transformers``: a random Llama 3.2-style model (4 layers, width 512,
+vocab 32000), 4 prompts of 1024 tokens, through torchtune's ``generate``, HF ``LlamaForCausalLM`` with a static
+cache (eager and compiled), torchtune's ``generate`` after ``swap_attention``, ``gqa_tune.generate`` (eager and
+``compile=True``), and with ``--diagnose-nan-rule`` the compiled step without the NaN rule (a diagnostic).
+``--case long-context``: gqa_tiny's shape, a 2048-token prompt, 64 steps, ``max_seq_len`` 4096: torchtune's model
+and a swapped copy in torchtune's ``generate`` (4096-position caches), the copy in ``gqa_tune.generate`` (caches
+sized to the request); then one model forward of one token at cache fills 16 and 2048.
 
 Commands::
 

@@ -1,15 +1,12 @@
 """What do int8/fp8 KV caches, torchao-quantized weights and QLoRA's NF4 base cost in accuracy, and save?
 
-On ``gqa_tiny`` trained by the full recipe (``tune run``), unless ``--checkpoint`` names one (e.g. the quickstart's
-``outputs/gqa_tiny_full``) or ``--work-dir`` holds a run. Accuracy: greedy answers on ``data/tasks/val.jsonl``
-(``task_accuracy``), and the fraction equal to the unquantized model's. Cases (``--case``):
-
-- ``kv-cache``: bytes per token of one layer's cache (fp32, bf16, int8, fp8, scales included); accuracy with each
-  cache; one attention-module decode step (Llama-3.2-1B's shape) with an fp32 and an int8 cache, taking turns.
-- ``weights``: the generate recipe with each torchao ``quantizer`` (or a refusal): linear bytes as stored, decode
-  ms/token (``gqa_tune.generate``, eager, the cases taking turns), accuracy.
-- ``qlora``: base and all-parameter bytes, LoRA against QLoRA (gqa_tiny, and Llama-3.2-1B on the meta device); then
-  ``configs/gqa_tiny/lora.yaml`` and ``qlora.yaml`` on one base: held-out loss, accuracy, training tokens/s.
+On ``gqa_tiny`` trained by the full recipe unless ``--checkpoint`` (e.g. ``outputs/gqa_tiny_full``) or ``--work-dir``
+holds one; accuracy: greedy answers on ``data/tasks/val.jsonl`` and the fraction equal to the unquantized model's.
+``--case kv-cache``: cache bytes per token, accuracy per cache dtype, and an attention-module decode step with an fp32
+and an int8 cache, taking turns. ``--case weights``: the generate recipe with each torchao ``quantizer`` (or its
+refusal): linear bytes, decode ms/token, accuracy. ``--case qlora``: base and parameter bytes of LoRA and QLoRA models
+(gqa_tiny; Llama-3.2-1B on the meta device), then ``configs/gqa_tiny/lora.yaml`` and ``qlora.yaml`` on one base:
+held-out loss, accuracy, training tokens/s.
 
 Commands::
 
@@ -37,9 +34,9 @@ from gqa_tune.models import lora_gqa_llama3_2_1b, lora_gqa_tiny, qlora_gqa_llama
 DEFAULTS = {
     "kv-cache": dict(epochs=8, steps_per_epoch=None, examples=500, repeats=30),
     "weights": dict(epochs=4, steps_per_epoch=300, examples=200, repeats=5),
-    "qlora": dict(epochs=1, steps_per_epoch=300, examples=200, repeats=0),
+    "qlora": dict(epochs=1, steps_per_epoch=300, examples=200, repeats=0, threads=1),
 }
-SMOKE = dict(epochs=1, steps_per_epoch=4, examples=8, repeats=2, fills=[64], new_tokens=4, base_steps=4, steps=4)
+SMOKE = dict(epochs=1, steps_per_epoch=4, examples=8, repeats=2, fills=[64], new_tokens=4, steps=4)
 VAL = "data/tasks/val.jsonl"
 
 
@@ -59,16 +56,17 @@ QUANTIZERS = [  # (name, dtype, quantizer config)
 ]  # fmt: skip
 
 
-def checkpoint(args, overrides=()) -> Path:
-    """``--checkpoint``, else the run in ``--work-dir``, else gqa_tiny trained there by the full recipe."""
+def checkpoint(args, out: Path, overrides=()):
+    """(``--checkpoint``, else the run in ``out``, else gqa_tiny trained there by the full recipe; the training's
+    output, if it ran)."""
     if args.checkpoint is not None:
-        return H.latest_checkpoint(args.checkpoint) or args.checkpoint
-    if H.latest_checkpoint(args.work_dir) is None:
-        steps = "null" if args.steps_per_epoch is None else args.steps_per_epoch
-        H.tune_run(H.FULL, "configs/gqa_tiny/full.yaml", [
-            f"output_dir={args.work_dir}", f"epochs={args.epochs}", f"max_steps_per_epoch={steps}", *overrides,
+        return H.latest_checkpoint(args.checkpoint) or args.checkpoint, ""
+    steps, output = "null" if args.steps_per_epoch is None else args.steps_per_epoch, ""
+    if H.latest_checkpoint(out) is None:
+        output = H.tune_run(H.FULL, "configs/gqa_tiny/full.yaml", [
+            f"output_dir={out}", f"epochs={args.epochs}", f"max_steps_per_epoch={steps}", *overrides,
         ], args.threads or torch.get_num_threads())  # fmt: skip
-    return H.latest_checkpoint(args.work_dir)
+    return H.latest_checkpoint(out), output
 
 
 def generate_recipe(path: Path, **updates):
@@ -117,7 +115,7 @@ def kv_cache(args) -> dict:
             [[n, f"{b:.0f}", f"{b / per_token['fp32']:.3f}"] for n, b in per_token.items()])  # fmt: skip
     data["bytes_per_token"] = per_token
     if "accuracy" not in args.skip:
-        path = checkpoint(args, ["eval=null"])
+        path, _ = checkpoint(args, args.work_dir, ["eval=null"])
         recipe, rows = generate_recipe(path), val_rows(args.examples)
         found = {n: scored(recipe.model, recipe.tokenizer, rows, kv_cache_dtype=caches[n][1])
                  for n in ("fp32", "int8", "float8_e4m3fn")}  # fmt: skip
@@ -155,7 +153,7 @@ def val_rows(examples: int):
 
 
 def weights(args) -> dict:
-    path, rows, results, recipes = checkpoint(args, ["eval=null"]), val_rows(args.examples), [], {}
+    (path, _), rows, results, recipes = checkpoint(args, args.work_dir, ["eval=null"]), val_rows(args.examples), [], {}
     for i, (name, dtype, quantizer) in enumerate(QUANTIZERS):
         recipe = generate_recipe(path, dtype=dtype, quantizer=quantizer)
         result = {"case": name, "dtype": dtype}
@@ -212,7 +210,7 @@ def qlora(args) -> dict:
                            f"{sizes[0] / sizes[2]:.2f}x", *(f"{b / scale:.3f} {unit}" for b in sizes[1::2])])
     H.table(["model", "dtype", "LoRA base linears", "QLoRA base linears", "ratio", "LoRA params", "QLoRA params"],
             memory)
-    threads, small = args.threads or 1, [f"eval.max_examples={args.examples}", *["log_every_n_steps=1"] * args.smoke]
+    small = [f"eval.max_examples={args.examples}", *["log_every_n_steps=1"] * args.smoke]
 
     def evaluation(output: str) -> dict:
         match = re.search(r"eval after (\d+) steps: (.*)", output)
@@ -224,18 +222,13 @@ def qlora(args) -> dict:
         lines = [line for path in sorted((out / "logs").glob("log_*.txt")) for line in path.read_text().splitlines()]
         return [float(m.group(1)) for m in (re.search(rf"\b{name}:(\S+)", line) for line in lines) if m]
 
-    base, runs = args.checkpoint, {}
-    if base is None:
-        base = args.work_dir / "base"
-        if H.latest_checkpoint(base) is None:
-            runs["base (no adapters)"] = evaluation(H.tune_run(
-                H.FULL, "configs/gqa_tiny/full.yaml",
-                [f"output_dir={base}", "epochs=1", f"max_steps_per_epoch={args.base_steps}", *small], threads))
+    base, output = checkpoint(args, args.work_dir / "base", small)
+    runs = {"base (no adapters)": evaluation(output)} if output else {}
     for kind in ("lora", "qlora"):
         out = args.work_dir / kind
         runs[kind] = evaluation(H.tune_run(H.LORA, f"configs/gqa_tiny/{kind}.yaml", [
             f"output_dir={out}", f"base_checkpoint_dir={base}", "epochs=1", f"max_steps_per_epoch={args.steps}", *small,
-        ], threads))  # fmt: skip
+        ], args.threads))  # fmt: skip
         runs[kind].update(tokens_per_second=statistics.median(logged(out, "tokens_per_second")),
                           final_train_loss=logged(out, "loss")[-1])  # fmt: skip
     H.table(["run", "last train loss", "held-out loss", "copy", "add", "all", "train tokens/s (median)"],
@@ -252,13 +245,12 @@ def main() -> None:
     p.add_argument("--checkpoint", type=Path, help="a checkpoint (or run output_dir) to use instead of training one")
     p.add_argument("--work-dir", type=Path, help="where the training runs go (default outputs/bench_quantized_<case>)")
     p.add_argument("--epochs", type=int, help="training epochs (kv-cache 8, weights 4)")
-    p.add_argument("--steps-per-epoch", type=int, help="training steps per epoch (kv-cache: all, weights 300)")
+    p.add_argument("--steps-per-epoch", type=int, help="training steps per epoch (kv-cache: all, weights/qlora 300)")
     p.add_argument("--examples", type=int, help="rows of data/tasks/val.jsonl scored (kv-cache 500, weights 200)")
     p.add_argument("--repeats", type=int, help="timed steps (kv-cache 30) or decode rounds (weights 5)")
     p.add_argument("--skip", nargs="*", default=[], choices=["accuracy", "speed"], help="kv-cache: parts left out")
     p.add_argument("--fills", type=int, nargs="+", default=[1024, 4096], help="kv-cache: cache fills timed")
     p.add_argument("--new-tokens", type=int, default=32, help="weights: tokens decoded per timed generation")
-    p.add_argument("--base-steps", type=int, default=300, help="qlora: steps of the base model's training")
     p.add_argument("--steps", type=int, default=300, help="qlora: steps of each adapter run")
     args = H.parse(p, DEFAULTS, SMOKE)
     if args.work_dir is None:

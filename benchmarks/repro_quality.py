@@ -49,13 +49,12 @@ def _init_worker(threads: int) -> None:
 
 def run_job(job: dict) -> dict:
     """One training run in this (worker) process: its eval results and wall seconds."""
-    out = Path(job["output_dir"])
-    out.mkdir(parents=True, exist_ok=True)
-    cfg = OmegaConf.load(job["config"])
+    cfg, log = OmegaConf.load(job["config"]), Path(job["output_dir"]) / "run.log"
     for key, value in job["overrides"].items():
         OmegaConf.update(cfg, key, value, force_add=True)
+    log.parent.mkdir(parents=True, exist_ok=True)
     start = H.timer()
-    with open(out / "run.log", "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+    with open(log, "w") as out, contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
         if job["kind"] in ("pretrain", "scratch"):
             from gqa_tune.recipes.full_finetune_single_device import FullFinetuneRecipeSingleDevice as Recipe
         else:
@@ -116,9 +115,8 @@ def run_all(args):
                 e = result["eval"]
                 print(f"[{len(results)}/{total} {H.timer() - t0:6.0f}s] {job['kind']:13s} seed {job['seed']} kv "
                       f"{job['kv']} {job['method'] or '-':6s} f {job['fraction']:<5} steps {result['steps']:4d}: loss "
-                      f"{e['heldout_loss']:.4f} acc {e.get('accuracy_all', float('nan')):.3f} "
-                      f"({result['seconds']:.0f}s)",
-                      flush=True)  # fmt: skip
+                      f"{e['heldout_loss']:.4f} acc {e.get('accuracy_all', 0):.3f} ({result['seconds']:.0f}s)",
+                      flush=True)
                 if job["kind"] == "pretrain":  # its uptraining runs go first: they are short
                     pending.update({pool.submit(run_job, j): j for j in after[job["seed"]]})
     return results, H.timer() - t0
