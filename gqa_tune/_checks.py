@@ -5,10 +5,20 @@ Library code anywhere in the package may import these (they import nothing of gq
 
 import math
 import numbers
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Union
 
 import torch
 from torch import nn
+
+
+class ConfigError(ValueError):
+    """Input a recipe refuses before it trains: ``problems`` lists them, each led by its key."""
+
+    def __init__(self, problems: Union[str, Sequence[str]], what: str = "the config") -> None:
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        count = f"{len(self.problems)} problem{'s' if len(self.problems) != 1 else ''}"
+        lines = "\n".join(f"  {p}" for p in self.problems)
+        super().__init__(f"{count} with {what}; not starting:\n{lines}")
 
 
 def positive_int(name: str, value: Any) -> int:

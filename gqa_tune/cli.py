@@ -26,6 +26,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional, Sequence
 
+from gqa_tune import catalog
 from gqa_tune import config_check as cc
 from gqa_tune.schema import RECIPES
 
@@ -51,9 +52,9 @@ def _unknown(what: str, name: str, choices: Sequence[str], alternative: str = ""
 
 
 def _config_path(name: str) -> Path:
-    found = cc.find_config(name)
+    found = catalog.find_config(name)
     if found is None and not Path(name).expanduser().is_file():
-        raise _unknown("config", name, cc.config_names(), "a YAML file or ")
+        raise _unknown("config", name, catalog.config_names(), "a YAML file or ")
     return found or Path(name).expanduser()
 
 
@@ -73,10 +74,10 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 
 def cmd_cp(args: argparse.Namespace) -> int:
-    recipe = cc.find_recipe(args.file)
-    source = cc.recipe_file(recipe) if recipe else cc.find_config(args.file)
+    recipe = catalog.find_recipe(args.file)
+    source = catalog.recipe_file(recipe) if recipe else catalog.find_config(args.file)
     if source is None:
-        raise _unknown("recipe or config", args.file, cc.recipe_names() + cc.config_names())
+        raise _unknown("recipe or config", args.file, catalog.recipe_names() + catalog.config_names())
     dest = Path(args.destination).expanduser()
     if dest.is_dir() or args.destination.endswith(("/", "\\")):
         dest = dest / source.name
@@ -93,15 +94,15 @@ def cmd_cp(args: argparse.Namespace) -> int:
 def cmd_validate(args: argparse.Namespace) -> int:
     path = _config_path(args.config)
     if args.recipe is not None and cc.schema_of(args.recipe) is None:
-        raise _unknown("recipe", args.recipe, cc.recipe_names())
+        raise _unknown("recipe", args.recipe, catalog.recipe_names())
     problems = cc.check_config_file(path, args.overrides, recipe=args.recipe, check_files=not args.no_file_checks)
     if problems:
         _print_problems(path, problems)
         return 1
-    if args.recipe is None and cc.config_recipe(path) is None:
+    if args.recipe is None and catalog.config_recipe(path) is None:
         print(
             f"{path}: its components and files are fine, but no key was checked: gqa-tune cannot tell which "
-            f"recipe reads it. Name it with --recipe NAME (one of {', '.join(cc.recipe_names())}), or start the "
+            f"recipe reads it. Name it with --recipe NAME (one of {', '.join(catalog.recipe_names())}), or start the "
             "file with a comment such as `# tune run gqa_tune/recipes/full_finetune_single_device.py --config ...`",
             file=sys.stderr,
         )
@@ -139,13 +140,13 @@ def tune_run_command(tokens: Sequence[str]):
     parsed = parser.parse_args(list(tokens))  # torchrun's options, the recipe, then everything after it
     rest = list(parsed.training_script_args)
     launcher = list(tokens[: len(tokens) - len(rest) - 1])
-    recipe = cc.find_recipe(parsed.training_script)
+    recipe = catalog.find_recipe(parsed.training_script)
     if recipe is not None:
         recipe_arg = f"gqa_tune/recipes/{recipe}.py"  # tune run turns it into the module gqa_tune.recipes.<name>
     elif parsed.training_script.endswith(".py") and Path(parsed.training_script).is_file():
         recipe = recipe_arg = parsed.training_script  # a recipe of one's own, e.g. one copied out with cp
     else:
-        raise _unknown("recipe", parsed.training_script, cc.recipe_names(), "a .py file or ")
+        raise _unknown("recipe", parsed.training_script, catalog.recipe_names(), "a .py file or ")
     config, overrides = None, []
     while rest:
         arg = rest.pop(0)
@@ -158,7 +159,7 @@ def tune_run_command(tokens: Sequence[str]):
         else:
             overrides.append(arg)
     if config is None:
-        raise CLIError(f"--config is required; configs: {', '.join(cc.config_names())}")
+        raise CLIError(f"--config is required; configs: {', '.join(catalog.config_names())}")
     path = _config_path(config)
     return (
         [*_tune_executable(), "run", *launcher, recipe_arg, "--config", str(path), *overrides],

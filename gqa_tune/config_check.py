@@ -1,17 +1,21 @@
-"""Check a recipe config against its schema before running it, and find the project's recipes and configs.
+"""A recipe's config: checked against its schema, and turned into the typed runtime config the recipe reads.
 
-:func:`validate_config` returns a list of problems, each led by the dotted key it is about::
+:func:`parse_config` is the one entry point: every recipe's constructor calls it. It merges the user's
+config into ``OmegaConf.structured`` of the recipe's schema (:mod:`gqa_tune.schema`), in struct mode, so the
+recipe reads typed fields whose defaults are written once, in the dataclass. Every problem is reported at
+once, each led by the dotted key it is about::
 
     unknown key 'epcohs' (did you mean 'epochs'?)
     optimizer.lrr: unexpected keyword for torch.optim.AdamW (did you mean 'lr'?)
     gradient_accumulation_steps: expected an int >= 1 (micro-batches per optimizer step), got 0
 
-The keys, types, defaults and ranges are the recipe's schema (:mod:`gqa_tune.schema`). Every
-``_component_``, at any depth, is located with torchtune's own locator and its keywords
-checked with torchtune's own validator (``torchtune.config.validate``); interpolations must
-resolve, no value may be ``???``, and input files must exist. The recipes run this check
-when started with plain ``tune run`` (:func:`check_config`, before anything is built);
-:func:`exits_on_config_error` turns a :class:`ConfigError` into a message and exit status 1.
+OmegaConf checks and converts the types; the schema adds the ranges, choices and checks. Every
+``_component_``, at any depth, is located with torchtune's own locator and its keywords checked with
+torchtune's own validator (``torchtune.config.validate``); interpolations must resolve, no value may be
+``???``, and input files must exist. Then the cheap components are built once (the tokenizer, the model on
+the meta device, the optimizer over a dummy parameter), so a value one refuses is named before the recipe
+builds anything. :func:`exits_on_config_error` turns the :class:`ConfigError` into a message and exit status 1.
+:func:`validate_config` returns the same problems as a list (``gqa-tune validate``).
 """
 
 from __future__ import annotations
@@ -22,33 +26,21 @@ import functools
 import importlib
 import inspect
 import os
-import re
 import sys
 import typing
 from argparse import Namespace
 from pathlib import Path
-from typing import Any, Callable, Iterable, List, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, List, Optional, Sequence, Tuple, Union
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from gqa_tune.schema import RECIPES, Component, fields
-
-# Config keys are declared once, in gqa_tune/schema.py (the FINETUNE_KEYS / KEY_SPECS tables are gone):
-# to add a key, add a field to the recipe's dataclass there.
+from gqa_tune._checks import ConfigError
+from gqa_tune.catalog import config_recipe, find_recipe
+from gqa_tune.schema import fields
 
 #: Keyword arguments of components (at any depth) whose values name input files that must exist.
 INPUT_FILE_KEYS = frozenset({"data_file", "data_files", "accuracy_file"})
-
-
-class ConfigError(ValueError):
-    """Input a recipe refuses before it trains: ``problems`` lists them, each led by its key."""
-
-    def __init__(self, problems: Union[str, Sequence[str]], what: str = "the config") -> None:
-        self.problems = [problems] if isinstance(problems, str) else list(problems)
-        count = f"{len(self.problems)} problem{'s' if len(self.problems) != 1 else ''}"
-        lines = "\n".join(f"  {p}" for p in self.problems)
-        super().__init__(f"{count} with {what}; not starting:\n{lines}")
 
 
 def _did_you_mean(word: str, choices: Iterable[str], prefix: str = "") -> str:
@@ -60,7 +52,7 @@ def _join(key: str, name: Any) -> str:
     return f"{key}[{name}]" if isinstance(name, int) else (f"{key}.{name}" if key else str(name))
 
 
-# ---------------------------------------------------------------- values against the schema
+# ---------------------------------------------------------------- the schema: types by OmegaConf, rules here
 
 
 def _options(annotation: Any) -> List[Any]:
@@ -71,7 +63,8 @@ def _options(annotation: Any) -> List[Any]:
 
 
 def _describe(annotation: Any, meta: dict) -> str:
-    names = {int: "an int", float: "a number", str: "a string", bool: "true or false", Component: "a component"}
+    """How a message names what a field takes: ``an int >= 1``, ``one of fp32, bf16``, ``a component or null``."""
+    names = {int: "an int", float: "a number", str: "a string", bool: "true or false"}
     options = _options(annotation)
     if tuple(meta.get("choices", ())) == (None,):
         return "null"
@@ -83,7 +76,9 @@ def _describe(annotation: Any, meta: dict) -> str:
         if option is None:
             continue
         origin = typing.get_origin(option)
-        if dataclasses.is_dataclass(option) or origin is dict:
+        if meta.get("component"):
+            words.append("a component")
+        elif dataclasses.is_dataclass(option) or origin is dict:
             words.append("a mapping")
         elif origin is list:
             words.append(f"a list of {names.get(typing.get_args(option)[0], 'values').split(' ', 1)[1]}s")
@@ -95,43 +90,39 @@ def _describe(annotation: Any, meta: dict) -> str:
     return text + (" or null" if None in options else "")
 
 
-def _fits(option: Any, value: Any) -> bool:
-    if option is None:
-        return value is None
-    if option is Any:
-        return True
-    if option is Component:
-        return isinstance(value, DictConfig) and "_component_" in value
-    if dataclasses.is_dataclass(option) or typing.get_origin(option) is dict:
-        return isinstance(value, DictConfig)
-    if typing.get_origin(option) is list:
-        item = typing.get_args(option)[0]
-        return isinstance(value, ListConfig) and all(_fits(item, v) for v in value)
-    if isinstance(value, bool):
-        return option is bool
-    if option is float:
-        return isinstance(value, (int, float))
-    return isinstance(value, option)
+def _rule(annotation: Any, meta: dict, value: Any) -> str:
+    return f"expected {_describe(annotation, meta)} ({meta.get('doc', '')}), got {value!r}"
 
 
 def value_problem(annotation: Any, meta: dict, value: Any) -> Optional[str]:
-    """Why ``value`` breaks a field (``expected an int >= 1 (...), got 0``), or None."""
-    rule = f"expected {_describe(annotation, meta)} ({meta.get('doc', '')}), got {value!r}"
-    if not any(_fits(option, value) for option in _options(annotation)):
-        return rule
+    """Why an already typed ``value`` breaks a field's range, choices or check (``expected an int >= 1 (...),
+    got 0``), or None."""
     if value is None:
         return None
     if meta.get("choices") and value not in meta["choices"]:
-        return rule
+        return _rule(annotation, meta, value)
     low = meta.get("minimum")
     if (
         low is not None
         and isinstance(value, (int, float))
         and (value < low or (meta.get("exclusive") and value == low))
     ):
-        return rule
+        return _rule(annotation, meta, value)
     reason = meta["check"](value) if meta.get("check") else None
-    return f"{rule}: {reason}" if reason else None
+    return f"{_rule(annotation, meta, value)}: {reason}" if reason else None
+
+
+def _shape_problem(annotation: Any, meta: dict, value: Any) -> Optional[str]:
+    """What OmegaConf would accept but the schema does not: a number or string for a flag (OmegaConf reads
+    ``1`` and ``'yes'`` as true), a mapping without ``_component_`` where a component goes."""
+    if value is None:
+        return None if None in _options(annotation) else _rule(annotation, meta, value)
+    kinds = [o for o in _options(annotation) if o is not None]
+    if kinds == [bool] and not isinstance(value, bool):
+        return _rule(annotation, meta, value)
+    if meta.get("component") and not (isinstance(value, DictConfig) and "_component_" in value):
+        return _rule(annotation, meta, value)
+    return None
 
 
 def _read(node: Any, name: Any, key: str, problems: List[str]) -> Any:
@@ -149,8 +140,9 @@ class MissingValue:
     """A value that did not resolve (already reported)."""
 
 
-def _check_schema(node: DictConfig, schema: type, key: str, problems: List[str], files: bool, strict: bool) -> None:
-    """``node``'s keys and values against ``schema``; ``strict``: also required keys (not for values-only checks)."""
+def _merge(target: DictConfig, node: DictConfig, schema: type, key: str, problems: List[str], files: bool) -> None:
+    """Merge ``node``'s keys into ``target`` (``OmegaConf.structured(schema)``), one key at a time so that every
+    problem is reported; then the schema's rules on the merged values, and its missing keys."""
     known = fields(schema)
     hints = typing.get_type_hints(schema)
     for name in node.keys():
@@ -159,33 +151,70 @@ def _check_schema(node: DictConfig, schema: type, key: str, problems: List[str],
             if not hint:
                 hint = f" ({key} takes: {', '.join(known)})" if key else f" (no such key in {schema.__name__})"
             problems.append(f"unknown key {_join(key, name)!r}{hint}")
-    for name, fld in known.items():
+    for name in known:  # in the schema's order
         where = _join(key, name)
         if name not in node.keys():
-            if strict and fld.default is dataclasses.MISSING and fld.default_factory is dataclasses.MISSING:
-                problems.append(f"missing key {where!r}: {fld.metadata['doc']}")
             continue
         if OmegaConf.is_missing(node, name):
             continue  # reported by _walk
         value = _read(node, name, where, problems)
         if value is MissingValue:
             continue
-        problem = value_problem(hints[name], fld.metadata, value)
+        annotation, meta = hints[name], known[name].metadata
+        nested = next((o for o in _options(annotation) if o is not None and dataclasses.is_dataclass(o)), None)
+        if nested is not None and isinstance(value, DictConfig):
+            if target[name] is None:
+                target[name] = OmegaConf.structured(nested)
+            _merge(target[name], value, nested, where, problems, files)
+            continue
+        problem = _shape_problem(annotation, meta, value)
+        if problem is None:
+            try:
+                OmegaConf.update(target, name, value, merge=False)  # OmegaConf checks and converts the type
+            except OmegaConfBaseException:
+                problem = _rule(annotation, meta, value)
+        if problem is not None:
+            problems.append(f"{where}: {problem}")
+    for name, fld in known.items():
+        where, meta = _join(key, name), fld.metadata
+        if OmegaConf.is_missing(target, name):
+            if name not in node.keys():
+                problems.append(f"missing key {where!r}: {meta['doc']}")
+            continue
+        value = target[name]
+        if name not in node.keys() or isinstance(value, DictConfig) and not meta.get("component"):
+            continue  # a default (right by construction), or a nested mapping (checked above)
+        problem = value_problem(hints[name], meta, value)
         if problem:
             problems.append(f"{where}: {problem}")
             continue
-        for arg, rule in fld.metadata.get("args", {}).items():
+        for arg, rule in meta.get("args", {}).items():
             if isinstance(value, DictConfig) and arg in value:
-                meta = dict(doc=rule.doc, minimum=rule.minimum, exclusive=rule.exclusive)
                 inner = _read(value, arg, f"{where}.{arg}", problems)
-                problem = None if inner is MissingValue else value_problem(rule.type, meta, inner)
-                if problem:
-                    problems.append(f"{where}.{arg}: {problem}")
-        if files and fld.metadata.get("input_file") and value is not None:
+                arg_meta = dict(doc=rule.doc, minimum=rule.minimum, exclusive=rule.exclusive)
+                kind = rule.type
+                if inner is MissingValue:
+                    continue
+                if kind is float and isinstance(inner, int) and not isinstance(inner, bool):
+                    inner = float(inner)
+                if not isinstance(inner, kind) or isinstance(inner, bool):
+                    problems.append(f"{where}.{arg}: {_rule(kind, arg_meta, inner)}")
+                else:
+                    arg_problem = value_problem(kind, arg_meta, inner)
+                    if arg_problem:
+                        problems.append(f"{where}.{arg}: {arg_problem}")
+        if files and meta.get("input_file") and value is not None:
             _check_file(where, value, problems)
-        nested = [o for o in _options(hints[name]) if o is not None and dataclasses.is_dataclass(o)]
-        if nested and isinstance(value, DictConfig):
-            _check_schema(value, nested[0], where, problems, files, strict)
+
+
+def typed_config(cfg: DictConfig, schema: type, files: bool = True) -> Tuple[DictConfig, List[str]]:
+    """``(config, problems)``: ``cfg`` merged into ``OmegaConf.structured(schema)`` (struct mode: every key typed,
+    the schema's defaults for the keys ``cfg`` leaves out), and what breaks the schema."""
+    typed = OmegaConf.structured(schema)
+    problems: List[str] = []
+    _merge(typed, cfg, schema, "", problems, files)
+    OmegaConf.set_struct(typed, True)
+    return typed, problems
 
 
 # ---------------------------------------------------------------- components, interpolations, files
@@ -287,41 +316,7 @@ def _walk(node: Any, key: str, problems: List[str], files: bool) -> None:
         _walk(value, _join(key, name), problems, files)
 
 
-# ---------------------------------------------------------------- entry points
-
-
-def schema_of(recipe: Union[str, os.PathLike, type, None]) -> Optional[type]:
-    """The schema of a recipe (a name, a path to one of ours or a copy of one, or a schema itself)."""
-    if recipe is None or isinstance(recipe, type):
-        return recipe
-    name = find_recipe(str(recipe)) or find_recipe(Path(recipe).stem)
-    if name is None and Path(recipe).is_file():  # a recipe of one's own: it names its schema
-        match = re.search(r"^CONFIG_SCHEMA\s*=\s*(\w+)", Path(recipe).read_text(), re.M)
-        return getattr(importlib.import_module("gqa_tune.schema"), match.group(1)) if match else None
-    return RECIPES[name].schema if name else None
-
-
-def validate_config(
-    cfg: Any, recipe: Union[str, os.PathLike, type, None] = None, check_files: bool = True
-) -> List[str]:
-    """Problems with a recipe config, each led by its dotted key; empty when it is valid.
-
-    ``recipe`` (a name, a path or a schema) gives the keys; without one only components,
-    interpolations and files are checked.
-    """
-    cfg = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg)
-    if os.getcwd() not in sys.path:  # as torchtune.config.instantiate does, for components in local modules
-        sys.path.append(os.getcwd())
-    problems: List[str] = []
-    schema = schema_of(recipe)
-    if schema is not None:
-        _check_schema(cfg, schema, "", problems, check_files, strict=True)
-    _walk(cfg, "", problems, check_files)
-    if check_files and not problems:
-        _check_hf_model_dir(cfg, problems)
-    if check_files and not problems and schema is not None:
-        _dry_build(cfg, problems)
-    return list(dict.fromkeys(problems))
+# ---------------------------------------------------------------- building the cheap components once
 
 
 #: Builder arguments that are positive ints in every gqa_tune builder (checked in a ``model:`` that only
@@ -427,14 +422,13 @@ def _check_hf_model_dir(cfg: DictConfig, problems: List[str]) -> None:
         )
 
 
-def empty_overrides(overrides: Sequence[str], recipe: Union[str, os.PathLike, type, None]) -> List[str]:
+def empty_overrides(overrides: Sequence[str], schema: Optional[type]) -> List[str]:
     """Problems with command-line overrides ``key=`` that give a key no value.
 
     ``tune run`` reads ``hf_model_dir=`` as null, so a shell variable that is unset (``hf_model_dir=$DIR``)
     silently drops the key. Where the key's rule refuses an empty string (directories and files to read or
     write), the empty override is refused too.
     """
-    schema = schema_of(recipe)
     if schema is None:
         return []
     known, hints = fields(schema), typing.get_type_hints(schema)
@@ -452,36 +446,73 @@ def empty_overrides(overrides: Sequence[str], recipe: Union[str, os.PathLike, ty
     return problems
 
 
-def check_config(
-    cfg: Any,
-    recipe: Union[str, os.PathLike, type, None] = None,
-    check_files: bool = True,
-    overrides: Sequence[str] = (),
-) -> None:
-    """:func:`validate_config` (and :func:`empty_overrides` of the command line's ``overrides``), raising
-    :class:`ConfigError` listing every problem instead."""
-    problems = empty_overrides(overrides, recipe) + validate_config(cfg, recipe=recipe, check_files=check_files)
+# ---------------------------------------------------------------- entry points
+
+
+def schema_of(recipe: Union[str, os.PathLike, type, None]) -> Optional[type]:
+    """The schema of a recipe (a name, a path to one of ours or a copy of one, or a schema itself)."""
+    from gqa_tune.schema import RECIPES, schema_named
+
+    if recipe is None or isinstance(recipe, type):
+        return recipe
+    name = find_recipe(str(recipe)) or find_recipe(Path(recipe).stem)
+    if name is None and Path(recipe).is_file():  # a recipe of one's own: it names its schema
+        import re
+
+        match = re.search(r"^CONFIG_SCHEMA\s*=\s*(\w+)", Path(recipe).read_text(), re.M)
+        return schema_named(match.group(1)) if match else None
+    return RECIPES[name].schema if name else None
+
+
+def _problems(
+    cfg: Any, schema: Optional[type], check_files: bool, overrides: Sequence[str]
+) -> Tuple[Optional[DictConfig], List[str]]:
+    """``(typed config or None, problems)``: every check, in order (each later one only on a clean config)."""
+    cfg = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg)
+    if os.getcwd() not in sys.path:  # as torchtune.config.instantiate does, for components in local modules
+        sys.path.append(os.getcwd())
+    problems: List[str] = empty_overrides(overrides, schema)
+    typed = None
+    if schema is not None:
+        typed, found = typed_config(cfg, schema, check_files)
+        problems += found
+    _walk(cfg, "", problems, check_files)
+    problems = list(dict.fromkeys(problems))
+    if check_files and not problems:
+        _check_hf_model_dir(cfg, problems)
+    if check_files and not problems and schema is not None:
+        _dry_build(typed, problems)
+    return typed, problems
+
+
+def validate_config(
+    cfg: Any, recipe: Union[str, os.PathLike, type, None] = None, check_files: bool = True
+) -> List[str]:
+    """Problems with a recipe config, each led by its dotted key; empty when it is valid.
+
+    ``recipe`` (a name, a path or a schema) gives the keys; without one only components,
+    interpolations and files are checked.
+    """
+    return _problems(cfg, schema_of(recipe), check_files, ())[1]
+
+
+def parse_config(cfg: Any, schema: type, overrides: Sequence[str] = (), check_files: bool = True) -> DictConfig:
+    """The one check of a recipe's config, and the typed config the recipe then reads: ``cfg`` merged into
+    ``OmegaConf.structured(schema)`` in struct mode (:func:`typed_config`).
+
+    Args:
+        cfg: the user's config (a YAML file with its command-line overrides, as ``tune run`` parsed it).
+        schema: the recipe's dataclass.
+        overrides: the command line's ``key=value`` arguments, for :func:`empty_overrides`.
+        check_files: also check input files, ``hf_model_dir`` and build the cheap components.
+
+    Raises:
+        ConfigError: every problem found, each led by its key.
+    """
+    typed, problems = _problems(cfg, schema, check_files, overrides)
     if problems:
         raise ConfigError(problems)
-
-
-def check_values(cfg: DictConfig, schema: type) -> None:
-    """Only the value rules of ``schema`` (no imports, no files, no required keys): cheap enough for a constructor."""
-    problems: List[str] = []
-    _check_schema(cfg, schema, "", problems, files=False, strict=False)
-    if problems:
-        raise ConfigError(problems)
-
-
-def with_defaults(cfg: DictConfig, schema: type) -> DictConfig:
-    """``cfg`` with the schema's defaults for the keys it leaves out (a new config)."""
-    defaults = {}
-    for name, fld in fields(schema).items():
-        if fld.default is not dataclasses.MISSING:
-            defaults[name] = fld.default
-        elif fld.default_factory is not dataclasses.MISSING:
-            defaults[name] = fld.default_factory()
-    return OmegaConf.merge(OmegaConf.create(defaults), cfg)
+    return typed
 
 
 def build_component(node: Any, key: str, *args: Any, **kwargs: Any) -> Any:
@@ -571,63 +602,4 @@ def check_config_file(path: Union[str, Path], overrides: Sequence[str] = (), rec
         cfg = load_config(path, overrides)
     except Exception as e:
         return [f"cannot load {str(path)!r}: {e}"]
-    recipe = recipe or config_recipe(path)
-    return empty_overrides(overrides, recipe) + validate_config(cfg, recipe=recipe, check_files=check_files)
-
-
-# ---------------------------------------------------------------- the catalog (gqa_tune.schema.RECIPES)
-
-
-def recipes_dir() -> Path:
-    import gqa_tune.recipes
-
-    return Path(gqa_tune.recipes.__path__[0])
-
-
-def configs_dir() -> Path:
-    import gqa_tune.configs
-
-    return Path(gqa_tune.configs.__path__[0])
-
-
-def recipe_names() -> List[str]:
-    return sorted(RECIPES)
-
-
-def recipe_file(name: str) -> Path:
-    return recipes_dir() / f"{name}.py"
-
-
-def config_names() -> List[str]:
-    return sorted(c for r in RECIPES.values() for c in r.configs)
-
-
-def _stem(name: str, prefixes: Sequence[str], suffix: str) -> str:
-    name = name.strip().replace("\\", "/").removeprefix("./")
-    for prefix in prefixes:
-        name = name.removeprefix(prefix)
-    return name.removesuffix(suffix)
-
-
-def find_recipe(name: str) -> Optional[str]:
-    """Our recipe called ``name`` (also ``name.py``, ``recipes/name.py``, ``gqa_tune/recipes/name.py``), or None."""
-    stem = _stem(name, ("gqa_tune/", "recipes/"), ".py")
-    return stem if stem in RECIPES else None
-
-
-def find_config(name: str) -> Optional[Path]:
-    """Our config called ``name`` (``gqa_tiny/full``, with or without ``configs/`` and ``.yaml``), or None."""
-    stem = _stem(name, ("gqa_tune/", "configs/"), ".yaml")
-    return configs_dir() / f"{stem}.yaml" if stem in config_names() else None
-
-
-def config_recipe(path: Union[str, Path]) -> Optional[str]:
-    """The recipe a config belongs to: the registry's, or, for a copy, the first recipe its header's
-    ``tune run gqa_tune/recipes/<name>.py`` line names."""
-    path = Path(path)
-    for recipe, entry in RECIPES.items():
-        if any(path.resolve() == (configs_dir() / f"{c}.yaml").resolve() for c in entry.configs):
-            return recipe
-    text = path.read_text(encoding="utf-8") if path.is_file() else ""
-    match = re.search(r"^#.*\btune\s+run\b.*?\bgqa_tune/recipes/(\w+)\.py", text, re.M)
-    return match.group(1) if match and match.group(1) in RECIPES else None
+    return _problems(cfg, schema_of(recipe or config_recipe(path)), check_files, overrides)[1]

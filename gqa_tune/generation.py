@@ -29,7 +29,7 @@ caches' length (``max_cache_len``).
 import numbers
 import time
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +42,7 @@ from torchtune.modules.common_utils import local_kv_cache
 from gqa_tune import _checks as checks
 from gqa_tune.modules.attention import MultiHeadAttention
 from gqa_tune.modules.kv_cache import KVCache
+from gqa_tune.ops.kv_quant import resolve_kv_cache_dtype
 
 #: With ``compile=True`` and stop tokens, the host looks at the tokens once every this many steps.
 STOP_CHECK_EVERY = 8
@@ -61,6 +62,7 @@ class GenerationStats:
             ``STOP_CHECK_EVERY - 1`` more than the tokens returned need; their tokens are dropped).
         decode_tokens (int): ``b * decode_steps``.
         decode_seconds (float): the decode loop.
+        kv_cache_bytes (int): bytes the model's KV caches held (:func:`kv_cache_bytes`).
     """
 
     compiled: bool = False
@@ -70,6 +72,7 @@ class GenerationStats:
     decode_steps: int = 0
     decode_tokens: int = 0
     decode_seconds: float = 0.0
+    kv_cache_bytes: int = 0
 
     @property
     def prefill_tokens_per_s(self) -> float:
@@ -286,6 +289,8 @@ def generate(
     rng: Optional[torch.Generator] = None,
     compile: bool = False,
     stats: Optional[GenerationStats] = None,
+    on_tokens: Optional[Callable[[torch.Tensor], None]] = None,
+    kv_cache_dtype: Optional[Union[torch.dtype, str]] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Generate up to ``max_generated_tokens`` tokens per row, as ``torchtune.generation.generate`` does.
 
@@ -305,6 +310,11 @@ def generate(
         compile (bool): compile the decode step once (``torch.compile``, fixed shapes, no recompiles
             between steps); the first call per model and shape compiles, which ``stats`` reports apart.
         stats (Optional[GenerationStats]): filled with the timings (prefill and decode tokens/s).
+        on_tokens (Optional[Callable]): called with each step's new tokens ``[b]`` as they come (to stream
+            them); with ``compile=True`` it reads each step's tokens on the host.
+        kv_cache_dtype (Optional): caches set up for the call store K/V quantized in this dtype
+            (``torch.int8``, ``torch.float8_e4m3fn`` or their names; :class:`gqa_tune.KVCache`); ``None``: in the
+            model's dtype. Caches already set up are used as they are (and must be of this dtype when given).
 
     Returns:
         ``(generated_tokens, generated_logits)``: ``[b, s + n]`` (the prompt, then ``n <=
@@ -323,6 +333,9 @@ def generate(
     layers = _check_args(
         model, prompt, max_generated_tokens, pad_id, temperature, top_k, stop_tokens, rng, compile, stats
     )
+    if on_tokens is not None and not callable(on_tokens):
+        raise ValueError(f"on_tokens must be None or a callable, got {type(on_tokens).__name__}")
+    kv_cache_dtype = resolve_kv_cache_dtype(kv_cache_dtype)
     temperature = float(temperature)
     prompt = prompt.view(1, -1) if prompt.dim() == 1 else prompt
     b, s = prompt.shape
@@ -335,12 +348,19 @@ def generate(
     device = prompt.device
     if model.caches_are_setup():
         _check_caches(model, layers, b, total)
+        held = {layer.kv_cache.kv_cache_dtype for layer in layers}
+        if kv_cache_dtype is not None and held != {kv_cache_dtype}:
+            raise ValueError(
+                f"kv_cache_dtype {kv_cache_dtype}: the model's caches are set up with {sorted(map(str, held))}; "
+                "delete them or leave kv_cache_dtype out"
+            )
         model.reset_caches()
         return _generate(model, layers, prompt, max_generated_tokens, pad_id, temperature, top_k,
-                         stop_tokens, rng, compile, stats)  # fmt: skip
-    with local_kv_cache(model, batch_size=b, device=device, dtype=_model_dtype(model), decoder_max_seq_len=total):
+                         stop_tokens, rng, compile, stats, on_tokens)  # fmt: skip
+    cache_dtype = kv_cache_dtype or _model_dtype(model)  # a quantized dtype: MultiHeadAttention stores K/V in it
+    with local_kv_cache(model, batch_size=b, device=device, dtype=cache_dtype, decoder_max_seq_len=total):
         return _generate(model, layers, prompt, max_generated_tokens, pad_id, temperature, top_k,
-                         stop_tokens, rng, compile, stats)  # fmt: skip
+                         stop_tokens, rng, compile, stats, on_tokens)  # fmt: skip
 
 
 def _generate(
@@ -355,6 +375,7 @@ def _generate(
     rng: Optional[torch.Generator],
     compile: bool,
     stats: Optional[GenerationStats],
+    on_tokens: Optional[Callable[[torch.Tensor], None]] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """The loop, with the caches set up, enabled and empty."""
     b, s = prompt.shape
@@ -406,6 +427,9 @@ def _generate(
     _sync(device)
     stats.prefill_seconds = time.perf_counter() - start
     stats.prefill_tokens = b * s
+    stats.kv_cache_bytes = kv_cache_bytes(model)
+    if on_tokens is not None:
+        on_tokens(token[:, 0])
 
     # Decode: one token per step; the host looks at the tokens only to stop early.
     stops = torch.tensor(list(stop_tokens), dtype=torch.long, device=device) if stop_tokens else None
@@ -429,6 +453,8 @@ def _generate(
             token, logits = step(model, token, slot, valid, pos_offset, slots, noise(), temperature, top_k)
             tokens.append(token)
             all_logits.append(logits)
+            if on_tokens is not None:
+                on_tokens(token[:, 0])
             steps += 1
             if stops is not None and (steps % check_every == 0 or len(tokens) == max_generated_tokens):
                 if all_stopped():
@@ -455,3 +481,43 @@ def _generate(
         gen_logits = gen_logits * keep[..., None].to(gen_logits.dtype)
     out_dtype = torch.promote_types(prompt.dtype, torch.int32)
     return torch.cat([prompt.to(out_dtype), generated.to(out_dtype)], dim=1), gen_logits
+
+
+def kv_cache_bytes(model: torch.nn.Module) -> int:
+    """Bytes held by every KV cache in ``model`` (keys and values, with the scales of quantized caches)."""
+    total = 0
+    for module in model.modules():
+        cache = getattr(module, "kv_cache", None)
+        if isinstance(getattr(cache, "nbytes", None), int):
+            total += cache.nbytes
+        elif cache is not None and hasattr(cache, "k_cache"):
+            total += cache.k_cache.nbytes + cache.v_cache.nbytes
+    return total
+
+
+def left_padded(prompts: Sequence[Sequence[int]], pad_id: int, device: Optional[torch.device] = None) -> torch.Tensor:
+    """``[b, s]`` int64: the prompts' token ids, each left-padded with ``pad_id`` to the longest (what
+    :func:`generate` takes).
+
+    Raises:
+        ValueError: no prompts, or an empty one.
+    """
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    width = max(len(p) for p in prompts)
+    batch = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=device)
+    for row, ids in enumerate(prompts):
+        batch[row, width - len(ids) :] = torch.tensor(list(ids), dtype=torch.long)
+    return batch
+
+
+def new_tokens(tokens: torch.Tensor, prompt_len: int, stop_tokens: Sequence[int]) -> Tuple[List[List[int]], List[bool]]:
+    """``(ids, stopped)`` per row of :func:`generate`'s ``tokens``: the generated ids up to (not including) the
+    row's first stop token, and whether the row stopped at one (rather than at ``max_generated_tokens``)."""
+    stops = set(stop_tokens)
+    rows, stopped = [], []
+    for row in tokens[:, prompt_len:].tolist():
+        cut = next((i for i, t in enumerate(row) if t in stops), len(row))
+        rows.append(row[:cut])
+        stopped.append(cut < len(row))
+    return rows, stopped

@@ -33,7 +33,7 @@ from torchao.quantization import quantize_
 from torchtune import config as tt_config
 from torchtune.modules.peft import LoRALinear
 
-from gqa_tune.config_check import ConfigError
+from gqa_tune._checks import ConfigError
 
 # torchao 0.15 calls version 1 of its int8 and int4 configs deprecated, at every quantization and at every
 # int4 CPU tensor it builds. Version 1 is the int8 configs' default and the only int4 config with a CPU

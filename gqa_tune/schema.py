@@ -2,11 +2,13 @@
 
 Each recipe's keys are one dataclass: a field's type, default and ``doc`` are the key's
 type, default and help, and :func:`setting`'s ``minimum`` / ``choices`` / ``check`` add
-the range a recipe needs. A field without a default (``MISSING``) must be set. Keys that
-take a torchtune ``_component_`` are typed :data:`Component`: the component's own keyword
-arguments are checked against its signature (:mod:`gqa_tune.config_check`), and ``args``
-gives the value rules of some of them (``optimizer.lr``). A nested dataclass is a plain
-mapping of its own keys (``eval``).
+the range a recipe needs. A field without a default (``MISSING``) must be set. The dataclass is
+the runtime config too: a recipe merges the user's config into ``OmegaConf.structured`` of it
+(:func:`gqa_tune.config_check.parse_config`), so every key has one type and one default, written
+here only. Keys that take a torchtune ``_component_`` are declared with :func:`component`: the
+component's own keyword arguments are checked against its signature, and ``args`` gives the value
+rules of some of them (``optimizer.lr``). A nested dataclass is a plain mapping of its own keys
+(``eval``).
 
 :data:`RECIPES` is the one list of the project's recipes, with their schemas and configs
 (``gqa-tune ls`` prints it). Adding a config key means adding one field here.
@@ -16,10 +18,11 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import MISSING, dataclass, field
-from typing import Any, Callable, Dict, List, NamedTuple, NewType, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
-#: A mapping with a ``_component_`` path, which ``torchtune.config.instantiate`` builds.
-Component = NewType("Component", dict)
+#: The type of a mapping with a ``_component_`` path, which ``torchtune.config.instantiate`` builds (declared
+#: with :func:`component`).
+Component = Dict[str, Any]
 
 
 class Arg(NamedTuple):
@@ -41,14 +44,20 @@ def setting(
     check: Optional[Callable[[Any], Optional[str]]] = None,
     input_file: bool = False,
     args: Optional[Dict[str, Arg]] = None,
+    is_component: bool = False,
 ) -> Any:
     """A schema field. ``check(value)`` returns why an otherwise well-typed value is wrong, or None;
     ``input_file``: the value names a file (or files) that must exist."""
     meta = dict(doc=doc, minimum=minimum, exclusive=exclusive, choices=choices, check=check,
-                input_file=input_file, args=args or {})  # fmt: skip
+                input_file=input_file, args=args or {}, component=is_component)  # fmt: skip
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
+
+
+def component(default: Any = MISSING, doc: str = "", **rules: Any) -> Any:
+    """A :func:`setting` whose value is a :data:`Component` (or ``None`` where the default is ``None``)."""
+    return setting(default, doc, is_component=True, **rules)
 
 
 def _torch_device(value: str) -> Optional[str]:
@@ -90,7 +99,7 @@ DTYPES = ("fp32", "bf16", "fp16", "fp64")
 class EvalConfig:
     """``eval:``: held-out evaluation after training."""
 
-    dataset: Optional[Component] = setting(None, "the held-out dataset")
+    dataset: Optional[Component] = component(None, "the held-out dataset")
     accuracy_file: Optional[str] = setting(None, "task file for the accuracy; null: none", input_file=True)
     max_examples: int = setting(200, "examples of accuracy_file scored at most", minimum=1)
 
@@ -100,17 +109,17 @@ class FinetuneConfig:
     """Full fine-tuning, or training from scratch (``full_finetune_single_device``, ``full_finetune_distributed``)."""
 
     output_dir: str = setting(doc="where checkpoints and logs go; created if missing", check=_not_empty)
-    model: Optional[Component] = setting(None, "the model builder (not needed with hf_model_dir)")
-    tokenizer: Component = setting(doc="the tokenizer")
-    dataset: Component = setting(doc="the training dataset")
-    optimizer: Component = setting(
+    model: Optional[Component] = component(None, "the model builder (not needed with hf_model_dir)")
+    tokenizer: Component = component(doc="the tokenizer")
+    dataset: Component = component(doc="the training dataset")
+    optimizer: Component = component(
         doc="the optimizer",
         args={"lr": Arg(float, "learning rate; 0 keeps the weights", minimum=0)},
     )
-    metric_logger: Component = setting(doc="a torchtune metric logger")
+    metric_logger: Component = component(doc="a torchtune metric logger")
     batch_size: int = setting(doc="examples per micro-batch, per process", minimum=1)
     epochs: int = setting(doc="passes over the dataset", minimum=1)
-    checkpointer: Optional[Component] = setting(None, "a torchtune checkpointer to start from; null: none")
+    checkpointer: Optional[Component] = component(None, "a torchtune checkpointer to start from; null: none")
     hf_model_dir: Optional[str] = setting(
         None,
         "a Hugging Face model directory to start from; replaces model, checkpointer and the other sources",
@@ -118,7 +127,7 @@ class FinetuneConfig:
     )
     init_from_scratch: bool = setting(True, "random weights when nothing else loads them")
     init_std: float = setting(0.02, "std of the random initialization", minimum=0, exclusive=True)
-    lr_scheduler: Optional[Component] = setting(
+    lr_scheduler: Optional[Component] = component(
         None,
         "the learning-rate schedule; null: constant",
         args={"num_warmup_steps": Arg(int, "warm-up steps of the learning rate", minimum=0)},
@@ -147,10 +156,12 @@ class FinetuneConfig:
     enable_activation_offloading: bool = setting(
         False, "torchtune's activation offloading to CPU memory", check=_no_offloading
     )
-    profiler: Optional[Component] = setting(
+    profiler: Optional[Component] = component(
         None, "torchtune.training.setup_torch_profiler and its settings (enabled, output_dir, steps...); null: none"
     )
-    loss: Optional[Component] = setting(None, "the training loss (gqa_tune.training.loss); null: float32 cross-entropy")
+    loss: Optional[Component] = component(
+        None, "the training loss (gqa_tune.training.loss); null: float32 cross-entropy"
+    )
 
 
 @dataclass(kw_only=True)
@@ -160,7 +171,7 @@ class LoRAConfig(FinetuneConfig):
     base_checkpoint_dir: Optional[str] = setting(
         None, "the base model's checkpoint (a run's output_dir)", check=_not_empty
     )
-    base_model: Optional[Component] = setting(None, "the base model builder, when the checkpoint does not say")
+    base_model: Optional[Component] = component(None, "the base model builder, when the checkpoint does not say")
     init_from_scratch: bool = setting(False, "random base weights when nothing else loads them")
     save_adapter_weights_only: bool = setting(
         False, "torchtune's key: checkpoints of the adapter alone", check=_no_adapter_only
@@ -195,11 +206,11 @@ class UptrainConfig(FinetuneConfig):
 class GenerateConfig:
     """Generation from a checkpoint (``generate``)."""
 
-    tokenizer: Component = setting(doc="the tokenizer")
+    tokenizer: Component = component(doc="the tokenizer")
     checkpoint_dir: Optional[str] = setting(
         None, "a run's output_dir (its LATEST) or a checkpoint directory", check=_not_empty
     )
-    checkpointer: Optional[Component] = setting(None, "a torchtune checkpointer instead; then give model")
+    checkpointer: Optional[Component] = component(None, "a torchtune checkpointer instead; then give model")
     hf_model_dir: Optional[str] = setting(
         None,
         "a Hugging Face model directory to load; replaces checkpoint_dir, checkpointer and model",
@@ -207,7 +218,7 @@ class GenerateConfig:
     )
     model: Optional[Dict[str, Any]] = setting(None, "a builder, or builder arguments overriding the checkpoint's")
     prompts: Optional[List[str]] = setting(None, "prompts, generated as one batch")
-    prompt: Optional[Union[str, List[str]]] = setting(None, "a prompt (prompt=TEXT on the command line)")
+    prompt: Optional[Any] = setting(None, "a prompt, or a list of them (prompt=TEXT on the command line)")
     max_new_tokens: int = setting(32, "tokens generated per prompt at most", minimum=1)
     temperature: float = setting(0.0, "sampling temperature; 0: greedy", minimum=0)
     top_k: Optional[int] = setting(None, "sample from the k most likely tokens; null: all", minimum=1)
@@ -218,7 +229,7 @@ class GenerateConfig:
         None, "KV caches stored quantized, with a float32 scale per token and kv head; null: in dtype",
         choices=(None, "int8", "float8_e4m3fn"),
     )  # fmt: skip
-    quantizer: Optional[Component] = setting(
+    quantizer: Optional[Component] = component(
         None,
         "a torchao quantization config applied to the linear layers after loading (e.g. "
         "torchao.quantization.Int8WeightOnlyConfig); null: none",
@@ -252,3 +263,9 @@ RECIPES: Dict[str, Recipe] = {
 def fields(schema: type) -> Dict[str, dataclasses.Field]:
     """The keys of ``schema``, by name."""
     return {f.name: f for f in dataclasses.fields(schema)}
+
+
+def schema_named(name: str) -> Optional[type]:
+    """The schema dataclass called ``name`` (a recipe of one's own names its schema: ``CONFIG_SCHEMA = LoRAConfig``)."""
+    found = globals().get(name)
+    return found if isinstance(found, type) and dataclasses.is_dataclass(found) else None

@@ -18,7 +18,7 @@ single-device recipe's format, so either recipe can resume the other's checkpoin
 import os
 import random
 import sys
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -27,7 +27,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torchtune import config, training, utils
 from torchtune.modules import TransformerSelfAttentionLayer
 
-from gqa_tune.config_check import ConfigError, check_config, exits_on_config_error
+from gqa_tune.config_check import ConfigError, exits_on_config_error
 from gqa_tune.training.finetune import FinetuneRecipe
 
 #: Prefixes that wrappers (activation checkpointing, torch.compile) add to parameter names.
@@ -70,21 +70,22 @@ class FullFinetuneRecipeDistributed(FinetuneRecipe):
     memory), ``training.scale_grads`` (in the shared loop) and ``utils.get_world_size_and_rank``.
     """
 
-    def __init__(self, cfg: DictConfig) -> None:
-        device_type = torch.device(cfg.get("device", "cpu")).type
+    def __init__(self, cfg: DictConfig, *, overrides: Sequence[str] = ()) -> None:
+        super().__init__(cfg, overrides=overrides)
+        self.mesh = init_device_mesh(self.device.type, (self.world_size,))
+
+    def start_processes(self, cfg: DictConfig) -> Tuple[torch.device, int, int]:
+        """Join the process group (before the seed: torchtune's ``set_seed`` seeds with seed + rank)."""
+        device_type = torch.device(cfg.device).type
         if device_type not in ("cpu", "cuda"):
-            raise ValueError(f"the distributed recipe runs on cpu or cuda, not device={cfg.get('device')!r}")
+            raise ConfigError(f"device: the distributed recipe runs on cpu or cuda, not {cfg.device!r}", what="device")
         if device_type == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         _init_process_group(device_type)
-        # Process group first: torchtune's set_seed (in super().__init__) seeds with seed + rank.
-        super().__init__(cfg)
-        self.world_size, self.rank = utils.get_world_size_and_rank()
+        world_size, rank = utils.get_world_size_and_rank()
         if device_type == "cuda":
-            self.device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
-        else:
-            self.device = torch.device("cpu")
-        self.mesh = init_device_mesh(self.device.type, (self.world_size,))
+            return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"), world_size, rank
+        return torch.device("cpu"), world_size, rank
 
     # ------------------------------------------------------------ hooks
 
@@ -198,7 +199,7 @@ class FullFinetuneRecipeDistributed(FinetuneRecipe):
         if self.is_rank_zero:
             devices = [self.device] if self.device.type == "cuda" else []
             with torch.random.fork_rng(devices=devices):  # building a model draws random numbers
-                copy = self.build_model(self.cfg)
+                copy = self.build_model(self.builder)
             copy.load_state_dict(state_dict)
             sharded, self.model = self.model, copy
             try:
@@ -221,8 +222,7 @@ class FullFinetuneRecipeDistributed(FinetuneRecipe):
 @config.parse
 @exits_on_config_error
 def recipe_main(cfg: DictConfig) -> None:
-    check_config(cfg, recipe=__file__, overrides=sys.argv[1:])  # before anything is built
-    recipe = FullFinetuneRecipeDistributed(cfg)
+    recipe = FullFinetuneRecipeDistributed(cfg, overrides=sys.argv[1:])  # checks the whole config first
     recipe.setup(cfg)
     recipe.train()
     recipe.cleanup()

@@ -10,7 +10,7 @@ import sys
 from omegaconf import DictConfig
 from torchtune import config
 
-from gqa_tune.config_check import check_config, exits_on_config_error
+from gqa_tune.config_check import exits_on_config_error
 from gqa_tune.training.finetune import FinetuneRecipe
 
 
@@ -21,8 +21,7 @@ class FullFinetuneRecipeSingleDevice(FinetuneRecipe):
 @config.parse
 @exits_on_config_error
 def recipe_main(cfg: DictConfig) -> None:
-    check_config(cfg, recipe=__file__, overrides=sys.argv[1:])  # before anything is built
-    recipe = FullFinetuneRecipeSingleDevice(cfg)
+    recipe = FullFinetuneRecipeSingleDevice(cfg, overrides=sys.argv[1:])  # checks the whole config first
     recipe.setup(cfg)
     recipe.train()
     recipe.cleanup()

@@ -38,20 +38,19 @@ the end. Then prefill and decode throughput and the KV-cache bytes (and what a f
 multi-head cache of the same model would take) are printed.
 """
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torchtune import config, training
 
-from gqa_tune.config_check import ConfigError, build_component, check_config, exits_on_config_error
-from gqa_tune.generation import GenerationStats
-from gqa_tune.generation import generate as gqa_generate
+from gqa_tune.config_check import ConfigError, build_component, exits_on_config_error, parse_config
+from gqa_tune.generation import GenerationStats, generate, left_padded, new_tokens
 from gqa_tune.hf import model_shape
-from gqa_tune.modules import setup_caches
 from gqa_tune.ops.kv_quant import check_kv_cache_dtype, resolve_kv_cache_dtype
 from gqa_tune.quantization import (
     build_quantizer,
@@ -61,7 +60,7 @@ from gqa_tune.quantization import (
     quantizer_limits,
     weight_bytes,
 )
-from gqa_tune.training.generation import GenerationResult, generate, kv_cache_bytes
+from gqa_tune.schema import GenerateConfig
 from gqa_tune.training.weights import check_vocab, fit_weights, load_weights
 
 #: ``prompt=...`` arguments taken off the command line before torchtune parses it (see :func:`main`).
@@ -98,59 +97,60 @@ class StreamPrinter:
 
 
 class GenerateRecipe:
-    """Load a model and tokenizer once (:meth:`setup`), then generate for the configured prompts."""
+    """Load a model and tokenizer once (:meth:`setup`), then generate for the configured prompts
+    (:meth:`generate`), through :func:`gqa_tune.generate`: eagerly, or with ``compile: true`` its compiled
+    decode step."""
 
-    def __init__(self, cfg: DictConfig) -> None:
-        self.device = torch.device(cfg.get("device", "cpu"))
-        self.dtype = training.get_dtype(cfg.get("dtype", "fp32"), device=self.device)
-        self.kv_cache_dtype = resolve_kv_cache_dtype(cfg.get("kv_cache_dtype"))
+    def __init__(self, cfg: DictConfig, *, overrides: Sequence[str] = ()) -> None:
+        self.cfg = cfg = parse_config(cfg, GenerateConfig, overrides)  # the one check; the typed config
+        self.device = torch.device(cfg.device)
+        self.dtype = training.get_dtype(cfg.dtype, device=self.device)
+        self.kv_cache_dtype = resolve_kv_cache_dtype(cfg.kv_cache_dtype)
         if self.kv_cache_dtype is not None:
             check_kv_cache_dtype(self.kv_cache_dtype, self.device)  # before anything is loaded
-        self.quantizer = build_quantizer(cfg.quantizer) if cfg.get("quantizer") is not None else None
+        self.quantizer = build_quantizer(cfg.quantizer) if cfg.quantizer is not None else None
         if self.quantizer is not None:  # what is known to fail, before anything is loaded
             reason = quantizer_limits(self.quantizer, self.device, self.dtype)
             if reason is not None:
                 raise quantizer_error(self.quantizer, self.device, self.dtype, reason)
-        self.seed = training.set_seed(cfg.get("seed", 0))
-        self.source = ""
+        self.seed = training.set_seed(cfg.seed)
         self.quantized = 0  # linear weights the quantizer replaced
 
     # ------------------------------------------------------------ setup
 
-    def setup(self, cfg: DictConfig) -> None:
+    def setup(self, cfg: Optional[DictConfig] = None) -> None:
+        """The tokenizer and the model with its weights (from ``hf_model_dir``, ``checkpointer`` (+ ``model``) or
+        ``checkpoint_dir``: :func:`gqa_tune.training.weights.load_weights`), quantized with ``quantizer``."""
+        cfg = self.cfg
         self.tokenizer = build_component(cfg.tokenizer, "tokenizer")
-        state_dict, builder, weights = self.load_weights(cfg)
+        hint = (
+            "train a model first, e.g. `tune run gqa_tune/recipes/full_finetune_single_device.py "
+            "--config configs/gqa_tiny/full.yaml`, or set checkpoint_dir=<dir> or hf_model_dir=<dir>"
+        )
+        state_dict, builder, weights = load_weights(cfg, checkpoint_key="checkpoint_dir", required=True, hint=hint)
         self.source = weights.name
         with training.set_default_dtype(self.dtype), self.device:
             model = build_component(builder, "model")
         # As in the fine-tune recipes: a LoRA builder's adapters may be absent (merged weights, B = 0).
         fit_weights(model, state_dict, weights)
-        check_vocab(model.tok_embeddings.num_embeddings, self.tokenizer, weights, cfg.tokenizer.get("_component_", ""))
+        check_vocab(model.tok_embeddings.num_embeddings, self.tokenizer, weights, cfg.tokenizer._component_)
         self.stop_tokens = list(getattr(self.tokenizer, "stop_tokens", None) or [self.tokenizer.eos_id])
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
         if self.quantizer is not None:  # after the weights are in place; a kernel missing here fails now
             self.quantized = quantize_model(self.model, self.quantizer)
 
-    def load_weights(self, cfg: DictConfig) -> tuple:
-        """``(weights, builder config, source)`` (:func:`gqa_tune.training.weights.load_weights`): from
-        ``hf_model_dir``, ``checkpointer`` (+ ``model``) or ``checkpoint_dir``."""
-        hint = (
-            "train a model first, e.g. `tune run gqa_tune/recipes/full_finetune_single_device.py "
-            "--config configs/gqa_tiny/full.yaml`, or set checkpoint_dir=<dir> or hf_model_dir=<dir>"
-        )
-        return load_weights(cfg, checkpoint_key="checkpoint_dir", required=True, hint=hint)
-
     # ------------------------------------------------------------ generation
 
-    def prompts(self, cfg: DictConfig) -> List[str]:
+    def prompts(self, cfg: Optional[DictConfig] = None) -> List[str]:
         """The prompts to run: ``prompt=`` from the command line, else ``prompt``, else ``prompts``."""
+        cfg = self.cfg if cfg is None else cfg
         if _CLI_PROMPTS:
             prompts: Any = list(_CLI_PROMPTS)
-        elif cfg.get("prompt") is not None:
-            prompts = [cfg.prompt]
+        elif cfg.prompt is not None:
+            prompts = cfg.prompt
         else:
-            prompts = cfg.get("prompts")
-            prompts = OmegaConf.to_container(prompts) if OmegaConf.is_config(prompts) else prompts
+            prompts = cfg.prompts
+        prompts = OmegaConf.to_container(prompts) if OmegaConf.is_config(prompts) else prompts
         if isinstance(prompts, str):
             prompts = [prompts]
         if not prompts:
@@ -165,155 +165,104 @@ class GenerateRecipe:
 
     def encode(self, prompts: List[str], max_new_tokens: int) -> List[List[int]]:
         """Token ids per prompt (with BOS), checked to fit ``max_seq_len`` with the new tokens."""
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
         encoded = [self.tokenizer.encode(p, add_bos=True, add_eos=False) for p in prompts]
         limit = self.model.max_seq_len
         longest = max(range(len(encoded)), key=lambda i: len(encoded[i]))
         width = len(encoded[longest])
         if width + max_new_tokens > limit:
-            raise ValueError(
+            raise ConfigError(
                 f"prompt {longest} is {width} tokens long; with max_new_tokens={max_new_tokens} generation needs "
                 f"{width + max_new_tokens} positions, more than the model's max_seq_len={limit}: shorten the "
                 f"prompt, lower max_new_tokens (at most {max(limit - width, 0)} here) or build the model with a "
-                "larger max_seq_len (model.max_seq_len=N)"
+                "larger max_seq_len (model.max_seq_len=N)",
+                what="max_new_tokens",
             )
         return encoded
 
-    def generate(self, cfg: DictConfig) -> GenerationResult:
-        """Generate for the configured prompts, print the texts and statistics, return the result.
+    def generate(self, cfg: Optional[DictConfig] = None) -> Dict[str, Any]:
+        """Generate for the configured prompts as one left-padded batch, print the texts and statistics.
 
-        ``result.extra`` holds ``prompts``, ``prompt_tokens`` and ``texts``.
+        Returns:
+            What ``output_file`` holds: ``prompts``, ``prompt_tokens``, ``tokens`` (the new ids of each prompt,
+            its stop token excluded), ``stopped`` (whether each ended at a stop token), ``texts``, the timings
+            (:class:`gqa_tune.GenerationStats`'s), ``kv_cache_bytes`` and the weights' bytes.
         """
-        prompts = self.prompts(cfg)
-        max_new_tokens = cfg.get("max_new_tokens", 32)
-        encoded = self.encode(prompts, max_new_tokens)
-        temperature = float(cfg.get("temperature", 0.0))
-        top_k = cfg.get("top_k")
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-        if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
-            raise ValueError(f"top_k must be a positive int or null, got {top_k!r}")
-        stop_tokens = self.stop_tokens
-        pad_id = self.tokenizer.pad_id
-
+        cfg = self.cfg
+        prompts = self.prompts()
+        encoded = self.encode(prompts, cfg.max_new_tokens)
+        batch = left_padded(encoded, self.tokenizer.pad_id, self.device)
+        rng = None
+        if cfg.temperature > 0 and cfg.seed is not None:
+            rng = torch.Generator(device=self.device).manual_seed(cfg.seed)
         stream = None
-        if cfg.get("compile", False):
-            result = self.generate_compiled(encoded, max_new_tokens, pad_id, stop_tokens, temperature, top_k, cfg)
-        else:
-            if len(prompts) == 1:
-                stream = StreamPrinter(self.tokenizer, stop_tokens, pad_id)
-                print(prompts[0], end="", flush=True)
-            result = generate(
-                self.model,
-                encoded,
-                max_new_tokens=max_new_tokens,
-                pad_id=pad_id,
-                stop_tokens=stop_tokens,
-                temperature=temperature,
-                top_k=top_k,
-                seed=cfg.get("seed") if temperature > 0 else None,
-                on_tokens=stream,
-                kv_cache_dtype=self.kv_cache_dtype,
-            )
-        texts = [self.tokenizer.decode(ids) for ids in result.tokens]
+        if len(prompts) == 1 and not cfg.compile:  # compiled, the output is printed at the end
+            stream = StreamPrinter(self.tokenizer, self.stop_tokens, self.tokenizer.pad_id)
+            print(prompts[0], end="", flush=True)
+        stats = GenerationStats()
+        tokens, _ = generate(
+            self.model, batch, cfg.max_new_tokens, pad_id=self.tokenizer.pad_id, temperature=cfg.temperature,
+            top_k=cfg.top_k, stop_tokens=self.stop_tokens, rng=rng, compile=cfg.compile, stats=stats,
+            on_tokens=stream, kv_cache_dtype=self.kv_cache_dtype,
+        )  # fmt: skip
+        ids, stopped = new_tokens(tokens, batch.shape[1], self.stop_tokens)
+        texts = [self.tokenizer.decode(row) for row in ids]
         if stream is not None:
             stream.finish()
         else:
             for prompt, text in zip(prompts, texts):
                 print(f"{prompt}{text}")
-        result.extra.update({"prompts": prompts, "prompt_tokens": encoded, "texts": texts})
-        self.report(result, temperature, top_k)
-        if cfg.get("output_file"):
-            self.write_output(Path(cfg.output_file), result)
+        result = {
+            "prompts": prompts, "prompt_tokens": encoded, "tokens": ids, "stopped": stopped, "texts": texts,
+            **dataclasses.asdict(stats),
+            "prefill_tokens_per_s": stats.prefill_tokens_per_s, "decode_tokens_per_s": stats.decode_tokens_per_s,
+            "quantizer": describe(self.quantizer) if self.quantizer is not None else None,
+            "weight_bytes": weight_bytes(self.model),
+        }  # fmt: skip
+        shape = _attention_shape(self.model)
+        if shape is not None:
+            result.update(shape, mha_kv_cache_bytes=stats.kv_cache_bytes * shape["num_heads"] // shape["num_kv_heads"])
+        self.report(result, shape)
+        if cfg.output_file:
+            path = Path(cfg.output_file)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(result, indent=2) + "\n")
+            print(f"wrote {path}")
         return result
 
-    def generate_compiled(self, encoded, max_new_tokens, pad_id, stop_tokens, temperature, top_k, cfg):
-        """``compile: true``: the batch through :func:`gqa_tune.generate` with its decode step compiled once
-        (fixed shapes, no recompiles); the rates leave the compilation out (``compile_seconds`` in extra)."""
-        longest = max(len(ids) for ids in encoded)
-        prompt = torch.full((len(encoded), longest), pad_id, dtype=torch.long, device=self.device)
-        for row, ids in enumerate(encoded):  # left padding: positions restart at each row's first token
-            prompt[row, longest - len(ids) :] = torch.tensor(ids, dtype=torch.long)
-        setup_caches(self.model, len(encoded), self.dtype, decoder_max_seq_len=longest + max_new_tokens,
-                     kv_cache_dtype=self.kv_cache_dtype)  # fmt: skip
-        rng = None
-        if temperature > 0 and cfg.get("seed") is not None:
-            rng = torch.Generator(device=self.device).manual_seed(int(cfg.seed))
-        stats = GenerationStats()
-        tokens, _ = gqa_generate(self.model, prompt, max_new_tokens, pad_id=pad_id, temperature=temperature,
-                                 top_k=top_k, stop_tokens=stop_tokens, rng=rng, compile=True, stats=stats)  # fmt: skip
-        rows, stopped = [], []
-        for row in tokens[:, longest:].tolist():
-            cut = next((i for i, t in enumerate(row) if t in stop_tokens), len(row))
-            rows.append(row[:cut])
-            stopped.append(cut < len(row))
-        result = GenerationResult(
-            rows, stats.prefill_seconds, stats.decode_seconds, stats.prefill_tokens, stats.decode_tokens,
-            kv_cache_bytes(self.model), stopped=stopped,
-        )  # fmt: skip
-        result.extra["compile_seconds"] = stats.compile_seconds
-        return result
-
-    def report(self, result: GenerationResult, temperature: float, top_k: Optional[int]) -> None:
-        mode = "greedy" if temperature <= 0 else f"sampling (temperature {temperature}, top_k {top_k})"
-        print(f"--- {len(result.tokens)} prompt(s), {mode}, weights from {self.source}")
+    def report(self, result: Dict[str, Any], shape: Optional[Dict[str, int]]) -> None:
+        cfg = self.cfg
+        mode = "greedy" if cfg.temperature <= 0 else f"sampling (temperature {cfg.temperature}, top_k {cfg.top_k})"
+        print(f"--- {len(result['tokens'])} prompt(s), {mode}, weights from {self.source}")
         if self.quantizer is not None:
             print(
                 f"weights: {self.quantized} linear layers quantized with {describe(self.quantizer)}; "
-                f"{weight_bytes(self.model) / 2**20:.3f} MiB of parameters"
+                f"{result['weight_bytes'] / 2**20:.3f} MiB of parameters"
             )
         print(
-            f"prefill: {result.prefill_tokens} tokens in {result.prefill_seconds * 1e3:.1f} ms "
-            f"({result.prefill_tokens_per_s:.0f} tokens/s)"
+            f"prefill: {result['prefill_tokens']} tokens in {result['prefill_seconds'] * 1e3:.1f} ms "
+            f"({result['prefill_tokens_per_s']:.0f} tokens/s)"
         )
-        compiled = result.extra.get("compile_seconds")
+        compiled = f"; compiled step (its first call, {result['compile_seconds']:.1f} s, not counted)"
         print(
-            f"decode: {result.decode_tokens} tokens in {result.decode_seconds * 1e3:.1f} ms "
-            f"({result.decode_tokens_per_s:.0f} tokens/s)"
-            + (f"; compiled step (its first call, {compiled:.1f} s, not counted)" if compiled is not None else "")
+            f"decode: {result['decode_tokens']} tokens in {result['decode_seconds'] * 1e3:.1f} ms "
+            f"({result['decode_tokens_per_s']:.0f} tokens/s)" + (compiled if result["compiled"] else "")
         )
-        at_once = [i for i, (ids, stop) in enumerate(zip(result.tokens, result.stopped)) if stop and not ids]
+        at_once = [i for i, (ids, stop) in enumerate(zip(result["tokens"], result["stopped"])) if stop and not ids]
         if at_once:
-            which = "every prompt" if len(at_once) == len(result.tokens) else f"prompt(s) {at_once}"
+            which = "every prompt" if len(at_once) == len(result["tokens"]) else f"prompt(s) {at_once}"
             print(
                 f"{which}: the first new token was a stop token ({self.stop_tokens}), so the answer is empty"
-                + (" and nothing was decoded" if len(at_once) == len(result.tokens) else "")
+                + (" and nothing was decoded" if len(at_once) == len(result["tokens"]) else "")
             )
-        shape = _attention_shape(self.model)
-        line = f"KV cache: {result.kv_cache_bytes} bytes ({result.kv_cache_bytes / 2**20:.3f} MiB)"
+        size = result["kv_cache_bytes"]
+        line = f"KV cache: {size} bytes ({size / 2**20:.3f} MiB)"
         if shape is not None:
-            n_h, n_kv = shape["num_heads"], shape["num_kv_heads"]
-            mha = result.kv_cache_bytes * n_h // n_kv
+            n_h, n_kv, mha = shape["num_heads"], shape["num_kv_heads"], result["mha_kv_cache_bytes"]
             line += (
                 f" for {n_kv} kv heads; a multi-head cache ({n_h} heads) would take {mha} bytes "
                 f"({mha / 2**20:.3f} MiB, {n_h / n_kv:.1f}x)"
             )
         print(line, flush=True)
-
-    def write_output(self, path: Path, result: GenerationResult) -> None:
-        data: Dict[str, Any] = {
-            "prompts": result.extra["prompts"],
-            "prompt_tokens": result.extra["prompt_tokens"],
-            "tokens": result.tokens,
-            "texts": result.extra["texts"],
-            "prefill_tokens": result.prefill_tokens,
-            "prefill_seconds": result.prefill_seconds,
-            "prefill_tokens_per_s": result.prefill_tokens_per_s,
-            "decode_tokens": result.decode_tokens,
-            "decode_seconds": result.decode_seconds,
-            "decode_tokens_per_s": result.decode_tokens_per_s,
-            "kv_cache_bytes": result.kv_cache_bytes,
-            "quantizer": describe(self.quantizer) if self.quantizer is not None else None,
-            "weight_bytes": weight_bytes(self.model),
-        }
-        shape = _attention_shape(self.model)
-        if shape is not None:
-            data.update(shape)
-            data["mha_kv_cache_bytes"] = result.kv_cache_bytes * shape["num_heads"] // shape["num_kv_heads"]
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(data, indent=2) + "\n")
-        print(f"wrote {path}")
 
 
 def _attention_shape(model: torch.nn.Module) -> Optional[Dict[str, int]]:
@@ -326,10 +275,9 @@ def _attention_shape(model: torch.nn.Module) -> Optional[Dict[str, int]]:
 @config.parse
 @exits_on_config_error
 def recipe_main(cfg: DictConfig) -> None:
-    check_config(cfg, recipe=__file__, overrides=sys.argv[1:])  # before anything is built
-    recipe = GenerateRecipe(cfg)
-    recipe.setup(cfg)
-    recipe.generate(cfg)
+    recipe = GenerateRecipe(cfg, overrides=sys.argv[1:])  # checks the whole config first
+    recipe.setup()
+    recipe.generate()
 
 
 def take_prompt_args(argv: List[str]) -> List[str]:

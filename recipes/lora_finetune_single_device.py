@@ -39,14 +39,14 @@ The LoRA library code (adapters in PEFT layout, merging, checks) is :mod:`gqa_tu
 
 import sys
 from pathlib import Path
-from typing import Any, Dict, Iterable, Optional
+from typing import Any, Dict, Iterable, Optional, Tuple
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torchtune import config, training
 from torchtune.modules.peft import get_adapter_params, set_trainable_params
 
-from gqa_tune.config_check import ConfigError, check_config, exits_on_config_error
+from gqa_tune.config_check import ConfigError, exits_on_config_error
 from gqa_tune.hf import model_shape
 from gqa_tune.models import init_from_scratch
 from gqa_tune.schema import LoRAConfig
@@ -63,7 +63,7 @@ from gqa_tune.training.lora import (
     merged_state_dict,
     save_adapter,
 )
-from gqa_tune.training.weights import load_weights
+from gqa_tune.training.weights import WeightSource, load_weights
 
 
 class LoRAFinetuneRecipeSingleDevice(FinetuneRecipe):
@@ -74,60 +74,68 @@ class LoRAFinetuneRecipeSingleDevice(FinetuneRecipe):
 
     # ------------------------------------------------------------ setup
 
-    def build_model(self, cfg: DictConfig) -> torch.nn.Module:
-        """The LoRA model from :attr:`builder`, and the plain model of its merged checkpoints on the meta device
-        (it describes them in ``config.json`` and checks that they fit it)."""
-        model = super().build_model(cfg)
-        self.lora = lora_settings(model)
-        base_cfg = cfg.get("base_model")
-        self.base_model_cfg = (
-            OmegaConf.to_container(base_cfg, resolve=True)
-            if base_cfg is not None
-            else base_builder_config(OmegaConf.to_container(self.builder, resolve=True))
-        )
+    def weights_required(self, cfg: DictConfig) -> bool:
+        """Base weights must come from somewhere, unless ``init_from_scratch`` asks for random ones."""
+        return not cfg.init_from_scratch
+
+    def base_builder(self, builder: DictConfig) -> Dict[str, Any]:
+        """The plain model's builder: ``base_model`` if given, else the LoRA builder's plain twin."""
+        if self.cfg.base_model is not None:
+            return OmegaConf.to_container(self.cfg.base_model, resolve=True)
+        return base_builder_config(OmegaConf.to_container(builder, resolve=True))
+
+    def plain_model(self, base_cfg: Dict[str, Any]) -> torch.nn.Module:
+        """The plain model of the merged checkpoints, on the meta device: what ``config.json`` describes."""
         with training.set_default_dtype(self.dtype), torch.device("meta"):
             try:
-                self.base_model = config.instantiate(OmegaConf.create(self.base_model_cfg))
+                return config.instantiate(OmegaConf.create(base_cfg))
             except Exception as err:
-                problem = f"base_model: cannot build the plain model {self.base_model_cfg}: {err}; set base_model"
+                problem = f"base_model: cannot build the plain model {base_cfg}: {err}; set base_model"
                 raise ConfigError(problem, what="base_model") from err
-        base_sd = self.base_model.state_dict()
+
+    def load_model(
+        self, cfg: DictConfig, resume_path: Optional[Path]
+    ) -> Tuple[torch.nn.Module, DictConfig, WeightSource]:
+        """Base weights from the configured source (also when resuming: a checkpoint holds the MERGED model,
+        which would apply the adapter twice), then fresh adapters, or the checkpoint's adapter checked to
+        reproduce its merged weights with this base. The plain model (``base_model``) must fit the LoRA
+        model's base weights."""
+        hint = "or init_from_scratch=true for random base weights"
+        state_dict, builder, source = load_weights(
+            cfg, checkpoint_key=self.CHECKPOINT_DIR_KEY, required=self.weights_required(cfg), hint=hint
+        )
+        model = self.build_model(builder)
+        base_cfg = self.base_builder(builder)
+        plain = self.plain_model(base_cfg)
+        base_sd = plain.state_dict()
         lora_sd = {k: v for k, v in model.state_dict().items() if "lora_" not in k}
         if base_sd.keys() != lora_sd.keys() or any(base_sd[k].shape != lora_sd[k].shape for k in base_sd):
             diff = sorted(set(base_sd) ^ set(lora_sd)) or [k for k in base_sd if base_sd[k].shape != lora_sd[k].shape]
             raise ConfigError(
-                f"base_model {self.base_model_cfg} does not match the LoRA model's base weights: {diff[:5]}",
-                what="base_model",
+                f"base_model {base_cfg} does not match the LoRA model's base weights: {diff[:5]}", what="base_model"
             )
-        return model
-
-    def load_model(self, cfg: DictConfig, resume_path: Optional[Path]) -> torch.nn.Module:
-        """Base weights from the configured source (also when resuming: a checkpoint holds the MERGED model,
-        which would apply the adapter twice), then fresh adapters, or the checkpoint's adapter checked to
-        reproduce its merged weights with this base."""
-        state_dict, self.builder, self.source = load_weights(cfg, checkpoint_key=self.CHECKPOINT_DIR_KEY)
-        model = self.build_model(cfg)
+        settings = lora_settings(model)
         if state_dict is not None:
-            load_base_weights(model, state_dict, self.lora, self.source.name)
+            load_base_weights(model, state_dict, settings, source.name)
             del state_dict
-        elif self.source.kind == "init_from_scratch":
+        elif source.kind == "init_from_scratch":
             # Resuming, this is the first run's RNG state right after the model was built: the same base.
-            init_from_scratch(model, std=cfg.get("init_std", 0.02))
+            init_from_scratch(model, std=cfg.init_std)
         if resume_path is None:
             for module in lora_modules(model).values():
                 module.initialize_parameters()  # fresh adapters (init_from_scratch also re-initialized lora_a/b)
-            return model
-        load_adapter(resume_path, model, self.lora, model_shape(self.base_model))
+            return model, builder, source
+        load_adapter(resume_path, model, settings, model_shape(plain))
         merged, _, _ = load_checkpoint(resume_path)
         tol = 1e-5 if self.dtype == torch.float32 else 1e-2
-        problem = check_merged(model, self.lora, merged, repr(str(resume_path)), tol)
+        problem = check_merged(model, settings, merged, repr(str(resume_path)), tol)
         if problem is not None:
             raise ConfigError(
                 f"resume_from_checkpoint: cannot resume from {str(resume_path)!r}: with the base weights from "
-                f"{self.source.name}, {problem}; the base weights have changed",
+                f"{source.name}, {problem}; the base weights have changed",
                 what="resume_from_checkpoint",
             )
-        return model
+        return model, builder, source
 
     def wrap_model(self, model: torch.nn.Module) -> torch.nn.Module:
         set_trainable_params(model, get_adapter_params(model))
@@ -139,25 +147,25 @@ class LoRAFinetuneRecipeSingleDevice(FinetuneRecipe):
     # ------------------------------------------------------------ checkpoints
 
     def full_state_dict(self) -> Dict[str, torch.Tensor]:
-        return merged_state_dict(self.model, self.lora)
+        return merged_state_dict(self.model, lora_settings(self.model))
 
     def extra_checkpoint_files(self, directory: Path) -> None:
-        extra: Dict[str, Any] = {"base_model": self.base_model_cfg, "base_weights": self.source.name}
-        settings = adapter_config(self.lora, self.source.path, extra)
-        save_adapter(directory, self.model, model_shape(self.base_model), settings)
+        base_cfg = self.base_builder(self.builder)
+        extra: Dict[str, Any] = {"base_model": base_cfg, "base_weights": self.source.name}
+        settings = adapter_config(lora_settings(self.model), self.source.path, extra)
+        save_adapter(directory, self.model, model_shape(self.plain_model(base_cfg)), settings)
 
     def checkpoint_model(self) -> torch.nn.Module:
-        return self.base_model  # config.json describes the merged (plain) model
+        return self.plain_model(self.base_builder(self.builder))  # config.json describes the merged (plain) model
 
     def checkpoint_builder(self) -> Dict[str, Any]:
-        return self.base_model_cfg
+        return self.base_builder(self.builder)
 
 
 @config.parse
 @exits_on_config_error
 def recipe_main(cfg: DictConfig) -> None:
-    check_config(cfg, recipe=__file__, overrides=sys.argv[1:])  # before anything is built
-    recipe = LoRAFinetuneRecipeSingleDevice(cfg)
+    recipe = LoRAFinetuneRecipeSingleDevice(cfg, overrides=sys.argv[1:])  # checks the whole config first
     recipe.setup(cfg)
     recipe.train()
     recipe.cleanup()

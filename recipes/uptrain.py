@@ -36,18 +36,18 @@ import inspect
 import math
 import sys
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torchtune import config
 from torchtune.config._utils import _get_component_from_path
 
-from gqa_tune.config_check import ConfigError, build_component, check_config, exits_on_config_error
-from gqa_tune.convert.pooling import METHODS, check_conversion, convert_model_
+from gqa_tune.config_check import ConfigError, exits_on_config_error
+from gqa_tune.convert.pooling import check_conversion, convert_model_
 from gqa_tune.schema import UptrainConfig
 from gqa_tune.training.finetune import FinetuneRecipe
-from gqa_tune.training.weights import fit_weights, load_weights
+from gqa_tune.training.weights import WeightSource, fit_weights, load_weights
 
 
 def builder_accepts_num_kv_heads(component: str) -> bool:
@@ -65,65 +65,39 @@ _PRETRAIN_HINT = (
 
 
 class UptrainRecipe(FinetuneRecipe):
-    """Load an MHA (or grouped) checkpoint, pool its kv heads, uptrain, evaluate, save."""
+    """Load an MHA (or grouped) checkpoint, pool its kv heads, uptrain, evaluate, save.
+
+    Its own hooks: :meth:`load_model` (the source, converted), :meth:`plan_steps` (the step budget, from
+    ``uptrain_steps`` or ``uptrain_fraction`` of the source's steps, in whole epochs) and
+    :meth:`resume_settings` (the budget too).
+    """
 
     SCHEMA = UptrainConfig
+    CHECKPOINT_DIR_KEY = "source_checkpoint_dir"
+    WEIGHTS_REQUIRED = True
 
-    def __init__(self, cfg: DictConfig) -> None:
-        super().__init__(cfg)
-        self.target_kv_heads = cfg.get("num_kv_heads")
-        self.method = cfg.get("method", "mean")
-        if self.method not in METHODS:
-            raise ConfigError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
-        if not isinstance(self.target_kv_heads, int) or isinstance(self.target_kv_heads, bool):
-            raise ConfigError(f"num_kv_heads must be set to a positive int, got {self.target_kv_heads!r}")
-        if self.target_kv_heads < 1:
-            raise ConfigError(f"num_kv_heads must be a positive int, got {self.target_kv_heads!r}")
-        steps, fraction = cfg.get("uptrain_steps"), cfg.get("uptrain_fraction")
+    def __init__(self, cfg: DictConfig, *, overrides: Sequence[str] = ()) -> None:
+        super().__init__(cfg, overrides=overrides)
+        steps, fraction = self.cfg.uptrain_steps, self.cfg.uptrain_fraction
         if (steps is None) == (fraction is None):
             raise ConfigError(
                 "set exactly one of uptrain_steps (optimizer steps) and uptrain_fraction (a fraction of the "
                 f"source's pre-training steps); got uptrain_steps={steps!r}, uptrain_fraction={fraction!r}"
             )
-        if steps is not None and (not isinstance(steps, int) or steps < 1):
-            raise ConfigError(f"uptrain_steps must be a positive int, got {steps!r}")
-        if fraction is not None and (not isinstance(fraction, (int, float)) or not 0 < fraction):
-            raise ConfigError(f"uptrain_fraction must be a positive number, got {fraction!r}")
-        self.builder: Optional[Dict[str, Any]] = None
-        self.source_global_step: Optional[int] = None
-        self.source_kv_heads: Optional[int] = None
         self.eval_before: Optional[Dict[str, float]] = None
 
-    # ------------------------------------------------------------ the source
+    # ------------------------------------------------------------ the source, converted
 
-    def load_source(self, cfg: DictConfig):
-        """``(weights, builder config, source)`` of the source model (:func:`~gqa_tune.training.weights.load_weights`:
-        ``hf_model_dir``, ``checkpointer`` + ``model``, or ``source_checkpoint_dir``)."""
-        loaded = load_weights(cfg, checkpoint_key="source_checkpoint_dir", required=True, hint=_PRETRAIN_HINT)
-        state = loaded[2].recipe_state
-        if state is not None and "global_step" in state:
-            self.source_global_step = int(state["global_step"])
-        return loaded
-
-    def uptrain_steps(self) -> int:
-        """The number of optimizer steps to run."""
-        if self.cfg.get("uptrain_steps") is not None:
-            return int(self.cfg.uptrain_steps)
-        source_steps = self.cfg.get("source_global_step")
-        if source_steps is None:
-            source_steps = self.source_global_step
-        if source_steps is None:
-            raise ConfigError(
-                "uptrain_fraction needs the source's pre-training steps, but the source has no recipe_state.pt "
-                "with a global_step: set source_global_step=N or give uptrain_steps instead"
-            )
-        return max(1, round(float(self.cfg.uptrain_fraction) * int(source_steps)))
-
-    def load_model(self, cfg: DictConfig, resume_path: Optional[Path]) -> torch.nn.Module:
-        """The source model with its weights, converted to ``num_kv_heads`` kv heads; when resuming, the
-        converted model then takes the checkpoint's weights."""
-        state_dict, builder, source = self._source
-        self._source = None  # free the source weights once loaded
+    def load_model(
+        self, cfg: DictConfig, resume_path: Optional[Path]
+    ) -> Tuple[torch.nn.Module, DictConfig, WeightSource]:
+        """The source model (:func:`~gqa_tune.training.weights.load_weights`: ``hf_model_dir``, ``checkpointer`` +
+        ``model``, or ``source_checkpoint_dir``) with its weights, converted to ``num_kv_heads`` kv heads, and its
+        builder with the new count; when resuming, the converted model then takes the checkpoint's weights. The
+        source stays the weights' origin (its steps set ``uptrain_fraction``'s budget)."""
+        state_dict, builder, source = load_weights(
+            cfg, checkpoint_key=self.CHECKPOINT_DIR_KEY, required=True, hint=_PRETRAIN_HINT
+        )
         component = builder.get("_component_")
         if not component:
             raise ConfigError(f"the model builder from {source.name} has no _component_")
@@ -133,55 +107,63 @@ class UptrainRecipe(FinetuneRecipe):
                 "rebuilt with its new kv heads; use a builder that takes num_kv_heads (e.g. "
                 "gqa_tune.models.gqa_decoder with the same shape)"
             )
-        self.builder, self.source = builder, source
-        model = self.build_model(cfg)
+        model = self.build_model(builder)
         fit_weights(model, state_dict, source)
         del state_dict
-        self.source_kv_heads = model.layers[0].attn.num_kv_heads
-        check_conversion(self.source_kv_heads, self.target_kv_heads, self.method)
-        seed = self.cfg.get("conversion_seed")
-        convert_model_(model, self.target_kv_heads, self.method, seed=self.seed if seed is None else seed)
-        self.builder = OmegaConf.merge(builder, {"num_kv_heads": self.target_kv_heads})
+        source_kv_heads = model.layers[0].attn.num_kv_heads
+        check_conversion(source_kv_heads, cfg.num_kv_heads, cfg.method)
+        seed = self.seed if cfg.conversion_seed is None else cfg.conversion_seed
+        convert_model_(model, cfg.num_kv_heads, cfg.method, seed=seed)
         print(
-            f"uptrain: {source.name} ({self.source_kv_heads} kv heads) -> {self.target_kv_heads} kv heads "
-            f"by {self.method!r} pooling",
+            f"uptrain: {source.name} ({source_kv_heads} kv heads) -> {cfg.num_kv_heads} kv heads "
+            f"by {cfg.method!r} pooling",
             flush=True,
         )
         if resume_path is not None:
-            resumed, _, self.source = load_weights(cfg, checkpoint_key="source_checkpoint_dir", resume_from=resume_path)
-            fit_weights(model, resumed, self.source)
-        return model
+            resumed, _, at = load_weights(cfg, checkpoint_key=self.CHECKPOINT_DIR_KEY, resume_from=resume_path)
+            fit_weights(model, resumed, at)
+        return model, OmegaConf.merge(builder, {"num_kv_heads": cfg.num_kv_heads}), source
 
-    def checkpoint_builder(self) -> Dict[str, Any]:
-        return OmegaConf.to_container(self.builder, resolve=True)
+    # ------------------------------------------------------------ the step budget
 
-    # ------------------------------------------------------------ setup
-
-    def setup(self, cfg: DictConfig) -> None:
-        # The weights come from load_model (source + conversion); the base setup gets the step budget as
-        # epochs x max_steps_per_epoch.
-        self._source = self.load_source(cfg)
-        steps = self.uptrain_steps()
-        tokenizer = build_component(cfg.tokenizer, "tokenizer")
-        dataset_len = len(build_component(cfg.dataset, "dataset", tokenizer))
-        epoch_steps = dataset_len // (cfg.batch_size * cfg.get("gradient_accumulation_steps", 1))
-        if epoch_steps < 1:
+    def uptrain_steps(self, source: WeightSource) -> int:
+        """The optimizer steps to run: ``uptrain_steps``, or ``uptrain_fraction`` of the source's steps
+        (``source_global_step``, else its ``recipe_state.pt``'s ``global_step``)."""
+        if self.cfg.uptrain_steps is not None:
+            return self.cfg.uptrain_steps
+        source_steps = self.cfg.source_global_step
+        state = source.recipe_state
+        if source_steps is None and state is not None and "global_step" in state:
+            source_steps = int(state["global_step"])
+        if source_steps is None:
             raise ConfigError(
-                f"no optimizer step fits in an epoch: {dataset_len} examples, batch_size {cfg.batch_size}"
+                "uptrain_fraction needs the source's pre-training steps, but the source has no recipe_state.pt "
+                "with a global_step: set source_global_step=N or give uptrain_steps instead"
             )
-        epochs = math.ceil(steps / epoch_steps)
-        inner = cfg.copy()
-        inner.epochs, inner.max_steps_per_epoch = epochs, math.ceil(steps / epochs)
-        super().setup(inner)
-        self.cfg.epochs = epochs  # the training loop reads it
-        self.cfg.max_steps_per_epoch = self.steps_per_epoch
-        note = "" if self.total_steps == steps else f" ({steps} requested, rounded up to whole epochs)"
-        print(f"uptrain: {self.total_steps} steps in {epochs} epoch(s){note}", flush=True)
+        return max(1, round(float(self.cfg.uptrain_fraction) * int(source_steps)))
+
+    def plan_steps(self, batches_per_epoch: int, source: WeightSource) -> Tuple[int, int]:
+        """The budget in whole epochs: ``ceil(steps / batches)`` epochs of ``ceil(steps / epochs)`` steps."""
+        steps = self.uptrain_steps(source)
+        epochs = math.ceil(steps / batches_per_epoch)
+        per_epoch = math.ceil(steps / epochs)
+        note = "" if epochs * per_epoch == steps else f" ({steps} requested, rounded up to whole epochs)"
+        print(f"uptrain: {epochs * per_epoch} steps in {epochs} epoch(s){note}", flush=True)
+        return epochs, per_epoch
+
+    def resume_settings(self, cfg: DictConfig) -> Dict[str, Any]:
+        return {
+            **super().resume_settings(cfg),
+            "uptrain_steps": cfg.uptrain_steps,
+            "uptrain_fraction": cfg.uptrain_fraction,
+            "num_kv_heads": cfg.num_kv_heads,
+            "method": cfg.method,
+        }
 
     # ------------------------------------------------------------ training
 
     def train(self) -> None:
-        if self.cfg.get("eval_before_uptrain", False) and self.global_step == 0 and self.cfg.get("eval") is not None:
+        if self.cfg.eval_before_uptrain and self.global_step == 0 and self.cfg.eval is not None:
             self.eval_before = dict(self.evaluate())
         super().train()
 
@@ -189,8 +171,7 @@ class UptrainRecipe(FinetuneRecipe):
 @config.parse
 @exits_on_config_error
 def recipe_main(cfg: DictConfig) -> None:
-    check_config(cfg, recipe=__file__, overrides=sys.argv[1:])  # before anything is built
-    recipe = UptrainRecipe(cfg)
+    recipe = UptrainRecipe(cfg, overrides=sys.argv[1:])  # checks the whole config first
     recipe.setup(cfg)
     recipe.train()
     recipe.cleanup()

@@ -11,7 +11,8 @@ from torch.nn.attention.flex_attention import create_block_mask
 
 import gqa_tune
 from gqa_tune import KVCache, scaled_dot_product_gqa, swap_attention
-from gqa_tune.config_check import check_config_file, find_config
+from gqa_tune.catalog import find_config
+from gqa_tune.config_check import check_config_file
 from gqa_tune.convert import pooling
 from gqa_tune.convert.hf import convert_hf_checkpoint
 from gqa_tune.models import gqa_attention, gqa_decoder, gqa_tiny, lora_gqa_tiny

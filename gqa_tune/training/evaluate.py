@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader
 from torchtune.data import CROSS_ENTROPY_IGNORE_IDX, padded_collate_sft
 
 from gqa_tune.data import resolve_data_file
-from gqa_tune.training.generation import generate
+from gqa_tune.generation import generate, left_padded, new_tokens
 
 
 def shift_labels(labels: torch.Tensor) -> torch.Tensor:
@@ -49,20 +49,19 @@ def task_accuracy(
     rows = rows[:max_examples] if max_examples else rows
     was_training = model.training
     model.eval()
+    device = next(model.parameters()).device
+    stop_tokens = list(tokenizer.stop_tokens)
     correct: Dict[str, list] = {}
     for i in range(0, len(rows), batch_size):
         chunk = rows[i : i + batch_size]
         prompts = [tokenizer.encode(r["prompt"], add_bos=True, add_eos=False) for r in chunk]
         longest = max(len(tokenizer.encode(r["answer"], add_bos=False, add_eos=False)) for r in chunk)
-        result = generate(
-            model,
-            prompts,
-            max_new_tokens=longest + 1,
-            pad_id=tokenizer.pad_id,
-            stop_tokens=tokenizer.stop_tokens,
-            kv_cache_dtype=kv_cache_dtype,
+        batch = left_padded(prompts, tokenizer.pad_id, device)
+        tokens, _ = generate(
+            model, batch, longest + 1, pad_id=tokenizer.pad_id, stop_tokens=stop_tokens, kv_cache_dtype=kv_cache_dtype
         )
-        for row, ids in zip(chunk, result.tokens):
+        answers, _ = new_tokens(tokens, batch.shape[1], stop_tokens)
+        for row, ids in zip(chunk, answers):
             correct.setdefault(row.get("task", "all"), []).append(tokenizer.decode(ids) == row["answer"])
     model.train(was_training)
     scores = {task: sum(v) / len(v) for task, v in correct.items()}

@@ -18,7 +18,7 @@ import time
 import warnings
 from functools import partial
 from pathlib import Path
-from typing import Any, Dict, Iterable, Optional
+from typing import Any, Dict, Iterable, Optional, Sequence, Tuple
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -32,7 +32,8 @@ from torchtune.recipe_interfaces import FTRecipeInterface
 from torchtune.training import DummyProfiler
 from tqdm import tqdm
 
-from gqa_tune.config_check import ConfigError, build_component, check_values, check_writable_dir
+from gqa_tune._checks import ConfigError
+from gqa_tune.config_check import build_component, check_writable_dir, parse_config
 from gqa_tune.data.packing import packed_collate, packed_labels, packing_stats
 from gqa_tune.hf import tokenizer_token_ids
 from gqa_tune.models import init_from_scratch
@@ -76,10 +77,6 @@ def peak_memory_stats(device: torch.device) -> Dict[str, float]:
     import resource
 
     return {"peak_memory_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}  # KiB on Linux
-
-
-def _component_name(node: Any) -> str:
-    return node.get("_component_", "") if OmegaConf.is_dict(node) else ""
 
 
 def check_recipe_state(state: Any, path: Path) -> None:
@@ -142,23 +139,27 @@ class FinetuneRecipe(FTRecipeInterface):
     ``seed``, ``shuffle``, ``enable_activation_checkpointing``, ``compile``,
     ``save_every_n_steps``, ``resume_from_checkpoint``, ``metric_logger``,
     ``log_every_n_steps``, ``eval``. Their types, defaults and value rules are the dataclass
-    :attr:`SCHEMA` (:mod:`gqa_tune.schema`; a subclass names its own). The constructor checks them; the
-    recipes' main functions check the whole config first
-    (:func:`~gqa_tune.config_check.check_config`).
+    :attr:`SCHEMA` (:mod:`gqa_tune.schema`; a subclass names its own). The constructor is the one check
+    (:func:`~gqa_tune.config_check.parse_config`), and :attr:`cfg` is then the typed config: the recipe reads
+    its fields, whose defaults the dataclass alone gives.
 
     :meth:`setup` refuses bad inputs before building anything: an ``output_dir`` it
     cannot create and write, and, when resuming, a ``recipe_state.pt`` lacking
     :data:`RECIPE_STATE_KEYS` or trained with other :meth:`resume_settings`.
 
     The hooks, in the order the loop calls them (a subclass overrides any; values pass as arguments
-    and return values, not through fields one hook sets for another):
+    and return values, not through fields one hook sets for another; :meth:`setup` alone stores what they
+    return, as ``self.model``, ``self.builder``, ``self.source``, ``self.epochs``, ``self.steps_per_epoch``):
 
-    1. ``__init__(cfg)``: checks the values, seeds.
+    1. ``__init__(cfg, overrides=())``: checks the config (:func:`~gqa_tune.config_check.parse_config`),
+       seeds.
     2. :meth:`setup`: :meth:`resume_settings`; :meth:`read_resume_checkpoint` when resuming; the
-       metric logger and tokenizer; :meth:`build_model` and the starting weights; activation
+       metric logger and tokenizer; :meth:`load_model` (which calls :meth:`build_model`) returns the model
+       with its starting weights, its builder and where the weights came from; activation
        checkpointing; :meth:`wrap_model`; ``compile``; the ``loss`` (:func:`~gqa_tune.training.loss.build_loss`);
-       the optimizer over :meth:`trainable_parameters`; the data, sampled with :meth:`sampler_args`; the
-       scheduler; :meth:`load_recipe_state` when resuming.
+       the optimizer over :meth:`trainable_parameters`; the data, sampled with :meth:`sampler_args`;
+       :meth:`plan_steps` (epochs and optimizer steps per epoch); the scheduler; :meth:`load_recipe_state`
+       when resuming.
     3. :meth:`train`: for each optimizer step :meth:`train_step` (which calls :meth:`all_reduce` and
        :meth:`trainable_parameters`); every ``save_every_n_steps`` steps and at the end of each epoch
        :meth:`save_checkpoint`, which calls :meth:`full_state_dict`, :meth:`recipe_state`,
@@ -179,25 +180,28 @@ class FinetuneRecipe(FTRecipeInterface):
 
     SCHEMA = FinetuneConfig  # the config's keys, types and defaults
 
-    def __init__(self, cfg: DictConfig) -> None:
-        check_values(cfg, self.SCHEMA)  # also when built in-process, without recipe_main's check_config
-        self.cfg = cfg
-        self.device = torch.device(cfg.get("device", "cpu"))
-        self.dtype = training.get_dtype(cfg.get("dtype", "fp32"), device=self.device)
+    def __init__(self, cfg: DictConfig, *, overrides: Sequence[str] = ()) -> None:
+        """``cfg``: the config as ``tune run`` parsed it; ``overrides``: the command line's ``key=value``
+        arguments (:func:`~gqa_tune.config_check.empty_overrides`)."""
+        self.cfg = cfg = parse_config(cfg, self.SCHEMA, overrides)  # the one check; the typed config
+        self.device, self.world_size, self.rank = self.start_processes(cfg)
+        self.dtype = training.get_dtype(cfg.dtype, device=self.device)
         self.output_dir = Path(cfg.output_dir)
-        self.seed = training.set_seed(cfg.get("seed", 0))
-        self.world_size, self.rank = 1, 0
+        self.seed = training.set_seed(cfg.seed)  # after start_processes: torchtune seeds with seed + rank
         self.epoch, self.global_step, self.epoch_step = 0, 0, 0
         self.loss_history: list = []  # the training loss of each step
         self.eval_history: list = []  # (global step, results) of each evaluate()
-        self.source: Optional[WeightSource] = None  # where the weights came from (set by load_model)
-        self.builder: Optional[DictConfig] = None  # the model's builder config (set by load_model)
 
     # ------------------------------------------------------------ hooks
 
     @property
     def is_rank_zero(self) -> bool:
         return self.rank == 0
+
+    def start_processes(self, cfg: DictConfig) -> Tuple[torch.device, int, int]:
+        """``(device, world_size, rank)``: one process on ``cfg.device`` (the distributed recipe joins its
+        process group here)."""
+        return torch.device(cfg.device), 1, 0
 
     def wrap_model(self, model: torch.nn.Module) -> torch.nn.Module:
         """Subclasses shard or adapt the model here (after weights are loaded)."""
@@ -227,32 +231,56 @@ class FinetuneRecipe(FTRecipeInterface):
     def sampler_args(self) -> Dict[str, int]:
         return {"num_replicas": 1, "rank": 0}
 
-    def build_model(self, cfg: DictConfig) -> torch.nn.Module:
-        """A fresh model from :attr:`builder` (which :meth:`load_model` chose), without its weights."""
+    def build_model(self, builder: DictConfig) -> torch.nn.Module:
+        """A fresh model from ``builder``, without its weights."""
         with training.set_default_dtype(self.dtype), self.device:
-            return build_component(self.builder, "model")
+            return build_component(builder, "model")
 
-    def load_model(self, cfg: DictConfig, resume_path: Optional[Path]) -> torch.nn.Module:
-        """The model with its starting weights. :func:`~gqa_tune.training.weights.load_weights` decides where
-        they come from (``resume_path`` when resuming, else ``hf_model_dir``, ``checkpointer``, the
-        :attr:`CHECKPOINT_DIR_KEY` directory, or an initialization) and which builder makes the model."""
-        state_dict, self.builder, self.source = load_weights(
-            cfg, checkpoint_key=self.CHECKPOINT_DIR_KEY, resume_from=resume_path, required=self.WEIGHTS_REQUIRED
+    def weights_required(self, cfg: DictConfig) -> bool:
+        """Whether the recipe refuses to start without weights to load (instead of initializing)."""
+        return self.WEIGHTS_REQUIRED
+
+    def load_model(
+        self, cfg: DictConfig, resume_path: Optional[Path]
+    ) -> Tuple[torch.nn.Module, DictConfig, WeightSource]:
+        """``(model with its starting weights, its builder, where the weights came from)``.
+        :func:`~gqa_tune.training.weights.load_weights` decides where they come from (``resume_path`` when
+        resuming, else ``hf_model_dir``, ``checkpointer``, the :attr:`CHECKPOINT_DIR_KEY` directory, or an
+        initialization) and which builder makes the model."""
+        state_dict, builder, source = load_weights(
+            cfg, checkpoint_key=self.CHECKPOINT_DIR_KEY, resume_from=resume_path, required=self.weights_required(cfg)
         )
-        model = self.build_model(cfg)
+        model = self.build_model(builder)
         if state_dict is not None:
-            fit_weights(model, state_dict, self.source)
-        elif self.source.kind == "init_from_scratch":
-            init_from_scratch(model, std=cfg.get("init_std", 0.02))
-        return model
+            fit_weights(model, state_dict, source)
+        elif source.kind == "init_from_scratch":
+            init_from_scratch(model, std=cfg.init_std)
+        return model, builder, source
+
+    def plan_steps(self, batches_per_epoch: int, source: WeightSource) -> Tuple[int, int]:
+        """``(epochs, optimizer steps per epoch)``: the config's ``epochs``, and the optimizer steps one pass
+        over the data holds (at most ``max_steps_per_epoch``)."""
+        steps = batches_per_epoch
+        if self.cfg.max_steps_per_epoch is not None:
+            steps = min(steps, self.cfg.max_steps_per_epoch)
+        return self.cfg.epochs, steps
 
     # ------------------------------------------------------------ setup
 
-    def setup(self, cfg: DictConfig) -> None:
+    def setup(self, cfg: Optional[DictConfig] = None) -> None:
+        """Build everything the loop needs, from :attr:`cfg` (the typed config the recipe was built with; the
+        ``cfg`` argument, which torchtune's interface passes, is that config as given)."""
+        cfg = self.cfg
+        if cfg.run_val_every_n_steps is not None and cfg.eval is None:
+            raise ConfigError(
+                f"run_val_every_n_steps={cfg.run_val_every_n_steps} needs an evaluation to run: set eval: "
+                "{dataset: {...}} (the held-out data), or remove run_val_every_n_steps",
+                what="run_val_every_n_steps",
+            )
         check_writable_dir(self.output_dir, "output_dir")
         self.settings = self.resume_settings(cfg)  # saved in recipe_state.pt
         resume_path, resume_state = None, None
-        if cfg.get("resume_from_checkpoint", False):
+        if cfg.resume_from_checkpoint:
             resume_path, resume_state = self.read_resume_checkpoint(self.settings)
             self.seed = resume_state["seed"]  # the data order's (the same as cfg.seed, or drawn when that is null)
 
@@ -261,20 +289,18 @@ class FinetuneRecipe(FTRecipeInterface):
             self.metric_logger.log_config(cfg)
         self.tokenizer = build_component(cfg.tokenizer, "tokenizer")
 
-        model = self.load_model(cfg, resume_path)
-        check_vocab(model.tok_embeddings.num_embeddings, self.tokenizer, self.source, _component_name(cfg.tokenizer))
-        if cfg.get("enable_activation_checkpointing", False):
+        model, self.builder, self.source = self.load_model(cfg, resume_path)
+        check_vocab(model.tok_embeddings.num_embeddings, self.tokenizer, self.source, cfg.tokenizer._component_)
+        if cfg.enable_activation_checkpointing:
             training.set_activation_checkpointing(model, auto_wrap_policy={TransformerSelfAttentionLayer})
         self.model = self.wrap_model(model)
-        if cfg.get("compile", False):
+        if cfg.compile:
             training.compile_model(self.model)
-        self.loss_fn = build_loss(cfg.get("loss"), self.model)  # None: the default cross-entropy
+        self.loss_fn = build_loss(cfg.loss, self.model)  # None: the default cross-entropy
 
         self.optimizer = build_component(cfg.optimizer, "optimizer", self.trainable_parameters())
         self.dataset = build_component(cfg.dataset, "dataset", self.tokenizer)
-        self.sampler = DistributedSampler(
-            self.dataset, shuffle=cfg.get("shuffle", True), seed=self.seed, **self.sampler_args()
-        )
+        self.sampler = DistributedSampler(self.dataset, shuffle=cfg.shuffle, seed=self.seed, **self.sampler_args())
         # Packed rows (torchtune's PackedDataset): a BlockMask from the document lengths, positions restarting.
         self.packed = isinstance(self.dataset, PackedDataset)
         collate = partial(padded_collate_sft, padding_idx=self.tokenizer.pad_id, ignore_idx=CROSS_ENTROPY_IGNORE_IDX)
@@ -285,30 +311,23 @@ class FinetuneRecipe(FTRecipeInterface):
             drop_last=True,
             collate_fn=packed_collate if self.packed else collate,
         )
-        self.grad_accum = cfg.get("gradient_accumulation_steps", 1)
-        self.steps_per_epoch = len(self.dataloader) // self.grad_accum
-        if cfg.get("max_steps_per_epoch") is not None:
-            self.steps_per_epoch = min(self.steps_per_epoch, cfg.max_steps_per_epoch)
-        if self.steps_per_epoch < 1:
+        self.grad_accum = cfg.gradient_accumulation_steps
+        batches = len(self.dataloader) // self.grad_accum
+        if batches < 1:
             raise ConfigError(
                 f"no optimizer step fits in an epoch: {len(self.dataset)} examples, batch_size {cfg.batch_size}, "
                 f"gradient_accumulation_steps {self.grad_accum}, {self.world_size} process(es)"
             )
-        self.total_steps = cfg.epochs * self.steps_per_epoch
+        self.epochs, self.steps_per_epoch = self.plan_steps(batches, self.source)
+        self.total_steps = self.epochs * self.steps_per_epoch
         self.lr_scheduler = (
             build_component(cfg.lr_scheduler, "lr_scheduler", self.optimizer, num_training_steps=self.total_steps)
-            if cfg.get("lr_scheduler") is not None
+            if cfg.lr_scheduler is not None
             else None
         )
         if resume_state is not None:
             self.load_recipe_state(resume_state)
-        if cfg.get("run_val_every_n_steps") is not None and cfg.get("eval") is None:
-            raise ConfigError(
-                f"run_val_every_n_steps={cfg.run_val_every_n_steps} needs an evaluation to run: set eval: "
-                "{dataset: {...}} (the held-out data), or remove run_val_every_n_steps",
-                what="run_val_every_n_steps",
-            )
-        self.profiler = build_component(cfg.profiler, "profiler")[0] if cfg.get("profiler") else DummyProfiler()
+        self.profiler = build_component(cfg.profiler, "profiler")[0] if cfg.profiler else DummyProfiler()
         if self.is_rank_zero:
             self.log_setup(resume_path)
 
@@ -361,10 +380,10 @@ class FinetuneRecipe(FTRecipeInterface):
         """
         return {
             "batch_size": cfg.batch_size * self.world_size,
-            "gradient_accumulation_steps": cfg.get("gradient_accumulation_steps", 1),
-            "seed": cfg.get("seed", 0),
-            "shuffle": cfg.get("shuffle", True),
-            "max_steps_per_epoch": cfg.get("max_steps_per_epoch"),
+            "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+            "seed": cfg.seed,
+            "shuffle": cfg.shuffle,
+            "max_steps_per_epoch": cfg.max_steps_per_epoch,
             "dataset": OmegaConf.to_container(cfg.dataset, resolve=True),
             "tokenizer": OmegaConf.to_container(cfg.tokenizer, resolve=True),
         }
@@ -427,7 +446,7 @@ class FinetuneRecipe(FTRecipeInterface):
         # Gradients hold sum-of-losses (averaged over processes by FSDP): scale to a per-token mean.
         training.scale_grads(self.model, self.world_size / tokens.clamp_min(1))
         grad_norm = None
-        if self.cfg.get("clip_grad_norm") is not None:
+        if self.cfg.clip_grad_norm is not None:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable_parameters(), max_norm=self.cfg.clip_grad_norm)
             if hasattr(grad_norm, "full_tensor"):
                 grad_norm = grad_norm.full_tensor()
@@ -441,14 +460,14 @@ class FinetuneRecipe(FTRecipeInterface):
         return metrics
 
     def train(self) -> None:
-        log_every = self.cfg.get("log_every_n_steps", 10)
-        save_every = self.cfg.get("save_every_n_steps")
-        val_every = self.cfg.get("run_val_every_n_steps")
-        peak_memory = self.cfg.get("log_peak_memory_stats", False)
+        log_every = self.cfg.log_every_n_steps
+        save_every = self.cfg.save_every_n_steps
+        val_every = self.cfg.run_val_every_n_steps
+        peak_memory = self.cfg.log_peak_memory_stats
         bar = progress_bar(self.total_steps, self.global_step, disable=not self.is_rank_zero)
         postfix_at = -math.inf
         self.profiler.start()
-        while self.epoch < self.cfg.epochs:
+        while self.epoch < self.epochs:
             batches = self._micro_batches()
             while self.epoch_step < self.steps_per_epoch:
                 group = [next(batches) for _ in range(self.grad_accum)]
@@ -482,10 +501,10 @@ class FinetuneRecipe(FTRecipeInterface):
             self.save_checkpoint(self.epoch - 1)
         bar.close()
         self.profiler.stop()
-        if self.cfg.get("eval") is not None:
+        if self.cfg.eval is not None:
             self.evaluate()
         if self.is_rank_zero:
-            path = curves_dir(self.cfg.get("metric_logger"), self.output_dir) / CURVES_FILE
+            path = curves_dir(self.cfg.metric_logger, self.output_dir) / CURVES_FILE
             if plot_training_curves(path, self.loss_history, self.eval_history) is not None:
                 print(f"wrote {path}")
 
@@ -495,8 +514,8 @@ class FinetuneRecipe(FTRecipeInterface):
         dataset = build_component(cfg.dataset, "eval.dataset", self.tokenizer)
         with whole_logits(self.model) as model:  # plain cross-entropy and generation, whatever the training loss
             results = {"heldout_loss": heldout_loss(model, dataset, self.tokenizer, device=self.device)}
-            if cfg.get("accuracy_file"):
-                acc = task_accuracy(model, self.tokenizer, cfg.accuracy_file, cfg.get("max_examples", 200))
+            if cfg.accuracy_file:
+                acc = task_accuracy(model, self.tokenizer, cfg.accuracy_file, cfg.max_examples)
                 results.update({f"accuracy_{k}": v for k, v in acc.items()})
         if self.is_rank_zero:
             summary = ", ".join(f"{k} {v:.4f}" for k, v in results.items())
@@ -531,7 +550,7 @@ class FinetuneRecipe(FTRecipeInterface):
             source_dir=self.source.path,
         )
         tqdm.write(f"saved checkpoint {path}")
-        keep = self.cfg.get("keep_last_n_checkpoints")
+        keep = self.cfg.keep_last_n_checkpoints
         if keep is not None:  # after the new checkpoint is complete and LATEST names it
             for removed in prune_checkpoints(self.output_dir, keep):
                 tqdm.write(f"removed checkpoint {removed} (keep_last_n_checkpoints={keep})")

@@ -30,7 +30,7 @@ from torchtune import config as tt_config
 from torchtune import training, utils
 
 from gqa_tune import _checks as checks
-from gqa_tune.config_check import ConfigError
+from gqa_tune._checks import ConfigError
 from gqa_tune.hf.config import CONFIG, builder_from_hf_config, read_config, read_hf_config
 from gqa_tune.training.checkpoint import (
     load_checkpoint,
@@ -226,10 +226,10 @@ def _load_weights(
         keys = [k for k in (checkpoint_key, "hf_model_dir") if k]
         raise ValueError(
             f"no weights to load: set {' or '.join(keys)} (a checkpoint or Hugging Face model directory), "
-            "or checkpointer (+ model)"
+            "or checkpointer (+ model)" + (f", {hint}" if hint else "")
         )
     builder = _explicit_builder(model_cfg, "initializing the weights")
-    kind = "init_from_scratch" if cfg.get("init_from_scratch", True) else "builder"
+    kind = "init_from_scratch" if cfg.init_from_scratch else "builder"
     return None, OmegaConf.create(builder), WeightSource(kind, kind)
 
 

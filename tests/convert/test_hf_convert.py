@@ -237,7 +237,7 @@ def _edit_config(path, **changes):
         (lambda p: None, 0, "mean", "positive int, got 0"),
         (lambda p: (p / "config.json").unlink(), 2, "mean", r"checkpoint '{src}' has no config.json"),
         (lambda p: (p / "config.json").write_text("{"), 2, "mean", r"checkpoint '{src}': cannot read config.json"),
-        (lambda p: _edit_config(p, hidden_size=None), 2, "mean", r"checkpoint '{src}': config.json lacks 'hidden_size'"),
+        (lambda p: _edit_config(p, hidden_size=None), 2, "mean", r"'{src}': config.json lacks 'hidden_size'"),
         (lambda p: _edit_config(p, num_key_value_heads=3), 2, "mean", "heads 4 is not a multiple of .* 3"),
         (
             lambda p: _edit_config(p, num_key_value_heads=2),

@@ -53,11 +53,12 @@ import sys
 sys.meta_path[:] = [f for f in sys.meta_path if "__editable__" not in getattr(f, "__module__", "")]
 sys.path.insert(0, {str(site)!r})
 import gqa_tune
+from gqa_tune import catalog
 from gqa_tune import config_check as cc
 from gqa_tune.data import byte_tokenizer, task_dataset
 assert gqa_tune.__file__.startswith({str(site)!r}), gqa_tune.__file__
-for name in cc.config_names():
-    assert cc.check_config_file(cc.find_config(name)) == [], name
+for name in catalog.config_names():
+    assert cc.check_config_file(catalog.find_config(name)) == [], name
 print(len(task_dataset(byte_tokenizer(), data_file="data/tasks/train.jsonl")))
 """
     proc = subprocess.run([sys.executable, "-c", script], cwd=elsewhere, capture_output=True, text=True, timeout=300)

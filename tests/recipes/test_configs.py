@@ -1,5 +1,6 @@
 """Every config under configs/ validates and builds; config mistakes get messages naming the key or file."""
 
+import dataclasses
 import importlib
 import inspect
 import re
@@ -10,6 +11,7 @@ from helpers import REPO
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torchtune import config
 
+from gqa_tune import catalog
 from gqa_tune import config_check as cc
 from gqa_tune.schema import RECIPES, FinetuneConfig, fields
 from gqa_tune.training.finetune import FinetuneRecipe
@@ -26,7 +28,7 @@ def _in_repo(monkeypatch):
 
 
 def full_problems(*overrides, check_files=True):
-    cfg = cc.load_config(cc.find_config(FULL), overrides)
+    cfg = cc.load_config(catalog.find_config(FULL), overrides)
     return cc.validate_config(cfg, recipe=FULL_RECIPE, check_files=check_files)
 
 
@@ -35,7 +37,7 @@ def full_problems(*overrides, check_files=True):
 
 def test_configs_found():
     assert CONFIGS, "no configs under configs/"
-    assert sorted(cc.find_config(n).resolve() for n in cc.config_names()) == [p.resolve() for p in CONFIGS]
+    assert sorted(catalog.find_config(n).resolve() for n in catalog.config_names()) == [p.resolve() for p in CONFIGS]
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=IDS)
@@ -45,8 +47,8 @@ def test_every_config_is_in_the_registry(path):
     name = path.relative_to(REPO / "configs").with_suffix("").as_posix()
     owners = [recipe for recipe, entry in RECIPES.items() if name in entry.configs]
     assert len(owners) == 1, f"{name} must be listed under exactly one recipe in gqa_tune.schema.RECIPES"
-    assert cc.recipe_file(owners[0]).is_file()
-    assert cc.config_recipe(path) == owners[0]
+    assert catalog.recipe_file(owners[0]).is_file()
+    assert catalog.config_recipe(path) == owners[0]
     assert f"gqa_tune/recipes/{owners[0]}.py --config configs/{name}.yaml" in path.read_text()
 
 
@@ -122,12 +124,35 @@ def test_schema_fields_are_documented():
             assert fld.metadata.get("doc"), f"{entry.schema.__name__}.{name} has no doc"
 
 
-def test_values_only_check_takes_defaults_and_flags_bad_values():
-    cc.check_values(OmegaConf.create({"batch_size": 4}), FinetuneConfig)  # missing keys are not its business
-    with pytest.raises(cc.ConfigError, match=r"batch_size: expected an int >= 1"):
-        cc.check_values(OmegaConf.create({"batch_size": 0}), FinetuneConfig)
-    filled = cc.with_defaults(OmegaConf.create({"batch_size": 4}), FinetuneConfig)
-    assert filled.batch_size == 4 and filled.gradient_accumulation_steps == 1 and filled.log_every_n_steps == 10
+@pytest.mark.parametrize("recipe", list(RECIPES))
+def test_every_default_comes_from_the_schema_alone(recipe):
+    """The typed config holds the dataclass's default for every key a config leaves out, and no recipe or library
+    module writes a default a second time (``cfg.get("key", default)`` is how a default drifts)."""
+    schema = RECIPES[recipe].schema
+    typed, problems = cc.typed_config(OmegaConf.create({}), schema, files=False)
+    assert all(p.startswith("missing key") for p in problems)  # only the required keys are missing
+    for name, fld in fields(schema).items():
+        if fld.default is not dataclasses.MISSING:
+            assert typed[name] == fld.default, name
+        elif fld.default_factory is not dataclasses.MISSING:
+            assert OmegaConf.to_container(typed[name]) == fld.default_factory(), name
+    sources = [REPO / "recipes" / f"{recipe}.py", *sorted((REPO / "gqa_tune").rglob("*.py"))]
+    restated = [
+        f"{path.name}: {match.group(0)}"
+        for path in sources
+        for match in re.finditer(r"\bcfg\.get\(\"\w+\", [^)]+\)", path.read_text())
+    ]
+    assert restated == [], restated
+
+
+def test_the_typed_config_converts_and_refuses_by_the_schema():
+    typed, problems = cc.typed_config(OmegaConf.create({"batch_size": "4", "clip_grad_norm": 1}), FinetuneConfig)
+    assert typed.batch_size == 4 and typed.clip_grad_norm == 1.0 and isinstance(typed.clip_grad_norm, float)
+    _, problems = cc.typed_config(OmegaConf.create({"batch_size": 0, "shuffle": 1}), FinetuneConfig, files=False)
+    assert "batch_size: expected an int >= 1 (examples per micro-batch, per process), got 0" in problems
+    assert "shuffle: expected true or false (shuffle the dataset each epoch), got 1" in problems
+    with pytest.raises(Exception, match="Key 'batchsize' not in 'FinetuneConfig'. Did you mean: 'batch_size'"):
+        _ = typed.batchsize  # struct mode: a misspelled read raises
 
 
 # ---------------------------------------------------------------- mistakes, and their messages
@@ -180,7 +205,7 @@ def test_missing_dataset_file():
     assert problem.startswith(f"dataset.data_file: file '{missing}' does not exist"), problem
     assert full_problems(f"dataset.data_file={missing}", check_files=False) == []
     # and the dataset builder says which file when it is built anyway
-    cfg = cc.load_config(cc.find_config(FULL), [f"dataset.data_file={missing}"])
+    cfg = cc.load_config(catalog.find_config(FULL), [f"dataset.data_file={missing}"])
     with pytest.raises(ValueError, match=re.escape(missing)):
         config.instantiate(cfg.dataset, config.instantiate(cfg.tokenizer))
 
@@ -189,7 +214,7 @@ def test_interpolation_and_missing_value(tmp_path):
     (problem,) = full_problems("metric_logger.log_dir=${outdir}/logs")
     assert problem.startswith("metric_logger.log_dir: ") and "outdir" in problem
     path = tmp_path / "missing_value.yaml"
-    path.write_text(cc.find_config(FULL).read_text().replace("\nseed: 0\n", "\nseed: ???\n"))
+    path.write_text(catalog.find_config(FULL).read_text().replace("\nseed: 0\n", "\nseed: ???\n"))
     (problem,) = cc.check_config_file(path)
     assert problem == "seed: missing value ???; set it", problem
 
@@ -205,7 +230,7 @@ def test_every_problem_is_reported():
 
 
 def test_generate_config_is_checked_against_its_schema_too():
-    generate = cc.find_config("gqa_tiny/generate")
+    generate = catalog.find_config("gqa_tiny/generate")
     assert cc.check_config_file(generate, ["temprature=0.5"]) == [
         "unknown key 'temprature' (did you mean 'temperature'?)"
     ]
@@ -218,8 +243,8 @@ def test_generate_config_is_checked_against_its_schema_too():
 
 def test_copied_config_keeps_its_recipe(tmp_path):
     copy = tmp_path / "mine.yaml"
-    copy.write_text(cc.find_config(FULL).read_text())
-    assert cc.config_recipe(copy) == FULL_RECIPE  # from the tune run line of its header
+    copy.write_text(catalog.find_config(FULL).read_text())
+    assert catalog.config_recipe(copy) == FULL_RECIPE  # from the tune run line of its header
     assert cc.check_config_file(copy, ["epcohs=1"]) == ["unknown key 'epcohs' (did you mean 'epochs'?)"]
 
 
@@ -231,5 +256,5 @@ def test_unloadable_config(tmp_path):
     bad.write_text("a: [1,\n")
     (problem,) = cc.check_config_file(bad)
     assert problem.startswith(f"cannot load {str(bad)!r}")
-    (problem,) = cc.check_config_file(cc.find_config(FULL), ["epochs"])
+    (problem,) = cc.check_config_file(catalog.find_config(FULL), ["epochs"])
     assert "key=value" in problem

@@ -12,7 +12,8 @@ import pytest
 import torch
 from conftest import REPO, TINY, read_logged, run_tune
 
-from gqa_tune.config_check import ConfigError, find_config, load_config
+from gqa_tune.catalog import find_config
+from gqa_tune.config_check import ConfigError, load_config
 from gqa_tune.data import byte_tokenizer, task_dataset
 from gqa_tune.models import gqa_tiny
 from gqa_tune.training.checkpoint import latest_checkpoint, load_checkpoint

@@ -4,6 +4,7 @@ Checkpoints are random-init models written with ``save_checkpoint`` (fast; no tr
 """
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -13,9 +14,9 @@ from gqa_tune.recipes.generate import GenerateRecipe, take_prompt_args
 from omegaconf import OmegaConf
 
 from gqa_tune.data import ByteTokenizer
+from gqa_tune.generation import generate, left_padded, new_tokens
 from gqa_tune.models import gqa_tiny
 from gqa_tune.training.checkpoint import save_checkpoint
-from gqa_tune.training.generation import generate
 
 CONFIG = "configs/gqa_tiny/generate.yaml"
 BUILDER = {"_component_": "gqa_tune.models.gqa_tiny", "max_seq_len": 64}
@@ -56,8 +57,8 @@ def make_cfg(**overrides):
 def run_recipe(**overrides):
     cfg = make_cfg(**overrides)
     recipe = GenerateRecipe(cfg)
-    recipe.setup(cfg)
-    return recipe, recipe.generate(cfg)
+    recipe.setup()
+    return recipe, recipe.generate()
 
 
 @torch.no_grad()
@@ -78,22 +79,22 @@ def test_greedy_matches_no_cache_loop(run_dir, capsys):
     recipe, result = run_recipe(checkpoint_dir=str(run_dir), prompts=PROMPTS, max_new_tokens=20)
     assert recipe.source == str(run_dir / "epoch_1")  # LATEST followed
     tok = ByteTokenizer()
-    for prompt, ids in zip(PROMPTS, result.tokens):
+    for prompt, ids in zip(PROMPTS, result["tokens"]):
         prompt_ids = tok.encode(prompt, add_bos=True, add_eos=False)
         assert ids == greedy_no_cache(recipe.model, prompt_ids, 20, tok.stop_tokens)
-    assert result.extra["texts"] == [tok.decode(ids) for ids in result.tokens]
+    assert result["texts"] == [tok.decode(ids) for ids in result["tokens"]]
     out = capsys.readouterr().out
     assert "prefill:" in out and "decode:" in out and "tokens/s" in out
     # gqa_tiny: 2 layers x (K + V) x batch 3 x 2 kv heads x (prompt 18 + 20) positions x head_dim 16 x fp32
     expected = 2 * 2 * 3 * 2 * (len(PROMPTS[0]) + 1 + 20) * 16 * 4
-    assert result.kv_cache_bytes == expected
+    assert result["kv_cache_bytes"] == expected
     assert f"KV cache: {expected} bytes" in out and f"would take {expected * 4} bytes" in out
 
 
 def test_checkpoint_dir_itself_and_checkpointer_give_same_tokens(run_dir, tmp_path):
     _, direct = run_recipe(checkpoint_dir=str(run_dir / "epoch_0"), prompts=PROMPTS, max_new_tokens=10)
     _, latest = run_recipe(checkpoint_dir=str(run_dir), prompts=PROMPTS, max_new_tokens=10)
-    assert direct.tokens != latest.tokens  # different weights, so the other checkpoint was loaded
+    assert direct["tokens"] != latest["tokens"]  # different weights, so the other checkpoint was loaded
     checkpointer = {
         "_component_": "torchtune.training.FullModelHFCheckpointer",
         "checkpoint_dir": str(run_dir / "epoch_0"),
@@ -103,7 +104,7 @@ def test_checkpoint_dir_itself_and_checkpointer_give_same_tokens(run_dir, tmp_pa
     }
     _, via_tt = run_recipe(checkpoint_dir=None, checkpointer=checkpointer, model=BUILDER, prompts=PROMPTS)
     _, again = run_recipe(checkpoint_dir=str(run_dir / "epoch_0"), prompts=PROMPTS)
-    assert via_tt.tokens == again.tokens
+    assert via_tt["tokens"] == again["tokens"]
 
 
 def test_model_override_merges_into_stored_builder(run_dir):
@@ -116,18 +117,18 @@ def test_seeded_sampling_is_reproducible(run_dir, capsys):
     _, first = run_recipe(**kw, seed=7)
     _, second = run_recipe(**kw, seed=7)
     _, other = run_recipe(**kw, seed=8)
-    assert first.tokens == second.tokens
-    assert first.tokens != other.tokens
+    assert first["tokens"] == second["tokens"]
+    assert first["tokens"] != other["tokens"]
     _, top1 = run_recipe(**kw, seed=9, top_k=1)  # top-1 sampling is greedy
     _, greedy = run_recipe(checkpoint_dir=str(run_dir), prompts=PROMPTS, max_new_tokens=16)
-    assert top1.tokens == greedy.tokens
+    assert top1["tokens"] == greedy["tokens"]
     assert "sampling (temperature 1.5" in capsys.readouterr().out
 
 
 def test_single_prompt_streams(run_dir, capsys):
     _, result = run_recipe(checkpoint_dir=str(run_dir), prompts=None, prompt="123+456=", max_new_tokens=12)
     out = capsys.readouterr().out
-    text = result.extra["texts"][0]
+    text = result["texts"][0]
     assert out.startswith("123+456=" + text + "\n")
 
 
@@ -142,27 +143,31 @@ def test_take_prompt_args_keeps_equals_signs():
     [
         ({"checkpoint_dir": "/nonexistent/run"}, "checkpoint_dir '/nonexistent/run' does not exist"),
         ({"checkpoint_dir": None}, "set checkpoint_dir"),
-        ({"checkpoint_dir": None, "checkpointer": {"_component_": "x.Y"}}, "needs an explicit `model:`"),
+        (
+            {"checkpoint_dir": None, "checkpointer": {"_component_": "x.Y"}},
+            "checkpointer._component_: cannot import 'x.Y'",
+        ),
     ],
 )
 def test_load_errors(overrides, message):
     cfg = make_cfg(**overrides)
-    with pytest.raises(ValueError, match=message):
-        GenerateRecipe(cfg).setup(cfg)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        GenerateRecipe(cfg).setup()
 
 
 def test_prompt_errors(run_dir):
-    cfg = make_cfg(checkpoint_dir=str(run_dir))
-    recipe = GenerateRecipe(cfg)
-    recipe.setup(cfg)
     for bad in ({"prompts": []}, {"prompts": None}, {"prompts": ["ok", ""]}):
+        recipe = GenerateRecipe(make_cfg(checkpoint_dir=str(run_dir), **bad))
+        recipe.setup()
         with pytest.raises(ValueError, match="no prompts|is empty"):
-            recipe.generate(make_cfg(checkpoint_dir=str(run_dir), **bad))
+            recipe.generate()
     long_prompt = "9" * 60  # 61 tokens with BOS; max_seq_len 64
+    recipe = GenerateRecipe(make_cfg(checkpoint_dir=str(run_dir), prompts=["1+1=", long_prompt]))
+    recipe.setup()
     with pytest.raises(ValueError, match=r"prompt 1 is 61 tokens long; with max_new_tokens=8 .*max_seq_len=64"):
-        recipe.generate(make_cfg(checkpoint_dir=str(run_dir), prompts=["1+1=", long_prompt]))
-    with pytest.raises(ValueError, match="max_new_tokens must be a positive int"):
-        recipe.generate(make_cfg(checkpoint_dir=str(run_dir), max_new_tokens=0))
+        recipe.generate()
+    with pytest.raises(ValueError, match="max_new_tokens: expected an int >= 1"):
+        GenerateRecipe(make_cfg(checkpoint_dir=str(run_dir), max_new_tokens=0))
 
 
 def test_tune_run_cli(run_dir, tmp_path, tune):
@@ -195,22 +200,23 @@ def test_tune_run_with_an_int8_kv_cache(run_dir, tmp_path, tune):
                               f"output_file={out_file}", *(f"prompt={p}" for p in PROMPTS)])  # fmt: skip
     data = json.loads(Path(out_file).read_text())
     model, tok = random_model(2).eval(), ByteTokenizer()
-    kwargs = dict(max_new_tokens=12, pad_id=tok.pad_id, stop_tokens=tok.stop_tokens)
-    assert data["tokens"] == generate(model, data["prompt_tokens"], kv_cache_dtype=torch.int8, **kwargs).tokens
+    batch = left_padded(data["prompt_tokens"], tok.pad_id)
+    tokens, _ = generate(model, batch, 12, pad_id=tok.pad_id, stop_tokens=tok.stop_tokens, kv_cache_dtype=torch.int8)
+    assert data["tokens"] == new_tokens(tokens, batch.shape[1], tok.stop_tokens)[0]
     positions = max(len(ids) for ids in data["prompt_tokens"]) + 12
     fp32_bytes = 2 * 2 * len(PROMPTS) * 2 * positions * 16 * 4  # K and V, 2 layers, 3 rows, 2 kv heads, head_dim 16
     assert data["kv_cache_bytes"] == fp32_bytes * 20 // 64  # 16 int8 values + one float32 scale per token and head
 
 
 def test_bad_kv_cache_dtype_is_refused_naming_it():
-    with pytest.raises(ValueError, match="kv_cache_dtype must be None .* got 'int4'"):
+    with pytest.raises(ValueError, match="kv_cache_dtype: expected one of null, int8, float8_e4m3fn"):
         GenerateRecipe(make_cfg(kv_cache_dtype="int4"))
 
 
 def test_compile_true_gives_the_eager_tokens_and_reports_rates(run_dir, capsys):
     eager_recipe, eager = run_recipe(checkpoint_dir=str(run_dir), prompts=PROMPTS, max_new_tokens=12)
     recipe, compiled = run_recipe(checkpoint_dir=str(run_dir), prompts=PROMPTS, max_new_tokens=12, compile=True)
-    assert compiled.tokens == eager.tokens  # left-padded batch, stop tokens cut, as the eager loop gives
-    assert compiled.extra["compile_seconds"] > 0 and compiled.decode_tokens > 0 and compiled.decode_seconds > 0
-    assert compiled.kv_cache_bytes > 0
+    assert compiled["tokens"] == eager["tokens"]  # left-padded batch, stop tokens cut, as the eager loop gives
+    assert compiled["compile_seconds"] > 0 and compiled["decode_tokens"] > 0 and compiled["decode_seconds"] > 0
+    assert compiled["kv_cache_bytes"] > 0
     assert "compiled step (its first call" in capsys.readouterr().out

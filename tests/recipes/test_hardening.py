@@ -21,6 +21,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
 import gqa_tune
+from gqa_tune import catalog
 from gqa_tune import config_check as cc
 from gqa_tune.data.packing import packed_collate
 from gqa_tune.hf import builder_from_hf_config
@@ -38,14 +39,14 @@ def _in_repo(monkeypatch):
 
 
 def config(name, *overrides):
-    return cc.load_config(cc.find_config(name), list(overrides))
+    return cc.load_config(catalog.find_config(name), list(overrides))
 
 
 def setup_refuses(recipe_class, cfg, *named):
-    """``recipe_class(cfg).setup(cfg)`` raises a ``ConfigError`` (the clean refusal) naming every ``named`` text."""
-    recipe = recipe_class(cfg)
+    """Building ``recipe_class(cfg)`` or its ``setup(cfg)`` raises a ``ConfigError`` (the clean refusal) naming
+    every ``named`` text: the config's parse refuses what it can see, setup what needs the model."""
     with pytest.raises(cc.ConfigError) as info:
-        recipe.setup(cfg)
+        recipe_class(cfg).setup(cfg)
     for text in named:
         assert text in str(info.value), str(info.value)
     return info.value
@@ -77,7 +78,7 @@ def test_the_generate_recipe_says_when_every_row_stops_at_once(tmp_path, capsys)
     recipe = GenerateRecipe(cfg)
     recipe.setup(cfg)
     result = recipe.generate(cfg)
-    assert result.tokens == [[], [], [], []] and result.stopped == [True] * 4
+    assert result["tokens"] == [[], [], [], []] and result["stopped"] == [True] * 4
     printed = capsys.readouterr().out
     assert "every prompt: the first new token was a stop token ([257]), so the answer is empty" in printed
     assert "and nothing was decoded" in printed
@@ -121,12 +122,12 @@ def test_gqa_tune_validate_checks_hf_model_dir(small_vocab, llama_dir, tmp_path)
         (tmp_path / "missing", f"hf_model_dir '{tmp_path / 'missing'}' does not exist"),
         (tmp_path, "has no config.json: it is not a Hugging Face model directory"),
     ):
-        got = cc.check_config_file(cc.find_config("gqa_tiny/full"), [f"hf_model_dir={value}"])
+        got = cc.check_config_file(catalog.find_config("gqa_tiny/full"), [f"hf_model_dir={value}"])
         assert len(got) == 1 and named in got[0], got
     odd = tmp_path / "phi"
     odd.mkdir()
     (odd / "config.json").write_text(json.dumps({"model_type": "phi3"}))
-    (got,) = cc.check_config_file(cc.find_config("gqa_tiny/full"), [f"hf_model_dir={odd}"])
+    (got,) = cc.check_config_file(catalog.find_config("gqa_tiny/full"), [f"hf_model_dir={odd}"])
     assert "model_type='phi3' is not supported by gqa_tune's builders" in got
 
 
@@ -134,7 +135,7 @@ def test_validate_without_a_recipe_does_not_call_the_config_valid(tmp_path, caps
     from gqa_tune.cli import main
 
     copy = tmp_path / "mine.yaml"
-    copy.write_text("\n".join(line for line in cc.find_config("gqa_tiny/full").read_text().splitlines()
+    copy.write_text("\n".join(line for line in catalog.find_config("gqa_tiny/full").read_text().splitlines()
                               if "tune run" not in line))  # fmt: skip
     assert main(["validate", str(copy)]) == 1
     err = capsys.readouterr().err
@@ -159,12 +160,12 @@ def test_an_embedding_that_does_not_match_config_json_is_refused(llama_dir, tmp_
 
 def test_an_empty_hf_model_dir_is_refused(tmp_path):
     """``hf_model_dir=''`` (a shell's ``hf_model_dir=$UNSET`` too) used to train from random weights, exit 0."""
-    (got,) = cc.check_config_file(cc.find_config("gqa_tiny/full"), ["hf_model_dir="])
+    (got,) = cc.check_config_file(catalog.find_config("gqa_tiny/full"), ["hf_model_dir="])
     assert got.startswith("hf_model_dir: given no value on the command line (hf_model_dir=)"), got
     for literal in ("''", "' '"):
-        (got,) = cc.check_config_file(cc.find_config("gqa_tiny/full"), [f"hf_model_dir={literal}"])
+        (got,) = cc.check_config_file(catalog.find_config("gqa_tiny/full"), [f"hf_model_dir={literal}"])
         assert got.startswith("hf_model_dir: expected a string") and got.endswith(": empty"), got
-    assert cc.check_config_file(cc.find_config("gqa_tiny/full"), ["hf_model_dir=null"]) == []
+    assert cc.check_config_file(catalog.find_config("gqa_tiny/full"), ["hf_model_dir=null"]) == []
     out = tmp_path / "out"
     proc = run_tune("full_finetune_single_device", "configs/gqa_tiny/full.yaml",
                     [*ONE_STEP, f"output_dir={out}", "hf_model_dir="], timeout=120)  # fmt: skip
@@ -280,14 +281,14 @@ def test_a_missing_latest_falls_back_to_the_newest_complete_checkpoint(two_check
 
 
 def test_torchtunes_keys_are_implemented_or_refused_with_what_to_use(tmp_path):
-    got = cc.check_config_file(cc.find_config("gqa_tiny/full"), ["enable_activation_offloading=true"])
+    got = cc.check_config_file(catalog.find_config("gqa_tiny/full"), ["enable_activation_offloading=true"])
     assert "gqa_tune does not offload activations; to save activation memory set enable_activation_checkpointing" in (
         got[0]
     )
-    got = cc.check_config_file(cc.find_config("gqa_tiny/lora"), ["save_adapter_weights_only=true"])
+    got = cc.check_config_file(catalog.find_config("gqa_tiny/lora"), ["save_adapter_weights_only=true"])
     assert "every LoRA checkpoint already holds the adapter alone, in its adapter/ directory" in got[0]
     assert cc.check_config_file(
-        cc.find_config("gqa_tiny/lora"), ["save_adapter_weights_only=false", "enable_activation_offloading=false"]
+        catalog.find_config("gqa_tiny/lora"), ["save_adapter_weights_only=false", "enable_activation_offloading=false"]
     ) == []
     cfg = config("gqa_tiny/full", *ONE_STEP, f"output_dir={tmp_path / 'a'}", "run_val_every_n_steps=2")
     setup_refuses(FullFinetuneRecipeSingleDevice, cfg, "run_val_every_n_steps=2 needs an evaluation to run")
@@ -393,5 +394,5 @@ def test_the_generate_recipe_compiles_a_quantized_model(two_checkpoints):
         recipe = GenerateRecipe(cfg)
         recipe.setup(cfg)
         assert recipe.quantized > 0
-        results[compile] = recipe.generate(cfg).tokens
+        results[compile] = recipe.generate()["tokens"]
     assert results[True] == results[False]

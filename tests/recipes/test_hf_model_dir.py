@@ -95,7 +95,7 @@ def test_full_recipe_saves_what_transformers_reloads_to_the_source_logits(kind, 
     recipe, from_run = generate(checkpoint_dir=str(out))
     assert recipe.source == str(checkpoint)
     _, from_source = generate(checkpoint_dir=None, hf_model_dir=str(path))
-    assert from_run.tokens == from_source.tokens and len(from_run.tokens[0]) > 0
+    assert from_run["tokens"] == from_source["tokens"] and len(from_run["tokens"][0]) > 0
 
 
 def test_generate_recipe_with_hf_model_dir_through_tune_run(sources, tmp_path, tune):
@@ -120,7 +120,7 @@ def test_generate_reads_a_torchtune_checkpointer_output_dir(sources, tmp_path):
     recipe, from_torchtune = generate(checkpoint_dir=str(tmp_path / "tt"))
     assert recipe.source == str(tmp_path / "tt" / "epoch_0")
     _, from_source = generate(checkpoint_dir=None, hf_model_dir=str(path))
-    assert from_torchtune.tokens == from_source.tokens
+    assert from_torchtune["tokens"] == from_source["tokens"]
 
 
 def test_lora_recipe_with_hf_model_dir(sources, tmp_path, tune):

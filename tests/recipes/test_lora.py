@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import TINY, read_logged, run_tune
+from conftest import REPO, TINY, read_logged, run_tune
 from safetensors.torch import load_file
 from torchtune.modules.peft import LoRALinear
 
@@ -175,3 +175,23 @@ def test_lora_trains_on_packed_rows(base, tmp_path):
     run(RECIPE, CONFIG, [*FAST, *packed, "max_steps_per_epoch=4", f"base_checkpoint_dir={base}", f"output_dir={out}"])
     losses = read_logged(out / "logs")
     assert len(losses) == 4 and all(math.isfinite(x) for x in losses)
+
+
+@pytest.mark.parametrize("init_from_scratch", ["absent", "false"])
+def test_no_base_weights_is_refused_unless_init_from_scratch(tmp_path, monkeypatch, init_from_scratch):
+    """LoRAConfig.init_from_scratch defaults to false; a config that leaves it out (or says false) and gives no base
+    weights used to train silently from random base weights. Now it is refused, naming the keys."""
+    from gqa_tune.recipes.lora_finetune_single_device import LoRAFinetuneRecipeSingleDevice
+    from omegaconf import OmegaConf
+
+    from gqa_tune.catalog import find_config
+    from gqa_tune.config_check import ConfigError, load_config
+
+    monkeypatch.chdir(REPO)
+    cfg = load_config(find_config("gqa_tiny/lora"), [*TINY, "base_checkpoint_dir=null", f"output_dir={tmp_path}"])
+    if init_from_scratch == "absent":
+        cfg = OmegaConf.create({k: v for k, v in OmegaConf.to_container(cfg).items() if k != "init_from_scratch"})
+    recipe = LoRAFinetuneRecipeSingleDevice(cfg)
+    assert recipe.cfg.init_from_scratch is False  # the dataclass's default
+    with pytest.raises(ConfigError, match="no weights to load: set base_checkpoint_dir or hf_model_dir .*init_from_sc"):
+        recipe.setup()

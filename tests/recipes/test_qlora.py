@@ -168,7 +168,7 @@ def test_quantize_base_on_the_lora_config(tmp_path, base):
         f"layers.{i}.attn.{m}.lora_{ab}.weight" for i in range(2) for m in ATTN for ab in "ab"
     }
     assert all(isinstance(m, LoRALinear) for m in (recipe.model.layers[0].attn.k_proj,))
-    assert recipe.base_model_cfg == {"_component_": "gqa_tune.models.gqa_tiny", "max_seq_len": 128}
+    assert recipe.base_builder(recipe.builder) == {"_component_": "gqa_tune.models.gqa_tiny", "max_seq_len": 128}
 
 
 def test_the_plain_builder_of_a_qlora_builder():

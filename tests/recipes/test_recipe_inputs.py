@@ -16,6 +16,7 @@ from gqa_tune.recipes.full_finetune_single_device import FullFinetuneRecipeSingl
 from gqa_tune.recipes.lora_finetune_single_device import LoRAFinetuneRecipeSingleDevice
 from omegaconf import OmegaConf
 
+from gqa_tune import catalog
 from gqa_tune import config_check as cc
 from gqa_tune.training.finetune import RESUME_SETTINGS, check_recipe_state, check_resume_settings
 
@@ -29,7 +30,7 @@ def _in_repo(monkeypatch):
 
 
 def problems(config, *overrides):
-    return cc.check_config_file(cc.find_config(config), list(overrides))
+    return cc.check_config_file(catalog.find_config(config), list(overrides))
 
 
 # ---------------------------------------------------------------- the value rules, in-process
@@ -110,16 +111,17 @@ def test_generate_values():
 
 
 def test_the_constructor_checks_values_before_anything(tmp_path):
-    cfg = cc.load_config(cc.find_config("gqa_tiny/full"), [f"output_dir={tmp_path / 'out'}", "log_every_n_steps=0"])
+    overrides = [f"output_dir={tmp_path / 'out'}", "log_every_n_steps=0"]
+    cfg = cc.load_config(catalog.find_config("gqa_tiny/full"), overrides)
     with pytest.raises(ValueError, match=r"log_every_n_steps: expected an int >= 1 .*got 0"):
         FullFinetuneRecipeSingleDevice(cfg)
     assert not (tmp_path / "out").exists()
 
 
 def test_check_config_raises_naming_every_problem():
-    cfg = cc.load_config(cc.find_config("gqa_tiny/full"), ["epoch=1", "batch_size=0"])
+    cfg = cc.load_config(catalog.find_config("gqa_tiny/full"), ["epoch=1", "batch_size=0"])
     with pytest.raises(cc.ConfigError) as info:
-        cc.check_config(cfg, recipe=str(REPO / "recipes" / f"{RECIPE}.py"))  # tune run passes the recipe's __file__
+        cc.parse_config(cfg, cc.schema_of(str(REPO / "recipes" / f"{RECIPE}.py")))
     assert isinstance(info.value, ValueError)
     assert info.value.problems == [
         "unknown key 'epoch' (did you mean 'epochs'?)",
@@ -279,7 +281,7 @@ def test_tune_run_refuses_a_recipe_state_with_missing_keys(trained, tmp_path):
 def test_lora_resume_checks_the_settings_too(tmp_path, one_thread):
     out = tmp_path / "lora"
     overrides = [*ONE_STEP, "base_checkpoint_dir=null", "init_from_scratch=true", f"output_dir={out}"]
-    cfg = cc.load_config(cc.find_config("gqa_tiny/lora"), overrides)
+    cfg = cc.load_config(catalog.find_config("gqa_tiny/lora"), overrides)
     recipe = LoRAFinetuneRecipeSingleDevice(cfg)
     recipe.setup(cfg)
     recipe.train()

@@ -5,7 +5,8 @@ from gqa_tune.recipes.full_finetune_single_device import FullFinetuneRecipeSingl
 from helpers import REPO
 from tqdm import tqdm
 
-from gqa_tune.config_check import find_config, load_config
+from gqa_tune.catalog import find_config
+from gqa_tune.config_check import load_config
 from gqa_tune.training import finetune
 
 
