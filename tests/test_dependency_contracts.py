@@ -81,9 +81,9 @@ def test_transformers_range_is_declared_in_the_t5_and_test_extras():
         assert f"transformers{SUPPORTED['transformers']}" in extras[extra], extras[extra]
 
 
-def test_readme_states_the_transformers_range():
-    readme = (PYPROJECT.parent / "README.md").read_text(encoding="utf-8")
-    assert f"transformers {SUPPORTED['transformers']}" in readme, "README's T5 paragraph states another range"
+def test_the_docs_state_the_transformers_range():
+    page = (PYPROJECT.parent / "docs" / "conversion.md").read_text(encoding="utf-8")
+    assert f"transformers {SUPPORTED['transformers']}" in page, "docs/conversion.md states another range"
 
 
 @pytest.mark.parametrize("distribution", sorted(SUPPORTED))
