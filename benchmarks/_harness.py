@@ -34,7 +34,7 @@ FULL, LORA = (f"gqa_tune/recipes/{name}_finetune_single_device.py" for name in (
 
 #: gqa_tune's names beyond its stable top-level API, by the modules that hold them (the first one found wins).
 INTERNAL = {name: modules.split() for names, modules in (
-    ("from_torchtune_attention", "gqa_tune.convert.swap"), ("convert_model_ pool_heads", "gqa_tune.convert.pooling"),
+    ("from_torchtune_attention", "gqa_tune.modules.swap"), ("convert_model_ pool_heads", "gqa_tune.convert.pooling"),
     ("latest_checkpoint load_checkpoint", "gqa_tune.training.checkpoint"),
     ("hf_config model_shape", "gqa_tune.hf gqa_tune.training.checkpoint"),
     ("task_accuracy heldout_loss", "gqa_tune.training.evaluate"), ("GenerateRecipe", "gqa_tune.recipes.generate"),

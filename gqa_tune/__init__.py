@@ -1,9 +1,9 @@
 """gqa_tune: grouped-query attention for torchtune users."""
 
 from gqa_tune import _quiet  # noqa: F401  (first: it quiets torchao's import notice)
-from gqa_tune.convert.swap import swap_attention
 from gqa_tune.generation import GenerationStats, generate
 from gqa_tune.modules import KVCache, MultiHeadAttention
+from gqa_tune.modules.swap import swap_attention
 from gqa_tune.ops import attention_ref, flash_decode_gqa, scaled_dot_product_gqa
 from gqa_tune.training.weights import from_pretrained
 

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 from torchtune.modules import MultiHeadAttention as TorchtuneMultiHeadAttention
-from torchtune.modules import TransformerDecoder
+from torchtune.modules import TransformerCrossAttentionLayer, TransformerDecoder
 from torchtune.modules.common_utils import local_kv_cache
 
 from gqa_tune import _checks as checks
@@ -139,6 +139,7 @@ def _decode_step(
     q: Optional[torch.Tensor],
     temperature: float,
     top_k: Optional[int],
+    encoder_mask: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """One token per row through ``model``, and the next one sampled.
 
@@ -151,13 +152,14 @@ def _decode_step(
         pos_offset (torch.Tensor): ``[b]`` int64, RoPE position minus slot (minus each row's padding).
         slots (torch.Tensor): ``arange(L)``.
         q (Optional[torch.Tensor]): ``[b, v]`` exponential noise (sampling), or ``None`` (greedy).
+        encoder_mask (Optional[torch.Tensor]): ``[b, 1, s_enc]`` for a decoder with cross-attention.
 
     Returns:
         ``(next_token [b, 1] int64, logits [b, v])``.
     """
     mask = (valid & (slots <= slot))[:, None, :]  # [b, 1, L]: the real tokens up to this one
     input_pos = (pos_offset + slot)[:, None]  # [b, 1]
-    logits = model(token, mask=mask, input_pos=input_pos)[:, -1]  # [b, v]
+    logits = model(token, mask=mask, input_pos=input_pos, encoder_mask=encoder_mask)[:, -1]  # [b, v]
     slot.add_(1)
     return _sample(logits, q, temperature, top_k), logits
 
@@ -291,6 +293,8 @@ def generate(
     stats: Optional[GenerationStats] = None,
     on_tokens: Optional[Callable[[torch.Tensor], None]] = None,
     kv_cache_dtype: Optional[Union[torch.dtype, str]] = None,
+    encoder_input: Optional[torch.Tensor] = None,
+    encoder_mask: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Generate up to ``max_generated_tokens`` tokens per row, as ``torchtune.generation.generate`` does.
 
@@ -315,6 +319,11 @@ def generate(
         kv_cache_dtype (Optional): caches set up for the call store K/V quantized in this dtype
             (``torch.int8``, ``torch.float8_e4m3fn`` or their names; :class:`gqa_tune.KVCache`); ``None``: in the
             model's dtype. Caches already set up are used as they are (and must be of this dtype when given).
+        encoder_input (Optional[torch.Tensor]): ``[b, s_enc, d]`` for a decoder with cross-attention layers
+            (torchtune's ``TransformerCrossAttentionLayer``, e.g. :meth:`gqa_tune.models.GQATransformerLM.as_decoder`):
+            given with the prompt, then held in the cross-attention caches (``s_enc`` positions).
+        encoder_mask (Optional[torch.Tensor]): bool ``[b, s, s_enc]`` (True = attend) for the prompt, as
+            torchtune's; each decode step uses its last row. Required with ``encoder_input`` (torchtune's rule).
 
     Returns:
         ``(generated_tokens, generated_logits)``: ``[b, s + n]`` (the prompt, then ``n <=
@@ -339,6 +348,7 @@ def generate(
     temperature = float(temperature)
     prompt = prompt.view(1, -1) if prompt.dim() == 1 else prompt
     b, s = prompt.shape
+    own = _check_encoder(model, layers, b, s, encoder_input, encoder_mask, compile)
     total = s + max_generated_tokens
     if total > model.max_seq_len:
         raise ValueError(
@@ -346,8 +356,9 @@ def generate(
             f"max_seq_len {model.max_seq_len}"
         )
     device = prompt.device
+    encoder = dict(encoder_input=encoder_input, encoder_mask=encoder_mask)
     if model.caches_are_setup():
-        _check_caches(model, layers, b, total)
+        _check_caches(model, own, b, total)
         held = {layer.kv_cache.kv_cache_dtype for layer in layers}
         if kv_cache_dtype is not None and held != {kv_cache_dtype}:
             raise ValueError(
@@ -355,12 +366,37 @@ def generate(
                 "delete them or leave kv_cache_dtype out"
             )
         model.reset_caches()
-        return _generate(model, layers, prompt, max_generated_tokens, pad_id, temperature, top_k,
-                         stop_tokens, rng, compile, stats, on_tokens)  # fmt: skip
+        return _generate(model, own, prompt, max_generated_tokens, pad_id, temperature, top_k,
+                         stop_tokens, rng, compile, stats, on_tokens, **encoder)  # fmt: skip
     cache_dtype = kv_cache_dtype or _model_dtype(model)  # a quantized dtype: MultiHeadAttention stores K/V in it
-    with local_kv_cache(model, batch_size=b, device=device, dtype=cache_dtype, decoder_max_seq_len=total):
-        return _generate(model, layers, prompt, max_generated_tokens, pad_id, temperature, top_k,
-                         stop_tokens, rng, compile, stats, on_tokens)  # fmt: skip
+    s_enc = None if encoder_input is None else encoder_input.shape[1]
+    with local_kv_cache(model, batch_size=b, device=device, dtype=cache_dtype, decoder_max_seq_len=total,
+                        encoder_max_seq_len=s_enc):  # fmt: skip
+        return _generate(model, own, prompt, max_generated_tokens, pad_id, temperature, top_k,
+                         stop_tokens, rng, compile, stats, on_tokens, **encoder)  # fmt: skip
+
+
+def _check_encoder(model, layers, b, s, encoder_input, encoder_mask, compile) -> List[MultiHeadAttention]:
+    """``ValueError`` for encoder inputs that do not fit; the self-attention layers (the cross-attention ones
+    hold the encoder's positions, not the generated ones)."""
+    cross = {id(m.attn) for m in model.modules() if isinstance(m, TransformerCrossAttentionLayer)}
+    if encoder_input is None:
+        if encoder_mask is not None:
+            raise ValueError("encoder_mask was given without encoder_input")
+        return [layer for layer in layers if id(layer) not in cross]
+    if not cross:
+        raise ValueError("encoder_input needs a model with cross-attention layers (TransformerCrossAttentionLayer)")
+    if compile:
+        raise ValueError("compile=True does not take encoder_input yet: generate eagerly (compile=False)")
+    if not isinstance(encoder_input, torch.Tensor) or encoder_input.dim() != 3 or encoder_input.shape[0] != b:
+        raise ValueError(f"encoder_input must be [b={b}, s_enc, d], got {tuple(getattr(encoder_input, 'shape', ()))}")
+    expected = (b, s, encoder_input.shape[1])
+    if not isinstance(encoder_mask, torch.Tensor) or encoder_mask.dtype != torch.bool or (
+        tuple(encoder_mask.shape) != expected
+    ):
+        got = None if encoder_mask is None else f"{encoder_mask.dtype} {tuple(encoder_mask.shape)}"
+        raise ValueError(f"encoder_mask must be bool [b, s, s_enc] = {list(expected)} with encoder_input, got {got}")
+    return [layer for layer in layers if id(layer) not in cross]
 
 
 def _generate(
@@ -376,8 +412,10 @@ def _generate(
     compile: bool,
     stats: Optional[GenerationStats],
     on_tokens: Optional[Callable[[torch.Tensor], None]] = None,
+    encoder_input: Optional[torch.Tensor] = None,
+    encoder_mask: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The loop, with the caches set up, enabled and empty."""
+    """The loop, with the caches set up, enabled and empty (``layers``: the self-attention ones)."""
     b, s = prompt.shape
     device = prompt.device
     cache_len = layers[0].kv_cache.max_seq_len
@@ -409,7 +447,7 @@ def _generate(
         start = time.perf_counter()
         dummy_noise = None if temperature == 0.0 else torch.ones((b, vocab), dtype=noise_dtype, device=device)
         step(model, prompt[:, -1:].to(torch.long).contiguous(), torch.zeros(1, dtype=torch.long, device=device),
-             valid, pos_offset, slots, dummy_noise, temperature, top_k)  # fmt: skip
+             valid, pos_offset, slots, dummy_noise, temperature, top_k, None)  # fmt: skip
         model.reset_caches()
         _sync(device)
         stats.compile_seconds = time.perf_counter() - start
@@ -421,7 +459,9 @@ def _generate(
     mask = causal[None] & valid[:, None, :]
     mask.diagonal(dim1=1, dim2=2).fill_(True)  # a padding token sees itself (torchtune's rule)
     positions = ((real.cumsum(-1) - 1) * real).to(torch.long)  # [b, s]
-    logits = model(prompt, mask=mask, input_pos=positions)[:, -1]  # [b, v]
+    logits = model(prompt, mask=mask, input_pos=positions, encoder_input=encoder_input, encoder_mask=encoder_mask)
+    logits = logits[:, -1]  # [b, v]
+    step_encoder_mask = None if encoder_mask is None else encoder_mask[:, -1:]  # [b, 1, s_enc]
     token = _sample(logits, noise(), temperature, top_k)  # [b, 1] int64
     tokens, all_logits = [token], [logits]
     _sync(device)
@@ -450,7 +490,9 @@ def _generate(
     steps = 0
     if stops is None or not all_stopped():
         while len(tokens) < max_generated_tokens:
-            token, logits = step(model, token, slot, valid, pos_offset, slots, noise(), temperature, top_k)
+            token, logits = step(
+                model, token, slot, valid, pos_offset, slots, noise(), temperature, top_k, step_encoder_mask
+            )
             tokens.append(token)
             all_logits.append(logits)
             if on_tokens is not None:

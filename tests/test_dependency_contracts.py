@@ -169,7 +169,7 @@ def test_torchtune_llama3_scaled_rope():
 
 
 def test_torchtune_gemma2_attention_fields():
-    used_by = "gqa_tune/convert/swap.py (from_torchtune_attention, swap_attention on Gemma 2 models)"
+    used_by = "gqa_tune/modules/swap.py (from_torchtune_attention, swap_attention on Gemma 2 models)"
     cls = import_internal("torchtune", "torchtune.models.gemma2._attention", "Gemma2Attention", used_by)
     require_parameters(
         "torchtune", cls.__init__, ["sliding_window_size", "softcapping", "query_pre_attn_scalar", "kv_cache"], used_by

@@ -18,6 +18,8 @@ import torch
 from torch.nn.attention.flex_attention import BlockMask
 from torchtune.data import CROSS_ENTROPY_IGNORE_IDX
 
+from gqa_tune.ops.masks import with_documents
+
 BLOCK = 128
 
 
@@ -69,11 +71,11 @@ def document_block_mask(seq_lens: Sequence[torch.Tensor], length: int, block: in
     def mask_mod(b, h, q_idx, kv_idx):
         return (q_idx >= kv_idx) & (ids[b, q_idx] == ids[b, kv_idx])
 
-    mask_mod.document_ids = ids  # lets attention on a CPU run each document on its own (blocks.document_attention)
-    return BlockMask.from_kv_blocks(
+    block_mask = BlockMask.from_kv_blocks(
         kv_num[:, None], kv_idx[:, None], full_num[:, None], full_idx[:, None],
         BLOCK_SIZE=block, mask_mod=mask_mod, seq_lengths=(length, length),
     )  # fmt: skip
+    return with_documents(block_mask, ids)  # on a CPU, attention then runs each document on its own
 
 
 def packed_labels(labels: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:

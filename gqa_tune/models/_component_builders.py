@@ -311,7 +311,7 @@ def gqa_gemma_decoder(
     """
     from torchtune.models.gemma import gemma
 
-    from gqa_tune.convert.swap import swap_attention
+    from gqa_tune.modules.swap import swap_attention
 
     model = gemma(
         vocab_size=vocab_size,
@@ -365,7 +365,7 @@ def gqa_gemma2_decoder(
     """
     from torchtune.models.gemma2 import gemma2
 
-    from gqa_tune.convert.swap import swap_attention
+    from gqa_tune.modules.swap import swap_attention
 
     model = gemma2(
         vocab_size=vocab_size,

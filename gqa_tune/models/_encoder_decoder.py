@@ -18,9 +18,17 @@ from typing import Optional, Union
 
 import torch
 from torch import nn
-from torchtune.modules import FeedForward, RMSNorm, TiedLinear, TransformerSelfAttentionLayer
+from torchtune.modules import (
+    FeedForward,
+    RMSNorm,
+    TiedLinear,
+    TransformerCrossAttentionLayer,
+    TransformerDecoder,
+    TransformerSelfAttentionLayer,
+)
 
 from gqa_tune import _checks as checks
+from gqa_tune.generation import generate
 from gqa_tune.models._component_builders import _rope, gqa_attention, gqa_mlp, init_from_scratch
 from gqa_tune.modules.attention import MultiHeadAttention
 
@@ -28,10 +36,14 @@ ACTIVATIONS = ("swiglu", "relu", "gelu")
 
 
 class GQADecoderLayer(nn.Module):
-    """Pre-norm decoder layer: causal self-attention, cross-attention, feed-forward.
+    """Pre-norm decoder layer: causal self-attention, then torchtune's ``TransformerCrossAttentionLayer``
+    (cross-attention and the feed-forward block), so it follows torchtune's layer protocol
+    (``forward(x, *, mask, encoder_input, encoder_mask, input_pos)``, ``setup_caches``, ``reset_cache``) and a
+    ``TransformerDecoder`` of these layers is what :func:`gqa_tune.generate` decodes.
 
-    Each sub-block is ``x + scale(block(norm(x)))``, as in torchtune's layers
-    (``*_scale`` default to identity; the builders put dropout there).
+    Each sub-block is ``x + scale(block(norm(x)))``, as in torchtune's layers (``*_scale`` default to identity;
+    the builders put dropout there). A target row that sees no source position (all of it padding) gets no
+    cross-attention and no feed-forward update, as in torchtune.
 
     Args:
         attn (MultiHeadAttention): self-attention (``is_causal=True``).
@@ -62,38 +74,62 @@ class GQADecoderLayer(nn.Module):
         if cross_attn.pos_embeddings is not None:
             raise ValueError("cross_attn must not have positional embeddings: queries and keys are different sequences")
         self.attn = attn
-        self.cross_attn = cross_attn
-        self.mlp = mlp
         self.sa_norm = sa_norm or nn.Identity()
-        self.ca_norm = ca_norm or nn.Identity()
-        self.mlp_norm = mlp_norm or nn.Identity()
         self.sa_scale = sa_scale or nn.Identity()
-        self.ca_scale = ca_scale or nn.Identity()
-        self.mlp_scale = mlp_scale or nn.Identity()
+        self.cross = TransformerCrossAttentionLayer(
+            cross_attn, mlp, ca_norm=ca_norm, mlp_norm=mlp_norm, ca_scale=ca_scale, mlp_scale=mlp_scale
+        )
+
+    @property
+    def cross_attn(self) -> MultiHeadAttention:
+        return self.cross.attn
+
+    @property
+    def mlp(self) -> nn.Module:
+        return self.cross.mlp
+
+    def setup_caches(
+        self, batch_size: int, dtype: torch.dtype, *, encoder_max_seq_len: int, decoder_max_seq_len: int
+    ) -> None:
+        """KV caches: ``decoder_max_seq_len`` positions for self-attention, ``encoder_max_seq_len`` for the
+        cross-attention (the encoder output, written on the first call)."""
+        self.attn.setup_cache(batch_size, dtype, decoder_max_seq_len)
+        self.cross.setup_caches(
+            batch_size, dtype, encoder_max_seq_len=encoder_max_seq_len, decoder_max_seq_len=decoder_max_seq_len
+        )
+
+    def caches_are_setup(self) -> bool:
+        return self.attn.kv_cache is not None
+
+    def caches_are_enabled(self) -> bool:
+        return self.attn.kv_cache is not None and self.attn.cache_enabled
+
+    def reset_cache(self) -> None:
+        self.attn.reset_cache()
+        self.cross.reset_cache()
 
     def forward(
         self,
         x: torch.Tensor,
         *,
-        encoder_output: Optional[torch.Tensor],
-        encoder_mask: Optional[torch.Tensor] = None,
         mask: Optional[torch.Tensor] = None,
+        encoder_input: Optional[torch.Tensor] = None,
+        encoder_mask: Optional[torch.Tensor] = None,
         input_pos: Optional[torch.Tensor] = None,
+        **kwargs,
     ) -> torch.Tensor:
         """
         Args:
             x (torch.Tensor): target ``[b, s_tgt, d]``.
-            encoder_output (Optional[torch.Tensor]): ``[b, s_src, d]``; ``None``
-                only while decoding with caches already holding it.
+            mask (Optional[torch.Tensor]): self-attention mask (torchtune's); ``None`` = causal.
+            encoder_input (Optional[torch.Tensor]): the encoder output ``[b, s_src, d]``; ``None`` only while
+                decoding with caches already holding it.
             encoder_mask (Optional[torch.Tensor]): bool ``[b, s_tgt, s_src]``, True = attend.
-            mask (Optional[torch.Tensor]): self-attention mask; ``None`` = causal.
             input_pos (Optional[torch.Tensor]): RoPE positions ``[b, s_tgt]``.
         """
         h = self.sa_norm(x)
         x = x + self.sa_scale(self.attn(h, h, mask=mask, input_pos=input_pos))
-        h = self.ca_norm(x)
-        x = x + self.ca_scale(self.cross_attn(h, encoder_output, mask=encoder_mask))
-        return x + self.mlp_scale(self.mlp(self.mlp_norm(x)))
+        return self.cross(x, encoder_input=encoder_input, encoder_mask=encoder_mask)
 
 
 def _key_mask(src_mask: Optional[torch.Tensor], s_q: int) -> Optional[torch.Tensor]:
@@ -194,7 +230,7 @@ class GQATransformer(nn.Module):
         encoder_mask = _key_mask(src_mask, tgt.shape[1])
         x = tgt
         for layer in self.decoder_layers:
-            x = layer(x, encoder_output=memory, encoder_mask=encoder_mask)
+            x = layer(x, encoder_input=memory, encoder_mask=encoder_mask)
         return self.decoder_norm(x)
 
     def forward(self, src: torch.Tensor, tgt: torch.Tensor, src_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -224,18 +260,20 @@ class GQATransformer(nn.Module):
         caches ``encoder_max_seq_len`` (the encoder output, written on the first step).
         """
         for layer in self.decoder_layers:
-            layer.attn.setup_cache(batch_size, dtype, decoder_max_seq_len)
-            layer.cross_attn.setup_cache(batch_size, dtype, encoder_max_seq_len)
+            layer.setup_caches(
+                batch_size, dtype, encoder_max_seq_len=encoder_max_seq_len, decoder_max_seq_len=decoder_max_seq_len
+            )
+
+    def caches_are_setup(self) -> bool:
+        return self.decoder_layers[0].caches_are_setup()
 
     def caches_are_enabled(self) -> bool:
-        attn = self.decoder_layers[0].attn
-        return attn.kv_cache is not None and attn.cache_enabled
+        return self.decoder_layers[0].caches_are_enabled()
 
     def reset_caches(self) -> None:
         """Empty the caches (keep them allocated)."""
         for layer in self.decoder_layers:
-            layer.attn.reset_cache()
-            layer.cross_attn.reset_cache()
+            layer.reset_cache()
 
     def remove_caches(self) -> None:
         """Drop the caches: ``forward`` runs without them again."""
@@ -305,6 +343,24 @@ class GQATransformerLM(nn.Module):
         h = self.transformer(self.tok_embeddings(src_tokens), self.tok_embeddings(tgt_tokens), src_mask)
         return self.output(h)
 
+    def as_decoder(self) -> TransformerDecoder:
+        """The decoder side as a torchtune ``TransformerDecoder`` sharing this model's modules: target tokens ->
+        logits, given the encoder output as ``encoder_input`` and the source mask as ``encoder_mask``
+        ``[b, s_tgt, s_src]``. It is what :meth:`generate` hands to :func:`gqa_tune.generate`."""
+        tf = self.transformer
+        first = tf.decoder_layers[0].attn
+        return _Decoder(
+            tok_embeddings=self.tok_embeddings,
+            layers=list(tf.decoder_layers),
+            # generate's rule is prompt + new tokens <= max_seq_len; the prompt here is BOS alone and the last
+            # new token is never fed back, so max_seq_len new tokens fit.
+            max_seq_len=tf.max_seq_len + 1,
+            num_heads=first.num_heads,
+            head_dim=first.head_dim,
+            norm=tf.decoder_norm,
+            output=self.output,
+        )
+
     @torch.no_grad()
     def generate(
         self,
@@ -318,13 +374,12 @@ class GQATransformerLM(nn.Module):
     ) -> torch.Tensor:
         """Greedy decoding.
 
-        The source is encoded once. With ``use_cache`` (default) each step runs
-        the decoder on the newest token only, reading the earlier positions'
-        self-attention keys/values and the encoder's cross-attention keys/values
-        from KV caches (``n_kv`` heads each); ``use_cache=False`` re-runs the
-        decoder on the whole prefix every step (same tokens, slower). Runs in
-        eval mode (the previous mode is restored) and removes any caches the
-        model had before and after.
+        The source is encoded once. With ``use_cache`` (default) the decoder (:meth:`as_decoder`) runs through
+        :func:`gqa_tune.generate`, the library's one generation loop: each step runs the newest token only,
+        reading the earlier positions' self-attention keys/values and the encoder's cross-attention
+        keys/values from KV caches (``n_kv`` heads each). ``use_cache=False`` re-runs the model on the whole
+        prefix every step (the reference: same tokens, slower). Runs in eval mode (the previous mode is
+        restored) and removes any caches the model had before and after.
 
         Args:
             src_tokens (torch.Tensor): ``[b, s_src]``.
@@ -348,38 +403,60 @@ class GQATransformerLM(nn.Module):
             if value is not None and not 0 <= value < self.num_tokens:
                 raise ValueError(f"{name} ({value}) is outside the vocabulary [0, {self.num_tokens})")
         b = src_tokens.shape[0]
-        tokens = torch.full((b, 1), bos_id, dtype=torch.long, device=src_tokens.device)
+        prompt = torch.full((b, 1), bos_id, dtype=torch.long, device=src_tokens.device)
         if max_new_tokens == 0:
-            return tokens[:, 1:]
+            return prompt[:, 1:]
         src_mask = self._src_mask(src_tokens, src_mask)
-        fill = self.pad_id if self.pad_id is not None else eos_id
-        finished = torch.zeros(b, dtype=torch.bool, device=src_tokens.device)
         was_training = self.training
         self.eval()
-        tf = self.transformer
-        tf.remove_caches()
+        self.transformer.remove_caches()
         try:
-            memory = tf.encode(self.tok_embeddings(src_tokens), src_mask)
             if use_cache:
-                tf.setup_caches(
-                    b, memory.dtype, encoder_max_seq_len=memory.shape[1], decoder_max_seq_len=max_new_tokens
-                )
-            for step in range(max_new_tokens):
-                if use_cache:
-                    h = tf.decode(self.tok_embeddings(tokens[:, -1:]), memory if step == 0 else None, src_mask)
-                else:
-                    h = tf.decode(self.tok_embeddings(tokens), memory, src_mask)
-                next_token = self.output(h[:, -1]).argmax(dim=-1)
-                if eos_id is not None:
-                    next_token = torch.where(finished, torch.full_like(next_token, fill), next_token)
-                    finished |= next_token == eos_id
-                tokens = torch.cat([tokens, next_token[:, None]], dim=1)
-                if eos_id is not None and bool(finished.all()):
-                    break
+                memory = self.transformer.encode(self.tok_embeddings(src_tokens), src_mask)
+                keep = src_mask if src_mask is not None else torch.ones(memory.shape[:2], dtype=torch.bool)
+                tokens, _ = generate(
+                    self.as_decoder(), prompt, max_new_tokens, pad_id=-1,  # BOS is never padding
+                    stop_tokens=None if eos_id is None else [eos_id],
+                    encoder_input=memory, encoder_mask=keep[:, None, :].to(memory.device),
+                )  # fmt: skip
+                tokens = tokens[:, 1:]
+            else:
+                tokens = prompt[:, 1:]
+                for _ in range(max_new_tokens):
+                    step = self(src_tokens, torch.cat([prompt, tokens], dim=1), src_mask)[:, -1].argmax(dim=-1)
+                    tokens = torch.cat([tokens, step[:, None]], dim=1)
+                    if eos_id is not None and bool((tokens == eos_id).any(dim=1).all()):
+                        break
         finally:
-            tf.remove_caches()
+            self.transformer.remove_caches()
             self.train(was_training)
-        return tokens[:, 1:]
+        if eos_id is not None:  # positions after a row's first EOS hold the fill
+            hit = (tokens == eos_id).to(torch.long)
+            after = (hit.cumsum(dim=1) - hit) > 0
+            fill = self.pad_id if self.pad_id is not None else eos_id
+            tokens = tokens.masked_fill(after, fill)
+        return tokens
+
+
+class _Decoder(TransformerDecoder):
+    """A ``TransformerDecoder`` of :class:`GQADecoderLayer` s: its caches take both lengths (torchtune's
+    ``setup_caches`` sizes the self-attention caches only where it finds a ``TransformerSelfAttentionLayer``)."""
+
+    def setup_caches(
+        self,
+        batch_size: int,
+        dtype: torch.dtype,
+        *,
+        encoder_max_seq_len: Optional[int] = None,
+        decoder_max_seq_len: Optional[int] = None,
+    ) -> None:
+        self.encoder_max_cache_seq_len = encoder_max_seq_len or self.max_seq_len
+        self.decoder_max_cache_seq_len = decoder_max_seq_len or self.max_seq_len
+        for layer in self.layers:
+            layer.setup_caches(
+                batch_size, dtype, encoder_max_seq_len=self.encoder_max_cache_seq_len,
+                decoder_max_seq_len=self.decoder_max_cache_seq_len,
+            )  # fmt: skip
 
 
 def _check_positive(**values) -> None:

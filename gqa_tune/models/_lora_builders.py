@@ -17,7 +17,7 @@ into it (``load_state_dict`` quantizes each weight into its NF4 parameter).
 """
 
 from functools import partial
-from typing import Any, Callable, Dict, Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence
 
 import torch
 from torch import nn
@@ -383,69 +383,16 @@ def lora_gqa_llama3_2_1b(
 # ------------------------------------------------------------ QLoRA: the LoRA builders with quantize_base=True
 
 
-def qlora_gqa_decoder(
-    *,
-    lora_attn_modules: Sequence[str],
-    apply_lora_to_mlp: bool = False,
-    apply_lora_to_output: bool = False,
-    lora_rank: int,
-    lora_alpha: float,
-    lora_dropout: float = 0.0,
-    vocab_size: int,
-    num_layers: int,
-    num_heads: int,
-    num_kv_heads: int,
-    embed_dim: int,
-    intermediate_dim: int,
-    max_seq_len: int,
-    head_dim: Optional[int] = None,
-    attn_dropout: float = 0.0,
-    rope_base: float = 500_000,
-    rope_scale_factor: Optional[float] = None,
-    rope_low_freq_factor: float = 1.0,
-    rope_high_freq_factor: float = 4.0,
-    rope_old_context_len: int = 8192,
-    norm_eps: float = 1e-5,
-    qk_norm: bool = False,
-    attn_bias: bool = False,
-    tie_word_embeddings: bool = True,
-    sliding_window_size: Optional[int] = None,
-    backend: str = "auto",
-) -> TransformerDecoder:
-    """QLoRA: :func:`lora_gqa_decoder` with ``quantize_base=True`` (same arguments), the frozen base in NF4.
+qlora_gqa_decoder = partial(lora_gqa_decoder, quantize_base=True)
+qlora_gqa_decoder.__doc__ = """QLoRA: :func:`lora_gqa_decoder` with ``quantize_base=True`` (same arguments), the
+frozen base in NF4. Raises ``ValueError`` as :func:`lora_gqa_decoder`, and for a base weight whose size is not a
+multiple of 64."""
 
-    Raises:
-        ValueError: as :func:`lora_gqa_decoder`, and a base weight whose size is not a multiple of 64 (named).
-    """
-    args: Dict[str, Any] = dict(locals())
-    return lora_gqa_decoder(**args, quantize_base=True)
+qlora_gqa_tiny = partial(lora_gqa_tiny, quantize_base=True)
+qlora_gqa_tiny.__doc__ = """QLoRA: :func:`lora_gqa_tiny` with ``quantize_base=True`` (same arguments), the frozen
+base in NF4."""
 
-
-def qlora_gqa_tiny(
-    lora_attn_modules: Sequence[str] = LORA_ATTN_MODULES,
-    apply_lora_to_mlp: bool = False,
-    lora_rank: int = 8,
-    lora_alpha: float = 16,
-    lora_dropout: float = 0.0,
-    backend: str = "auto",
-    max_seq_len: int = 512,
-    vocab_size: int = BYTE_VOCAB_SIZE,
-) -> TransformerDecoder:
-    """QLoRA: :func:`lora_gqa_tiny` with ``quantize_base=True`` (same arguments), the frozen base in NF4."""
-    args: Dict[str, Any] = dict(locals())
-    return lora_gqa_tiny(**args, quantize_base=True)
-
-
-def qlora_gqa_llama3_2_1b(
-    lora_attn_modules: Sequence[str] = LORA_ATTN_MODULES,
-    apply_lora_to_mlp: bool = False,
-    lora_rank: int = 8,
-    lora_alpha: float = 16,
-    lora_dropout: float = 0.0,
-    backend: str = "auto",
-    max_seq_len: int = 131_072,
-) -> TransformerDecoder:
-    """QLoRA: :func:`lora_gqa_llama3_2_1b` with ``quantize_base=True`` (same arguments), as torchtune's
-    ``qlora_llama3_2_1b``. The plain model is built first, then quantized layer by layer."""
-    args: Dict[str, Any] = dict(locals())
-    return lora_gqa_llama3_2_1b(**args, quantize_base=True)
+qlora_gqa_llama3_2_1b = partial(lora_gqa_llama3_2_1b, quantize_base=True)
+qlora_gqa_llama3_2_1b.__doc__ = """QLoRA: :func:`lora_gqa_llama3_2_1b` with ``quantize_base=True`` (same
+arguments), as torchtune's ``qlora_llama3_2_1b``. The plain model is built first, then quantized layer by
+layer."""

@@ -13,7 +13,8 @@ from gqa_tune.modules.kv_cache import KVCache
 from gqa_tune.ops.dispatch import AttentionSpec, check_backend_name, execute, plan_attention
 from gqa_tune.ops.functional import check_scale, check_softcap
 from gqa_tune.ops.kv_quant import QUANTIZED_KV_DTYPES, resolve_kv_cache_dtype
-from gqa_tune.ops.masks import MaskType
+from gqa_tune.ops.masks import MaskType, documents_of
+from gqa_tune.ops.tracing import compiling
 
 logger = logging.getLogger(__name__)
 
@@ -298,7 +299,7 @@ class MultiHeadAttention(nn.Module):
                 + (" (or [b] / a scalar for s_x=1)" if s_x == 1 else "")
             )
         input_pos = input_pos.reshape(-1, s_x)  # [b or 1, s_x]
-        if input_pos.numel() and not torch.compiler.is_compiling():
+        if input_pos.numel() and not compiling():
             low, high = torch.aminmax(input_pos)
             self._check_positions(int(low), int(high), "input_pos")
         return input_pos
@@ -313,29 +314,12 @@ class MultiHeadAttention(nn.Module):
                 f"{what} must lie in [0, {limit}) (the position embedding's max_seq_len), got {low}..{high}"
             )
 
-    def _ring_mask(
-        self, mask: Optional[torch.Tensor], cache: KVCache, key_pos: torch.Tensor, s_x: int, s_new: int, start: int
-    ) -> torch.Tensor:
-        """Which of a ring cache's keys (positions ``key_pos``, -1 = empty) each query sees: ``[b or 1, 1, s_x, n]``.
-
-        The queries are the last ``s_x`` of the positions written so far plus the ``s_new`` new ones.
-        A torchtune mask ``[b, s_x, max_seq_len]`` (or ``[b, s_x, filled]``) is read at the keys' positions.
-        """
-        if torch.compiler.is_compiling():
-            query_pos = cache.cache_pos[:s_x] + (s_new - s_x)  # before the write
-        else:
-            query_pos = torch.arange(start + s_new - s_x, start + s_new, device=key_pos.device)
-        gap = query_pos[:, None] - key_pos[None, :]  # [s_x, n]
-        visible = (key_pos[None, :] >= 0) & (gap.abs() < self.sliding_window_size)
-        if self.is_causal:
-            visible = visible & (gap >= 0)
-        visible = visible[None, None]
-        if mask is None:
-            return visible
-        picked = mask[:, None][..., key_pos.clamp(min=0)]  # [b, 1, s_x, n]
-        if picked.dtype == torch.bool:
-            return picked & visible
-        return picked.masked_fill(~visible, float("-inf"))
+    def _ring_positions(self, cache: KVCache, s_x: int, s_new: int, start: int) -> torch.Tensor:
+        """``[s_x]`` positions of the queries over a ring cache: the last ``s_x`` of the positions written so far
+        plus the ``s_new`` new ones (on the device when compiled: the cache's positions before the write)."""
+        if compiling():
+            return cache.cache_pos[:s_x] + (s_new - s_x)
+        return torch.arange(start + s_new - s_x, start + s_new, device=cache.cache_pos.device)
 
     def forward(
         self,
@@ -383,7 +367,7 @@ class MultiHeadAttention(nn.Module):
                 raise ValueError(f"x is {x.dtype}, the attention's weights are {weight.dtype}: convert one of them")
         b, s_x, _ = x.shape
         cache = self.kv_cache if self.cache_enabled and self.kv_cache is not None else None
-        compiling = torch.compiler.is_compiling()
+        traced = compiling()
         empty = b == 0 or s_x == 0  # nothing to compute: the empty output, and the cache is not written
 
         # Validate and plan everything before any state changes: a rejected call leaves the cache as it was.
@@ -392,7 +376,7 @@ class MultiHeadAttention(nn.Module):
                 raise ValueError("Must provide y input or use kv_cache to enable streaming decoding")
             if b > cache.batch_size:
                 raise ValueError(f"batch size {b} is larger than the cache's batch_size {cache.batch_size}")
-            if not compiling and not empty and cache.filled_rows and b != cache.filled_rows:
+            if not traced and not empty and cache.filled_rows and b != cache.filled_rows:
                 raise ValueError(f"batch size {b} differs from the {cache.filled_rows} row(s) the cache holds")
             s_new = 0
         else:
@@ -406,7 +390,7 @@ class MultiHeadAttention(nn.Module):
             s_new = y.shape[1]
             if cache is not None and not empty:
                 cache.check_update(b, s_new)
-        start = cache.size if cache is not None and not compiling else 0
+        start = cache.size if cache is not None and not traced else 0
         filled = start + s_new
         if cache is not None and cache.dtype != x.dtype:
             held = cache.dtype if not cache.quantized else f"{cache.kv_cache_dtype} read as {cache.dtype}"
@@ -416,7 +400,7 @@ class MultiHeadAttention(nn.Module):
             self._check_mask(mask, x, b, s_x, kv_lens, cache is not None)
         if input_pos is not None and self.pos_embeddings is not None:
             input_pos = self._check_input_pos(input_pos, b, s_x)
-        elif self.pos_embeddings is not None and not compiling and s_x:
+        elif self.pos_embeddings is not None and not traced and s_x:
             # Default positions: 0..s_x-1, or the cache positions the new tokens (or, y=None, the queries) take.
             first = start if cache is not None and y is not None else 0
             self._check_positions(first, first + s_x - 1, "the positions (no input_pos given)")
@@ -456,16 +440,21 @@ class MultiHeadAttention(nn.Module):
         if cache is None:
             k_seen, v_seen = k, v
             causal = mask is None and self.is_causal
-            spec = AttentionSpec(mask=attn_mask, causal=causal, window=self.sliding_window_size, **features)
+            documents = None if traced else documents_of(mask)  # packed rows: the documents the mask keeps apart
+            spec = AttentionSpec(
+                mask=attn_mask, causal=causal, window=self.sliding_window_size, document_ids=documents, **features
+            )
         elif cache.window is not None:  # a ring of the window: its keys, with the positions they stand for
             k_seen, v_seen, key_pos, kv_scales = cache.window_keys(b, k, v, with_scales=True)
-            ring_mask = self._ring_mask(mask, cache, key_pos, s_x, s_new, start)
-            spec = AttentionSpec(mask=ring_mask, kv_scales=kv_scales, **features)
+            spec = AttentionSpec(
+                mask=attn_mask, causal=self.is_causal, window=self.sliding_window_size, kv_scales=kv_scales,
+                key_positions=key_pos, query_positions=self._ring_positions(cache, s_x, s_new, start), **features,
+            )  # fmt: skip
         else:
             # The whole buffers; the queries are the last s_x of the positions filled after the write.
             k_seen, v_seen = cache.k_cache[:b], cache.v_cache[:b]
             causal = mask is None and y is not None and self.is_causal
-            if compiling:  # the fill lives on the device
+            if traced:  # the fill lives on the device
                 fill = dict(seqlens=cache.cache_pos[:1].expand(b) + s_new)
             else:
                 fill = dict(max_seqlen=filled, causal_offset=filled - s_x)

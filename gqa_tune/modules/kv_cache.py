@@ -13,6 +13,7 @@ from gqa_tune.ops.kv_quant import (
     resolve_kv_cache_dtype,
     storage_view,
 )
+from gqa_tune.ops.tracing import compiling
 
 
 def _append_problem(filled: int, rows: int, max_seq_len: int, batch: int, seq_len: int) -> Optional[str]:
@@ -73,7 +74,7 @@ def _in_range(values: torch.Tensor, dtype: torch.dtype, name: str) -> torch.Tens
     (a float32 ``1e6`` written to a float16 cache would be stored as ``inf``)."""
     cast = values.to(dtype)
     narrower = values.dtype != dtype and torch.finfo(dtype).max < torch.finfo(values.dtype).max
-    if narrower and not torch.compiler.is_compiling():
+    if narrower and not compiling():
         overflow = torch.isinf(cast) & torch.isfinite(values)
         if bool(overflow.any()):
             worst = float(values[overflow].abs().max())
@@ -306,11 +307,6 @@ class KVCache(nn.Module):
         self._sync_from_device()
         return self._rows
 
-    def sync_size(self) -> int:
-        """Re-read the fill level from the device (kept for callers of earlier versions; never needed)."""
-        self._device_ahead = True
-        return self.size
-
     def truncate(self, length: int) -> None:
         """Forget the positions from ``length`` on (e.g. tokens a speculative step rejected).
 
@@ -364,7 +360,7 @@ class KVCache(nn.Module):
             raise ValueError(f"got {heads} key/value heads, the cache holds {self.num_kv_heads}")
         if head_dim is not None and head_dim != self.head_dim:
             raise ValueError(f"got head_dim {head_dim}, the cache holds {self.head_dim}")
-        if not torch.compiler.is_compiling():
+        if not compiling():
             problem = _append_problem(self.size, self._rows, self.max_seq_len, batch, seq_len)
             if problem is not None:
                 raise ValueError(problem)
@@ -376,7 +372,7 @@ class KVCache(nn.Module):
         so a caller can check before it computes anything from the positions.
         """
         self.check_update(batch, seq_len)
-        if torch.compiler.is_compiling():
+        if compiling():
             return _kv_cache_positions(self.cache_pos, self.rows, batch, seq_len)
         return self.cache_pos[:seq_len].clone()
 
@@ -412,7 +408,7 @@ class KVCache(nn.Module):
             self._update_quantized(k_val, v_val)
             return self.k_cache[:b], self.v_cache[:b]
         k_val, v_val = _in_range(k_val, self.k_cache.dtype, "k_val"), _in_range(v_val, self.v_cache.dtype, "v_val")
-        if torch.compiler.is_compiling():
+        if compiling():
             _kv_cache_append(self.k_cache, self.v_cache, self.cache_pos, self.rows, self.slot_pos, k_val, v_val)
             self._device_ahead = True  # a Python side effect, replayed after the graph: no guard, no recompile
         else:
@@ -430,7 +426,7 @@ class KVCache(nn.Module):
         b, _, seq_len, _ = k_val.shape
         (k_q, k_s), (v_q, v_s) = quantize_kv(k_val, self.kv_cache_dtype), quantize_kv(v_val, self.kv_cache_dtype)
         buffers = (self.k_cache, self.v_cache, self.k_scale, self.v_scale)
-        if torch.compiler.is_compiling():
+        if compiling():
             _kv_cache_append_quantized(*buffers, self.cache_pos, self.rows, self.slot_pos, k_q, v_q, k_s, v_s)
             self._device_ahead = True
             return
@@ -468,7 +464,7 @@ class KVCache(nn.Module):
         scales = self.scales(batch)
         if k_val is not None:
             seq_len = k_val.shape[2]
-            if torch.compiler.is_compiling():
+            if compiling():
                 new_pos = self.cache_pos[:seq_len]
             else:
                 new_pos = torch.arange(self.size, self.size + seq_len, device=self.slot_pos.device)

@@ -3,13 +3,11 @@
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from gqa_tune import _checks as checks
-from gqa_tune.ops.backends.triton import kernel_problem
+from gqa_tune.ops.dispatch import AttentionSpec, execute, plan_attention
 from gqa_tune.ops.functional import check_scale
-from gqa_tune.ops.kv_quant import QUANTIZED_KV_DTYPES, dequantize_kv
-from gqa_tune.ops.nan_rule import hide_masked_nans
+from gqa_tune.ops.kv_quant import QUANTIZED_KV_DTYPES
 
 
 def _check(query, k_cache, v_cache, cache_seqlens, mask, scale, causal, max_seqlen, k_scale=None, v_scale=None):
@@ -76,21 +74,6 @@ def _check(query, k_cache, v_cache, cache_seqlens, mask, scale, causal, max_seql
         raise ValueError(f"max_seqlen ({max_seqlen}) is below the longest cache_seqlens entry ({high})")
 
 
-def decode_visibility(
-    cache_seqlens: torch.Tensor, s_q: int, max_len: int, causal: bool, mask: Optional[torch.Tensor]
-) -> torch.Tensor:
-    """Bool ``[b, 1, s_q, max_len]``: which cache slots each new query sees."""
-    slots = torch.arange(max_len, device=cache_seqlens.device)
-    lens = cache_seqlens.to(slots.dtype).view(-1, 1, 1)
-    if causal:
-        visible = slots.view(1, 1, -1) <= lens - s_q + torch.arange(s_q, device=slots.device).view(1, -1, 1)
-    else:
-        visible = (slots.view(1, 1, -1) < lens).expand(-1, s_q, -1)
-    if mask is not None:
-        visible = visible & mask
-    return visible[:, None]
-
-
 def flash_decode_gqa(
     query: torch.Tensor,
     k_cache: torch.Tensor,
@@ -112,8 +95,9 @@ def flash_decode_gqa(
     for ``s_q = 1`` that is the whole filled prefix. Query head ``i`` uses kv
     head ``i // (n_h // n_kv)``.
 
-    On CUDA (or under ``TRITON_INTERPRET=1`` on CPU) this runs the split-K
-    Triton kernel; elsewhere an equivalent PyTorch computation.
+    Planned by :func:`gqa_tune.ops.dispatch.plan_attention` as a call with the cache's filled lengths: the
+    ``"triton"`` row's split-K decode kernel where it can serve it (CUDA, or ``TRITON_INTERPRET=1`` on CPU),
+    else whatever ``backend="auto"`` picks, over the lengths lowered into a mask.
 
     A quantized cache (``k_scale``/``v_scale`` given) holds int8 or float8_e4m3fn values: key ``j`` is
     ``k_cache[..., j, :] * k_scale[..., j]`` (:mod:`gqa_tune.ops.kv_quant`). The kernel reads int8
@@ -140,46 +124,16 @@ def flash_decode_gqa(
     _check(query, k_cache, v_cache, cache_seqlens, mask, scale, causal, max_seqlen, k_scale, v_scale)
     if query.numel() == 0:
         return query.new_zeros(query.shape)
-    return decode_attention(query, k_cache, v_cache, cache_seqlens, scale, causal, mask, max_seqlen, k_scale, v_scale)
-
-
-def decode_attention(
-    query: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    cache_seqlens: torch.Tensor,
-    scale: Optional[float],
-    causal: bool,
-    mask: Optional[torch.Tensor],
-    max_seqlen: Optional[int],
-    k_scale: Optional[torch.Tensor] = None,
-    v_scale: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
-    """:func:`flash_decode_gqa` without its checks, for callers that guarantee them."""
-    scale = query.shape[-1] ** -0.5 if scale is None else float(scale)
-    native = k_scale is None or k_cache.dtype == torch.int8
-    if native and kernel_problem(query.device, query.dtype, query.shape[-1]) is None:
-        from gqa_tune.kernels.triton.ops import flash_decode
-
-        if mask is not None:
-            mask = mask.expand(query.shape[0], -1, -1)
-        bound = -1 if max_seqlen is None else int(max_seqlen)
-        scales = {} if k_scale is None else dict(k_scale=k_scale.float(), v_scale=v_scale.float())
-        return flash_decode(
-            query, k_cache, v_cache, cache_seqlens.to(torch.int32), mask, scale, causal, bound, **scales
-        )
-    if k_scale is not None:  # dequantize the filled prefix only
-        filled = int(cache_seqlens.max()) if max_seqlen is None else int(max_seqlen)
-        k_cache = dequantize_kv(k_cache[:, :, :filled], k_scale[:, :, :filled], query.dtype)
-        v_cache = dequantize_kv(v_cache[:, :, :filled], v_scale[:, :, :filled], query.dtype)
-        mask = None if mask is None else mask[..., :filled]
-    b, n_h, s_q, head_dim = query.shape
-    n_kv = k_cache.shape[1]
-    visible = decode_visibility(cache_seqlens, s_q, k_cache.shape[2], causal, mask)
-    # Pack the group's query heads into rows: [b, n_kv, G * s_q, h_d]; one read of each kv head.
-    packed = query.reshape(b, n_kv, (n_h // n_kv) * s_q, head_dim)
-    visible = visible.repeat(1, 1, n_h // n_kv, 1)
-    # Slots past a row's length may hold anything (torch.empty caches): the NaN rule keeps them out.
-    k_cache, v_cache, restore = hide_masked_nans(packed, k_cache, v_cache, visible, False)
-    out = restore(F.scaled_dot_product_attention(packed, k_cache, v_cache, attn_mask=visible, scale=scale))
-    return out.reshape(b, n_h, s_q, head_dim)
+    spec = AttentionSpec(
+        mask=None if mask is None else mask[:, None],  # [b, 1, s_q, max_len]
+        causal=causal,
+        seqlens=cache_seqlens,
+        max_seqlen=max_seqlen,
+        scale=scale,
+        kv_scales=None if k_scale is None else (k_scale.float(), v_scale.float()),
+    )
+    try:
+        plan = plan_attention(query, k_cache, v_cache, spec, "triton")
+    except ValueError:  # the kernel cannot serve it here: the backend "auto" picks
+        plan = plan_attention(query, k_cache, v_cache, spec, "auto")
+    return execute(plan, query)

@@ -5,14 +5,16 @@ backend    what it is
 =========  ===========================================================
 sdpa       ``F.scaled_dot_product_attention(..., enable_gqa=True)``
 flex       compiled ``flex_attention`` (``BlockMask`` or causal)
+blocks     a ``BlockMask``, or on CPU a bool mask hiding most of its
+           128 x 128 tiles, over the kept tiles only, fwd + bwd; packed
+           documents one by one (``AttentionSpec.document_ids``)
 math       float32 reference, the only one that returns weights
 triton     gqa_tune's flash attention kernels (GQA-native, fwd + bwd),
            and their split-K decode kernel for KV-cache calls
 =========  ===========================================================
 
-``sdpa`` runs a ``BlockMask``, and on CPU a bool mask that hides most of its 128 x 128 tiles (torchtune's
-packed block-causal mask), over the kept tiles only (:mod:`gqa_tune.ops.backends.blocks`), forward and
-backward: document-masked training costs what the documents cost, not ``s_q * s_kv``.
+With ``blocks``, document-masked training on a CPU (where flex has no backward) costs what the documents
+cost, not ``s_q * s_kv``.
 
 A call is described once, as an :class:`AttentionSpec` (mask, causal alignment, a cache's filled
 lengths, window, soft-cap, sinks, scale, dropout). :func:`plan_attention` alone decides which backend
@@ -30,6 +32,7 @@ from typing import Callable, Optional, Tuple
 import torch
 from torch.nn.attention.flex_attention import BlockMask
 
+from gqa_tune.ops.backends.blocks import blocks_backend, blocks_limits
 from gqa_tune.ops.backends.flex import flex_backend, flex_limits
 from gqa_tune.ops.backends.math import math_backend, math_weights
 from gqa_tune.ops.backends.sdpa import sdpa_backend, sdpa_limits
@@ -64,6 +67,8 @@ class AttentionCall:
     per_head_mask: bool = False
     #: The storage dtype of quantized K/V (``int8``, ``float8_e4m3fn``), read with the spec's ``kv_scales``.
     kv_dtype: Optional[torch.dtype] = None
+    #: ``(s_q, s_kv)`` as the backend will see them (``None``: not given).
+    lengths: Optional[Tuple[int, int]] = None
 
     @property
     def mask_kind(self) -> str:
@@ -99,6 +104,8 @@ class Backend:
     quantized_kv: Tuple[torch.dtype, ...] = ()
     #: The same call returning ``(out, weights)`` (``need_weights``); ``None``: it cannot return weights.
     weights_fn: Optional[Callable[..., Tuple[torch.Tensor, torch.Tensor]]] = None
+    #: Takes ``document_ids`` (packed documents, attended one by one).
+    documents: bool = False
 
 
 def _no_limits(call: AttentionCall) -> Optional[str]:
@@ -109,6 +116,7 @@ _INT8_KV = (torch.int8,)
 BACKENDS = {
     "sdpa": Backend("sdpa", sdpa_backend, sdpa_limits, zeroes_nan_query_rows=True),
     "flex": Backend("flex", flex_backend, flex_limits, zeroes_nan_query_rows=True),
+    "blocks": Backend("blocks", blocks_backend, blocks_limits, zeroes_nan_query_rows=True, documents=True),
     "math": Backend("math", math_backend, _no_limits, offsets=True, weights_fn=math_weights),
     "triton": Backend(
         "triton", triton_backend, triton_limits, offsets=True, cache_lengths=True, windows=True, quantized_kv=_INT8_KV
@@ -126,13 +134,15 @@ def auto_order(call: AttentionCall) -> tuple:
     if call.need_weights:
         return ("math",)
     if call.mask_kind == "block":
-        # flex reads the BlockMask natively; where it cannot (CPU training), SDPA runs over the tiles
-        # the BlockMask keeps (forward and backward), never the dense mask.
-        return ("flex", "sdpa", "math")
+        # flex reads the BlockMask natively; where it cannot (CPU training), the blocks row runs over the
+        # tiles the BlockMask keeps (forward and backward), never the dense mask.
+        return ("flex", "blocks", "sdpa", "math")
     if call.device.type == "cuda" and auto_validated(call.device):
         # Our kernels where they serve the call (no mask, causal, bool masks), on GPUs where they were
         # measured correct and faster (kernels/triton/validated.json); elsewhere SDPA's flash / cuDNN.
         return ("triton", "sdpa", "math")
+    if call.mask_kind == "bool" and call.device.type == "cpu":
+        return ("blocks", "sdpa", "math")  # blocks only where the mask hides most tiles or is packed documents
     return ("sdpa", "math")
 
 
@@ -158,7 +168,7 @@ def make_call(
     empty = q.numel() == 0 or k.shape[2] == 0
     return AttentionCall(
         q.device, q.dtype, q.shape[-1], mask, dropout_p, need_weights, needs_grad, value_head_dim, empty,
-        softcap, sinks is not None,
+        softcap, sinks is not None, lengths=(q.shape[2], k.shape[2]),
     )  # fmt: skip
 
 
@@ -178,24 +188,6 @@ def select_backend(call: AttentionCall, backend: str = "auto") -> Backend:
         if name not in AUTO_DISABLED and BACKENDS[name].limits(call) is None:
             return BACKENDS[name]
     raise AssertionError("the math backend accepts every call")  # pragma: no cover
-
-
-def run_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    mask: Optional[MaskType] = None,
-    scale: Optional[float] = None,
-    is_causal: bool = False,
-    dropout_p: float = 0.0,
-    backend: str = "auto",
-    softcap: Optional[float] = None,
-    sinks: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
-    """Already-validated grouped inputs through :func:`attend` (keyword form; no weights)."""
-    spec = AttentionSpec(mask=mask, causal=is_causal, softcap=softcap, sinks=sinks, scale=scale, dropout_p=dropout_p)
-    return attend(q, k, v, spec, backend)
 
 
 def _build_failure(name: str, err: Exception) -> bool:
@@ -262,6 +254,14 @@ class AttentionSpec:
             ``k[..., j, :] * k_scale[..., j]`` (:mod:`gqa_tune.ops.kv_quant`).
         need_weights (bool): also return the attention weights ``[b, n_h, s_q, s_kv]`` (only a backend with a
             ``weights_fn``, the math one, serves it).
+        key_positions (Optional[torch.Tensor]): ``[s_kv]`` the positions the keys stand for, -1 for an empty
+            slot (a ring cache's slots, which wrap); with ``query_positions`` ``[s_q]``. Causality, the window
+            and a torchtune mask ``[b, 1, s_q, max_seq_len]`` (read at the keys' positions) then apply by
+            position; the lowering turns them into one mask.
+        query_positions (Optional[torch.Tensor]): see ``key_positions``.
+        document_ids (Optional[torch.Tensor]): ``[b, s]`` ids of the packed documents a block-causal ``mask``
+            keeps apart (:func:`gqa_tune.ops.masks.document_ids`): the ``"blocks"`` backend then attends
+            within each document, at the documents' own cost.
     """
 
     mask: Optional[MaskType] = None
@@ -276,6 +276,9 @@ class AttentionSpec:
     dropout_p: float = 0.0
     kv_scales: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
     need_weights: bool = False
+    key_positions: Optional[torch.Tensor] = None
+    query_positions: Optional[torch.Tensor] = None
+    document_ids: Optional[torch.Tensor] = None
 
     @property
     def cached(self) -> bool:
@@ -314,12 +317,33 @@ def _query_positions(spec: AttentionSpec, b: int, s_q: int, device: torch.device
     return (rows + spec.causal_offset).view(1, 1, s_q, 1)
 
 
+def _by_position(spec: AttentionSpec) -> AttentionSpec:
+    """``spec`` with keys and queries at explicit positions (a ring cache) as one mask ``[b or 1, 1, s_q, s_kv]``:
+    a key is seen if its slot is filled, within the window, not after the query (causal), and allowed by the
+    torchtune mask at the key's position."""
+    key_pos, query_pos = spec.key_positions, spec.query_positions
+    gap = query_pos[:, None] - key_pos[None, :]  # [s_q, s_kv]
+    visible = key_pos[None, :] >= 0
+    if spec.window is not None:
+        visible = visible & (gap.abs() < spec.window)
+    if spec.causal:
+        visible = visible & (gap >= 0)
+    visible = visible[None, None]
+    mask = spec.mask
+    if mask is not None:
+        mask = _with(mask[..., key_pos.clamp(min=0)], visible)  # [b, 1, s_q, s_kv]
+    return replace(spec, mask=visible if mask is None else mask, causal=False, window=None, key_positions=None,
+                   query_positions=None)  # fmt: skip
+
+
 def _lower(
     spec: AttentionSpec, row: Backend, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
 ) -> Tuple[torch.Tensor, torch.Tensor, dict]:
     """The call ``row`` gets for ``spec``: K/V (sliced to the filled prefix where the backend does not read
     cache lengths) and its keyword arguments, every mask 4-D. Allocates only the masks it must build."""
     b, n_h, s_q, h_d = q.shape
+    if spec.key_positions is not None:
+        spec = _by_position(spec)
     mask = spec.mask
     if isinstance(mask, torch.Tensor) and mask.dim() < 4:
         mask = mask.view((1,) * (4 - mask.dim()) + tuple(mask.shape))  # broadcasting made explicit, once
@@ -370,6 +394,8 @@ def _lower(
         kwargs["sinks"] = torch.where(infinite, 0.0, spec.sinks)
         kwargs["zero_heads"] = infinite
     kwargs.update(lengths)
+    if row.documents and spec.document_ids is not None:
+        kwargs["document_ids"] = spec.document_ids
     if scales is not None and lengths and k.dtype in row.quantized_kv:
         kwargs["kv_scales"] = scales
     elif scales is not None:
@@ -393,6 +419,7 @@ def _predicted_call(q, k, v, spec: AttentionSpec, row: Backend, need_weights: bo
     decode = spec.cached and row.cache_lengths
     mask = spec.mask
     builds_mask = (spec.window is not None and not row.windows) or (spec.seqlens is not None and not decode)
+    builds_mask = builds_mask or spec.key_positions is not None
     builds_mask = builds_mask or (spec.causal and not row.offsets and (mask is not None or spec.causal_offset != 0))
     if builds_mask and (mask is None or isinstance(mask, BlockMask)):
         mask = _BOOL_PROBE  # the lowering builds a bool mask
@@ -403,7 +430,7 @@ def _predicted_call(q, k, v, spec: AttentionSpec, row: Backend, need_weights: bo
     return AttentionCall(
         q.device, q.dtype, q.shape[-1], mask, spec.dropout_p, need_weights, torch.is_grad_enabled() and grads,
         v.shape[-1] if v.shape[-1] != q.shape[-1] else None, q.numel() == 0 or s_kv == 0, spec.softcap,
-        sinks is not None, decode, per_head, k.dtype if spec.kv_scales is not None else None,
+        sinks is not None, decode, per_head, k.dtype if spec.kv_scales is not None else None, (q.shape[2], s_kv),
     )  # fmt: skip
 
 

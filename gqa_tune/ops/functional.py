@@ -9,7 +9,7 @@ from torch.nn.attention.flex_attention import BlockMask
 
 from gqa_tune import _checks as checks
 from gqa_tune.ops.dispatch import AttentionSpec, attend
-from gqa_tune.ops.masks import MaskType
+from gqa_tune.ops.masks import MaskType, documents_of
 
 
 def _shape(t: torch.Tensor) -> str:
@@ -209,6 +209,7 @@ def scaled_dot_product_gqa(
         scale=scale,
         dropout_p=dropout_p,
         need_weights=need_weights,
+        document_ids=documents_of(attn_mask),
     )
     # With need_weights only the math backend serves the call; another explicit one is refused, naming itself.
     return attend(query, key, value, spec, backend)

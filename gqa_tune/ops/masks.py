@@ -7,6 +7,7 @@ The module's KV-cache path places the queries at the end of the keys
 (bottom-right alignment), which is what decoding a chunk needs.
 """
 
+import weakref
 from typing import Optional, Union
 
 import torch
@@ -14,15 +15,25 @@ from torch.nn.attention.flex_attention import BlockMask, create_mask
 
 MaskType = Union[torch.Tensor, BlockMask]
 
+# The packed documents a block-causal BlockMask keeps apart, per mask (while it lives).
+_DOCUMENTS: "weakref.WeakKeyDictionary[BlockMask, torch.Tensor]" = weakref.WeakKeyDictionary()
+
+
+def with_documents(block_mask: BlockMask, document_ids: torch.Tensor) -> BlockMask:
+    """Record that ``block_mask`` is block-causal over the packed documents ``document_ids`` ``[b, s]``, so
+    that a call given it can say so in its ``AttentionSpec`` (:func:`documents_of`). Returns ``block_mask``."""
+    _DOCUMENTS[block_mask] = document_ids
+    return block_mask
+
+
+def documents_of(mask: Optional[MaskType]) -> Optional[torch.Tensor]:
+    """The document ids :func:`with_documents` recorded for ``mask``, else ``None``."""
+    return _DOCUMENTS.get(mask) if isinstance(mask, BlockMask) else None
+
 
 def top_left_causal(s_q: int, s_kv: int, device: torch.device) -> torch.Tensor:
     """Bool ``[s_q, s_kv]``: query ``i`` sees keys ``0..i``."""
     return torch.ones(s_q, s_kv, dtype=torch.bool, device=device).tril()
-
-
-def bottom_right_causal(s_q: int, s_kv: int, device: torch.device) -> torch.Tensor:
-    """Bool ``[s_q, s_kv]``: query ``i`` sits at key position ``s_kv - s_q + i``."""
-    return torch.ones(s_q, s_kv, dtype=torch.bool, device=device).tril(diagonal=s_kv - s_q)
 
 
 def _expand_blocks(blocks: torch.Tensor, block_size: tuple, s_q: int, s_kv: int) -> torch.Tensor:

@@ -30,6 +30,7 @@ import torch
 from torch.nn.attention.flex_attention import BlockMask
 
 from gqa_tune.ops.masks import MaskType
+from gqa_tune.ops.tracing import may_read_host
 
 Restore = Callable[[torch.Tensor], torch.Tensor]
 
@@ -68,7 +69,7 @@ def _surely_no_nans(*tensors: Optional[torch.Tensor]) -> bool:
     ``torch.compile`` a host read would stall the device or break the graph: there the sync-free
     path always runs."""
     present = [t for t in tensors if t is not None]
-    if not present or present[0].device.type != "cpu" or torch.compiler.is_compiling():
+    if not present or not may_read_host(present[0]):
         return False
     with torch.no_grad():
         # A NaN or an infinity anywhere makes the sum non-finite (so does a sum that overflows: a false

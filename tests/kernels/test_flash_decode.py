@@ -7,7 +7,6 @@ import gqa_tune.kernels.triton.ops as kernel_ops
 from gqa_tune import attention_ref, flash_decode_gqa
 from gqa_tune.kernels.triton._common import runtime_problem
 from gqa_tune.models import gqa_attention
-from gqa_tune.ops import decode as decode_module
 from gqa_tune.testing import assert_within_precision
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -79,7 +78,7 @@ def test_mask_non_causal_and_empty_rows():
 
 
 def test_pytorch_fallback_matches_reference(monkeypatch):
-    monkeypatch.setattr(decode_module, "kernel_problem", lambda *args: "forced fallback")
+    monkeypatch.setattr("gqa_tune.ops.backends.triton.kernel_problem", lambda *args: "forced fallback")
     monkeypatch.setattr(kernel_ops, "flash_decode", None)  # the kernel must not be reached
     q, k, v = cache_inputs(3, 8, 2, 2, 33, 24, torch.float32)
     seqlens = torch.tensor([2, 33, 10], device=DEVICE)
@@ -217,8 +216,7 @@ def test_int8_cache_with_mask_non_causal_and_empty_rows():
         assert out[0].abs().max() == 0
 
 
-def test_float8_cache_runs_the_pytorch_path_on_the_filled_prefix(monkeypatch):
-    monkeypatch.setattr(kernel_ops, "flash_decode", None)  # the kernel reads int8 only: it must not be reached
+def test_float8_cache_is_dequantized_for_a_backend_that_reads_floats():
     (kq, ks, vq, vs), (k, v) = int8_cache(2, 2, 30, 16, dtype=torch.float8_e4m3fn)
     q = torch.randn(2, 4, 1, 16, device=DEVICE)
     seqlens = torch.tensor([7, 12], device=DEVICE)

@@ -136,6 +136,52 @@ def test_cached_generation_matches_recomputation():
     torch.testing.assert_close(model(src, inp).argmax(-1), cached)
 
 
+def test_generation_runs_the_library_loop_on_a_torchtune_decoder(monkeypatch):
+    """``generate`` hands ``as_decoder()`` (a torchtune TransformerDecoder of layers built on torchtune's
+    TransformerCrossAttentionLayer) to ``gqa_tune.generate``, which gives the same tokens called directly."""
+    from torchtune.modules import TransformerCrossAttentionLayer, TransformerDecoder
+
+    import gqa_tune
+    import gqa_tune.models._encoder_decoder as encdec
+
+    model = lm(init_std=0.5, pad_id=PAD)
+    src = tokens(3, 7)
+    src[1, 4:] = PAD
+    calls = []
+    monkeypatch.setattr(encdec, "generate", lambda *a, **kw: calls.append(kw) or gqa_tune.generate(*a, **kw))
+    out = model.generate(src, 9, bos_id=BOS)
+    assert len(calls) == 1 and calls[0]["encoder_input"].shape == (3, 7, 32)
+    decoder = model.as_decoder()
+    assert isinstance(decoder, TransformerDecoder)
+    assert all(isinstance(layer.cross, TransformerCrossAttentionLayer) for layer in decoder.layers)
+    memory = model.transformer.encode(model.tok_embeddings(src), src != PAD)
+    prompt = torch.full((3, 1), BOS)
+    direct, logits = gqa_tune.generate(decoder, prompt, 9, pad_id=-1, encoder_input=memory,
+                                       encoder_mask=(src != PAD)[:, None, :])  # fmt: skip
+    assert torch.equal(direct[:, 1:], out) and logits.shape == (3, 9, V)
+    assert not decoder.caches_are_setup()  # generate set them up and removed them
+
+
+def test_generate_refuses_encoder_inputs_that_do_not_fit():
+    import gqa_tune
+    from gqa_tune.models import gqa_tiny
+
+    model = lm()
+    decoder, prompt = model.as_decoder(), torch.full((2, 1), BOS)
+    memory = torch.randn(2, 5, 32)
+    with pytest.raises(ValueError, match="encoder_mask was given without encoder_input"):
+        gqa_tune.generate(decoder, prompt, 3, encoder_mask=torch.ones(2, 1, 5, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"encoder_mask must be bool \[b, s, s_enc\] = \[2, 1, 5\]"):
+        gqa_tune.generate(decoder, prompt, 3, encoder_input=memory)
+    with pytest.raises(ValueError, match=r"encoder_input must be \[b=2, s_enc, d\]"):
+        gqa_tune.generate(decoder, prompt, 3, encoder_input=memory[0], encoder_mask=torch.ones(2, 1, 5).bool())
+    with pytest.raises(ValueError, match="compile=True does not take encoder_input"):
+        gqa_tune.generate(decoder, prompt, 3, compile=True, encoder_input=memory,
+                          encoder_mask=torch.ones(2, 1, 5, dtype=torch.bool))  # fmt: skip
+    with pytest.raises(ValueError, match="encoder_input needs a model with cross-attention layers"):
+        gqa_tune.generate(gqa_tiny(), prompt, 3, encoder_input=memory, encoder_mask=torch.ones(2, 1, 5).bool())
+
+
 def test_generation_stops_at_eos():
     model = lm(init_std=0.5, pad_id=PAD)
     src = tokens(3, 5)

@@ -184,7 +184,7 @@ def test_compiled_decode_step_matches_eager_without_recompiles():
         outs = [step(seq[:, i : i + 1]) for i in range(5, 12)]
     torch.testing.assert_close(torch.cat(outs, dim=1), full[:, 5:], rtol=1e-5, atol=1e-6)
     assert counter.frame_count == 1
-    assert attn.kv_cache.sync_size() == 12
+    assert attn.kv_cache.size == 12
 
 
 # ---------------------------------------------------------------- validation

@@ -77,7 +77,7 @@ def test_compiled_updates_do_not_recompile():
         written.append(k)
         step(k, v)
     assert counter.frame_count == 1
-    assert cache.sync_size() == 5
+    assert cache.size == 5
     torch.testing.assert_close(cache.k_cache[:, :, :5], torch.cat(written, dim=2))
 
 

@@ -13,7 +13,6 @@ import gqa_tune
 from gqa_tune import attention_ref, flash_decode_gqa
 from gqa_tune.models import gqa_attention, gqa_tiny
 from gqa_tune.modules import KVCache, setup_caches
-from gqa_tune.ops import decode as decode_module
 from gqa_tune.ops import kv_quant
 from gqa_tune.ops.dispatch import AttentionSpec, attend
 
@@ -212,7 +211,7 @@ def quantization_tolerance(q, v, k_scale, v_scale, scale):
 
 @pytest.mark.parametrize("path", ["dispatcher", "flash_decode_gqa"])
 def test_decode_matches_float64_oracle_of_the_dequantized_cache_and_the_float_cache(path, monkeypatch):
-    monkeypatch.setattr(decode_module, "kernel_problem", lambda *args: "forced: the CPU path")
+    monkeypatch.setattr("gqa_tune.ops.backends.triton.kernel_problem", lambda *args: "forced: the CPU path")
     q, (k, v), (kq, ks, vq, vs), lengths = decode_inputs()
     if path == "dispatcher":  # the module's call: whole buffers, a host-side bound of the fill
         spec = AttentionSpec(seqlens=lengths, max_seqlen=int(lengths.max()), kv_scales=(ks, vs))

@@ -97,3 +97,39 @@ def test_the_module_imports_no_backend():
     assert not any(name.startswith(("gqa_tune.ops.backends", "gqa_tune.kernels", "gqa_tune.ops.decode"))
                    for name in imported), imported  # fmt: skip
     assert "gqa_tune.ops.dispatch" in imported
+
+
+@pytest.mark.parametrize("backend", ["math", "sdpa", "flex"])
+def test_keys_at_explicit_positions_a_ring_cache(backend):
+    """A ring cache's slots hold positions out of order (-1: empty); the plan turns causality, the window and a
+    torchtune mask read at the keys' positions into one mask."""
+    q, k, v = qkv(b=2, s_q=2, s_kv=5)
+    key_pos = torch.tensor([5, 6, 2, 3, -1])
+    query_pos = torch.tensor([5, 6])
+    tt_mask = torch.ones(2, 1, 2, 8, dtype=torch.bool)
+    tt_mask[1, 0, :, 3] = False  # row 1 may not see position 3
+    spec = AttentionSpec(mask=tt_mask, causal=True, window=3, key_positions=key_pos, query_positions=query_pos)
+    plan = plan_attention(q, k, v, spec, backend)
+    gap = query_pos[:, None] - key_pos[None, :]
+    allowed = ((key_pos >= 0) & (gap >= 0) & (gap < 3))[None, None] & tt_mask[..., key_pos.clamp(min=0)]
+    assert torch.equal(plan.kwargs["mask"].expand(2, 1, 2, 5), allowed)
+    assert not plan.kwargs["is_causal"] and "window" not in plan.kwargs
+    torch.testing.assert_close(execute(plan, q), oracle(q, k, v, allowed), atol=2e-5, rtol=2e-5)
+
+
+def test_document_ids_travel_in_the_spec_to_the_blocks_backend():
+    from gqa_tune.data.packing import document_block_mask
+    from gqa_tune.ops.masks import documents_of
+
+    block_mask = document_block_mask([torch.tensor([100, 150, 6])], 256)
+    ids = documents_of(block_mask)
+    assert ids is not None and ids.shape == (1, 256) and documents_of(torch.ones(2, 2, dtype=torch.bool)) is None
+    q, k, v = make_qkv(1, 4, 2, 256, 256, 16)
+    q.requires_grad_(True)
+    plan = plan_attention(q, k, v, AttentionSpec(mask=block_mask, document_ids=ids))
+    assert plan.backend.name == "blocks" and plan.kwargs["document_ids"] is ids
+    plain = plan_attention(q, k, v, AttentionSpec(mask=block_mask))  # no ids: over the tiles
+    assert plain.backend.name == "blocks" and "document_ids" not in plain.kwargs
+    same = (ids[0][:, None] == ids[0][None, :]) & torch.ones(256, 256, dtype=torch.bool).tril()
+    for p in (plan, plain):
+        torch.testing.assert_close(execute(p, q), oracle(q, k, v, same[None, None]), atol=2e-5, rtol=2e-5)

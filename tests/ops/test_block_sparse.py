@@ -1,5 +1,5 @@
 """Document-masked attention whose work follows the documents (``gqa_tune/ops/backends/blocks.py``), forward
-and backward, on CPU, through ``"sdpa"``: packed documents (our collate's BlockMask, or torchtune's dense
+and backward, on CPU, through the ``"blocks"`` backend: packed documents (our collate's BlockMask, or torchtune's dense
 block-causal mask) one document group at a time; any other flex ``BlockMask`` (CPU flex has no backward) or
 dense bool mask that hides most tiles over its kept tiles only. Checked against a float64 oracle written
 out here from the document ids, under the FlashAttention 2x/3x rule."""
@@ -76,7 +76,7 @@ def documents_spy(monkeypatch):
         calls.append(ids)
         return original(q, k, v, ids, *args, **kwargs)
 
-    monkeypatch.setattr("gqa_tune.ops.backends.sdpa.document_attention", spy)
+    monkeypatch.setattr("gqa_tune.ops.backends.blocks.document_attention", spy)
     return calls
 
 
@@ -93,7 +93,7 @@ def tiles_spy(monkeypatch):
     def no_dense(*args, **kwargs):
         raise AssertionError("the BlockMask was materialized as a dense s_q x s_kv mask")
 
-    monkeypatch.setattr("gqa_tune.ops.backends.sdpa.block_sparse_attention", spy)
+    monkeypatch.setattr("gqa_tune.ops.backends.blocks.block_sparse_attention", spy)
     monkeypatch.setattr("gqa_tune.ops.masks.block_mask_to_dense", no_dense)
     return calls
 

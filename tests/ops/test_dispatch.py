@@ -8,7 +8,7 @@ from helpers import causal_mod as _causal
 from torch.nn.attention.flex_attention import create_block_mask
 
 from gqa_tune.ops import BACKEND_NAMES, BACKENDS, attention_ref, scaled_dot_product_gqa
-from gqa_tune.ops.dispatch import AttentionCall, auto_order, make_call, run_attention, select_backend
+from gqa_tune.ops.dispatch import AttentionCall, AttentionSpec, attend, auto_order, make_call, plan_attention
 
 
 @pytest.fixture(scope="module")
@@ -33,12 +33,14 @@ def mask_of(kind, dtype, block_mask):
 
 
 def chosen(q, k, v, mask=None, dropout_p=0.0, need_weights=False, backend="auto"):
-    return select_backend(make_call(q, k, v, mask, dropout_p, need_weights), backend).name
+    """The backend ``plan_attention`` (the path every call takes) picks."""
+    spec = AttentionSpec(mask=mask, dropout_p=dropout_p, need_weights=need_weights)
+    return plan_attention(q, k, v, spec, backend).backend.name
 
 
 def test_backend_table():
-    assert BACKEND_NAMES == ("auto", "sdpa", "flex", "math", "triton")
-    assert set(BACKENDS) == {"sdpa", "flex", "math", "triton"}
+    assert BACKEND_NAMES == ("auto", "sdpa", "flex", "blocks", "math", "triton")
+    assert set(BACKENDS) == {"sdpa", "flex", "blocks", "math", "triton"}
     assert all(b.name == name for name, b in BACKENDS.items())
 
 
@@ -69,29 +71,53 @@ def test_auto_picks_flex_for_block_mask_without_grad(dtype, block_mask):
         assert chosen(q, k, v, block_mask) == "flex"
 
 
-def test_auto_block_mask_with_grad_on_cpu_picks_sdpa(block_mask):
+def test_auto_block_mask_with_grad_on_cpu_picks_blocks(block_mask):
     q, k, v = qkv(requires_grad=True)
-    assert chosen(q, k, v, block_mask) == "sdpa"
+    assert chosen(q, k, v, block_mask) == "blocks"
     q, k, v = qkv()
     v.requires_grad_(True)  # any of q, k, v
-    assert chosen(q, k, v, block_mask) == "sdpa"
+    assert chosen(q, k, v, block_mask) == "blocks"
 
 
-def test_auto_block_mask_float64_on_cpu_picks_sdpa(block_mask):
+def test_auto_block_mask_float64_on_cpu_picks_blocks(block_mask):
     q, k, v = qkv(torch.float64)
+    assert chosen(q, k, v, block_mask) == "blocks"
+
+
+def test_auto_block_mask_with_dropout_picks_blocks(block_mask):
+    q, k, v = qkv()
+    assert chosen(q, k, v, block_mask, dropout_p=0.1) == "blocks"
+
+
+def test_a_block_mask_for_other_lengths_is_made_dense_by_sdpa(block_mask):
+    q, k, v = qkv(requires_grad=True)
+    k, v = torch.randn(2, 2, 9, 16), torch.randn(2, 2, 9, 16)  # the mask is for 5 x 7
+    with pytest.raises(ValueError, match=r"the BlockMask is for \(s_q, s_kv\) = \(5, 7\), the call is \(5, 9\)"):
+        chosen(q, k, v, block_mask, backend="blocks")
     assert chosen(q, k, v, block_mask) == "sdpa"
 
 
-def test_auto_block_mask_with_dropout_picks_sdpa(block_mask):
-    q, k, v = qkv()
-    assert chosen(q, k, v, block_mask, dropout_p=0.1) == "sdpa"
+def test_blocks_serves_sparse_or_packed_bool_masks_on_cpu_only():
+    from gqa_tune.data.packing import document_ids
+
+    q = torch.randn(1, 4, 512, 16, requires_grad=True)
+    k, v = torch.randn(1, 2, 512, 16), torch.randn(1, 2, 512, 16)
+    ids = document_ids([torch.tensor([100, 300, 112])], 512)[0]
+    packed = (ids[:, None] == ids[None, :]) & torch.ones(512, 512, dtype=torch.bool).tril()
+    assert chosen(q, k, v, packed.view(1, 1, 512, 512)) == "blocks"
+    dense = torch.ones(1, 1, 512, 512, dtype=torch.bool)  # keeps every tile
+    assert chosen(q, k, v, dense) == "sdpa"
+    with pytest.raises(ValueError, match="backend='blocks' cannot run this call: it takes a BlockMask"):
+        chosen(q, k, v, dense, backend="blocks")
+    out = attend(q, k, v, AttentionSpec(mask=packed.view(1, 1, 512, 512)))
+    torch.testing.assert_close(out, attention_ref(q, k, v, mask=packed)[0], atol=1e-5, rtol=1e-4)
 
 
 def test_auto_order():
     q, k, v = qkv()
     assert auto_order(make_call(q, k, v, None, 0.0, True)) == ("math",)
     assert auto_order(make_call(q, k, v, None, 0.0, False)) == ("sdpa", "math")
-    assert auto_order(make_call(q, k, v, torch.ones(5, 7, dtype=torch.bool), 0.0, False)) == ("sdpa", "math")
+    assert auto_order(make_call(q, k, v, torch.ones(5, 7, dtype=torch.bool), 0.0, False)) == ("blocks", "sdpa", "math")
 
 
 def test_make_call(block_mask):
@@ -149,7 +175,7 @@ def test_triton_on_cpu_without_the_interpreter_raises_value_error(monkeypatch):
     with pytest.raises(ValueError, match="on CPU only in Triton's interpreter"):
         scaled_dot_product_gqa(q, k, v, backend="triton")
     with pytest.raises(ValueError, match="on CPU only in Triton's interpreter"):
-        run_attention(q, k, v, backend="triton")
+        attend(q, k, v, AttentionSpec(), "triton")
     assert chosen(q, k, v) == "sdpa"
 
 
@@ -195,22 +221,22 @@ def test_the_validation_record_decides_per_architecture(monkeypatch):
 @pytest.mark.parametrize("name", ["cuda", "SDPA", "", "flash"])
 def test_unknown_backend_raises_with_choices(name):
     q, k, v = qkv()
-    message = f"unknown attention backend {name!r}; choose one of auto, sdpa, flex, math, triton"
+    message = f"unknown attention backend {name!r}; choose one of auto, sdpa, flex, blocks, math, triton"
     with pytest.raises(ValueError) as info:
-        select_backend(make_call(q, k, v, None, 0.0, False), name)
+        chosen(q, k, v, backend=name)
     assert str(info.value) == message
     with pytest.raises(ValueError, match="unknown attention backend"):
         scaled_dot_product_gqa(q, k, v, backend=name)
 
 
 @pytest.mark.parametrize("backend", ["auto", "sdpa", "math"])
-def test_run_attention_matches_reference(backend):
+def test_attend_matches_reference(backend):
     q, k, v = qkv(torch.float64)
     mask = torch.rand(2, 1, 5, 7) < 0.7
     mask[..., 0] = True
-    out = run_attention(q, k, v, mask=mask, scale=0.3, backend=backend)
+    out = attend(q, k, v, AttentionSpec(mask=mask, scale=0.3), backend)
     torch.testing.assert_close(out, attention_ref(q, k, v, mask=mask, scale=0.3)[0], atol=1e-12, rtol=0)
-    out = run_attention(q, k, v, is_causal=True, backend=backend)
+    out = attend(q, k, v, AttentionSpec(causal=True), backend)
     torch.testing.assert_close(out, attention_ref(q, k, v, is_causal=True)[0], atol=1e-12, rtol=0)
 
 

@@ -11,7 +11,7 @@ from torch.nn.attention.flex_attention import create_block_mask, create_mask
 
 import gqa_tune.ops.backends.sdpa as sdpa_module
 from gqa_tune.ops import attention_ref, scaled_dot_product_gqa
-from gqa_tune.ops.dispatch import make_call, select_backend
+from gqa_tune.ops.dispatch import AttentionSpec, plan_attention
 from gqa_tune.testing import assert_within_precision
 
 BACKENDS = ["auto", "sdpa", "math"]
@@ -327,15 +327,15 @@ def test_flex_matches_math(is_causal):
 @pytest.mark.parametrize("backend", ["flex", "auto"])
 def test_flex_block_mask_matches_dense(doc_block_mask, backend):
     q, k, v = make_qkv(2, 8, 2, 12, 12, 24, 16)
-    assert select_backend(make_call(q, k, v, doc_block_mask, 0.0, False), backend).name == "flex"
+    assert plan_attention(q, k, v, AttentionSpec(mask=doc_block_mask), backend).backend.name == "flex"
     out = scaled_dot_product_gqa(q, k, v, doc_block_mask, backend=backend)
     dense = create_mask(_same_document, 1, 1, 12, 12, device="cpu")
     torch.testing.assert_close(out, attention_ref(q, k, v, mask=dense)[0], atol=2e-5, rtol=2e-5)
 
 
-def test_block_mask_with_grad_on_cpu_goes_through_sdpa(doc_block_mask):
+def test_block_mask_with_grad_on_cpu_goes_through_blocks(doc_block_mask):
     q, k, v = make_qkv(2, 8, 2, 12, 12, 24, 16, requires_grad=True)
-    assert select_backend(make_call(q, k, v, doc_block_mask, 0.0, False)).name == "sdpa"
+    assert plan_attention(q, k, v, AttentionSpec(mask=doc_block_mask)).backend.name == "blocks"
     dense = create_mask(_same_document, 1, 1, 12, 12, device="cpu")
     dout = torch.randn(2, 8, 12, 16)
     out, grads = grads_of(lambda q, k, v: scaled_dot_product_gqa(q, k, v, doc_block_mask), leaves(q, k, v), dout)

@@ -5,7 +5,7 @@ import torch
 from helpers import causal_mod as _causal
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, create_mask
 
-from gqa_tune.ops.masks import block_mask_to_dense, bottom_right_causal, dense_mask, top_left_causal
+from gqa_tune.ops.masks import block_mask_to_dense, dense_mask, top_left_causal
 
 
 def _noop(b, h, q_idx, kv_idx):
@@ -25,18 +25,10 @@ def test_top_left_causal_examples():
     assert torch.equal(top_left_causal(3, 2, "cpu"), _bool([[1, 0], [1, 1], [1, 1]]))
 
 
-def test_bottom_right_causal_examples():
-    assert torch.equal(bottom_right_causal(2, 4, "cpu"), _bool([[1, 1, 1, 0], [1, 1, 1, 1]]))
-    assert torch.equal(bottom_right_causal(1, 3, "cpu"), _bool([[1, 1, 1]]))  # decoding sees the whole cache
-    # More queries than keys: the first query sits before key 0 and sees nothing.
-    assert torch.equal(bottom_right_causal(3, 2, "cpu"), _bool([[0, 0], [1, 0], [1, 1]]))
-
-
 @pytest.mark.parametrize("s", [1, 4, 9])
-def test_alignments_agree_for_square_masks(s):
+def test_top_left_is_tril_for_square_masks(s):
     expected = torch.ones(s, s, dtype=torch.bool).tril()
     assert torch.equal(top_left_causal(s, s, "cpu"), expected)
-    assert torch.equal(bottom_right_causal(s, s, "cpu"), expected)
 
 
 # ---------------------------------------------------------------- BlockMask -> dense

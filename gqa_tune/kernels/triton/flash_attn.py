@@ -15,7 +15,6 @@ output 0 and zero gradients (their log-sum-exp is stored as +inf).
 The log-sum-exp is kept in base 2 (``log2(sum(exp2(s * scale * log2(e))))``).
 """
 
-import math
 from typing import Optional, Tuple
 
 import torch
@@ -410,7 +409,3 @@ def flash_attn_backward(
         **launch_options(2 * block_n_kv, head_block(head_dim)),
     )  # fmt: skip
     return dq, dk, dv
-
-
-def default_scale(head_dim: int, scale: Optional[float]) -> float:
-    return 1.0 / math.sqrt(head_dim) if scale is None else float(scale)

@@ -1,5 +1,5 @@
-"""Block-sparse attention in plain PyTorch, with a backward, on any device (the ``"sdpa"`` backend's path
-for a ``BlockMask``, and on CPU for a bool mask that hides most tiles).
+"""The ``"blocks"`` backend: block-sparse attention in plain PyTorch, with a backward, on any device, for a
+``BlockMask``, and on CPU for a bool mask that hides most tiles; packed documents run one by one.
 
 A mask is read as a grid of tiles (query block x key block, 128 x 128 by default): a tile is *empty*
 (skipped: never read, never computed), *full* (attended without evaluating any mask) or *partial*
@@ -331,3 +331,49 @@ def document_attention(q, k, v, ids: torch.Tensor, scale: float, dropout_p: floa
         at += n * top
     flat = torch.cat(outs) if len(outs) > 1 else outs[0]
     return flat.index_select(0, (where[doc_of] + offset).flatten()).view(b, s, n_h, -1).transpose(1, 2)
+
+
+# ---------------------------------------------------------------- the backend row
+
+
+def _packed_documents(q, k, mask, is_causal, sinks, document_ids) -> Optional[torch.Tensor]:
+    """``[b, s]`` document ids of packed self-attention on CPU: given with the call (our packed collate's
+    BlockMask), or read off a dense mask that is exactly block-causal by document (torchtune's CPU collate)."""
+    if is_causal or mask is None or sinks is not None or q.device.type != "cpu" or q.shape[2] != k.shape[2]:
+        return None
+    if isinstance(mask, BlockMask):
+        ok = document_ids is not None and tuple(document_ids.shape) == (q.shape[0], q.shape[2])
+        return document_ids if ok else None
+    if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[0] not in (1, q.shape[0]) or q.shape[2] < 256:
+        return None
+    ids = documents_of_dense(mask)
+    return None if ids is None else ids.expand(q.shape[0], -1)
+
+
+def blocks_backend(q, k, v, *, mask, scale, is_causal, dropout_p, softcap=None, sinks=None, document_ids=None):
+    """Attention over the tiles ``mask`` keeps; packed documents (``document_ids`` ``[b, s]``, or a dense
+    block-causal mask) as one causal SDPA call per group of similar lengths."""
+    documents = _packed_documents(q, k, mask, is_causal, sinks, document_ids)
+    if documents is not None:
+        return document_attention(q, k, v, documents, scale, dropout_p)
+    layout = layout_for(mask, is_causal, q.shape[2], k.shape[2], q.device)
+    return block_sparse_attention(q, k, v, layout, scale, sinks=sinks, dropout_p=dropout_p)
+
+
+def blocks_limits(call) -> Optional[str]:
+    """Why ``"blocks"`` cannot serve ``call``, or ``None``."""
+    if call.need_weights:
+        return "it cannot return attention weights (use backend='math')"
+    if call.softcap is not None:
+        return "it has no logit soft-capping (softcap)"
+    if call.mask_kind == "block":
+        lengths = tuple(call.mask.seq_lengths)
+        if call.lengths is not None and lengths != call.lengths:
+            return f"the BlockMask is for (s_q, s_kv) = {lengths}, the call is {call.lengths}"
+        return None
+    if call.mask_kind == "bool" and call.device.type == "cpu":
+        mask = call.mask
+        square = mask.dim() == 4 and mask.shape[-1] >= 256 and not call.sinks
+        if (square and documents_of_dense(mask) is not None) or sparse_enough(mask):
+            return None
+    return "it takes a BlockMask, or on CPU a bool mask that hides most of its tiles or keeps packed documents apart"

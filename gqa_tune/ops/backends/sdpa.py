@@ -1,4 +1,5 @@
-"""The ``"sdpa"`` backend: ``F.scaled_dot_product_attention`` with ``enable_gqa``.
+"""The ``"sdpa"`` backend: ``F.scaled_dot_product_attention`` with ``enable_gqa``. A ``BlockMask`` is made dense
+(``"auto"`` gives one to ``"flex"`` or ``"blocks"`` first).
 
 K/V stay at ``n_kv`` heads. For a single query position (decoding) the group
 of query heads that share a kv head is folded into the query rows, so the
@@ -8,15 +9,7 @@ head is read once for its whole group, whatever kernel torch picks.
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.flex_attention import BlockMask
 
-from gqa_tune.ops.backends.blocks import (
-    block_sparse_attention,
-    document_attention,
-    documents_of_dense,
-    layout_for,
-    sparse_enough,
-)
 from gqa_tune.ops.masks import dense_mask, top_left_causal
 
 
@@ -42,39 +35,10 @@ def _with_sink_key(q, k, v, mask, is_causal, sinks):
     return k, v, torch.cat([additive, sink], dim=-1)
 
 
-def _over_tiles(q, k, mask, is_causal) -> bool:
-    """A BlockMask (never materialized), or on CPU a bool mask hiding most tiles: run over the kept tiles."""
-    if is_causal or mask is None:
-        return False
-    if isinstance(mask, BlockMask):
-        return tuple(mask.seq_lengths) == (q.shape[2], k.shape[2])
-    return q.device.type == "cpu" and mask.dtype == torch.bool and sparse_enough(mask)
-
-
-def _packed_documents(q, k, mask, is_causal, sinks) -> "torch.Tensor | None":
-    """The document ids of packed self-attention on CPU: our packed collate's BlockMask (its mask_mod carries
-    them), or a dense mask that is exactly block-causal by document (torchtune's CPU packed collate)."""
-    if is_causal or mask is None or sinks is not None or q.device.type != "cpu" or q.shape[2] != k.shape[2]:
-        return None
-    if isinstance(mask, BlockMask):
-        ids = getattr(mask.mask_mod, "document_ids", None)
-        return ids if ids is not None and tuple(ids.shape) == (q.shape[0], q.shape[2]) else None
-    if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[0] not in (1, q.shape[0]) or q.shape[2] < 256:
-        return None
-    ids = documents_of_dense(mask)
-    return None if ids is None else ids.expand(q.shape[0], -1)
-
-
 def sdpa_backend(q, k, v, *, mask, scale, is_causal, dropout_p, softcap=None, sinks=None):
     b, n_h, s_q, _ = q.shape
     n_kv, s_kv = k.shape[1], k.shape[2]
     group = n_h // n_kv
-    documents = _packed_documents(q, k, mask, is_causal, sinks)
-    if documents is not None:
-        return document_attention(q, k, v, documents, scale, dropout_p)
-    if _over_tiles(q, k, mask, is_causal):
-        layout = layout_for(mask, False, s_q, s_kv, q.device)
-        return block_sparse_attention(q, k, v, layout, scale, sinks=sinks, dropout_p=dropout_p)
     mask = dense_mask(mask, b, n_h, s_q, s_kv, q.device)
     if sinks is not None:
         k, v, mask = _with_sink_key(q, k, v, mask, is_causal, sinks)
