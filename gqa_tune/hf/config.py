@@ -20,6 +20,7 @@ from torchtune.models.gemma.gemma_norm_embedding import GemmaNormEmbeddings
 from torchtune.models.llama3_1._position_embeddings import Llama3ScaledRoPE
 from torchtune.modules import RotaryPositionalEmbeddings, TiedLinear
 
+from gqa_tune import _checks as checks
 from gqa_tune.models._component_builders import SoftCappedTiedLinear
 
 CONFIG, GENERATION_CONFIG = "config.json", "generation_config.json"
@@ -281,8 +282,7 @@ def hf_shape(config: Dict[str, Any], where: str = "config.json") -> Dict[str, in
         head_dim = dim // heads if _positive_int(dim) and _positive_int(heads) else None
     for key, value in (("num_attention_heads", heads), ("num_key_value_heads", kv_heads),
                        ("hidden_size", dim), ("head_dim", head_dim)):  # fmt: skip
-        if not _positive_int(value):
-            raise ValueError(f"{where}: {key} must be a positive int, got {value!r}")
+        checks.positive_int(f"{where}: {key}", value)
     if heads % kv_heads:
         raise ValueError(f"{where}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
     return {"num_heads": heads, "num_kv_heads": kv_heads, "dim": dim, "head_dim": head_dim}
@@ -325,10 +325,7 @@ def _get(config: Dict[str, Any], key: str, where: str, default: Any = ...) -> An
 
 
 def _int(config: Dict[str, Any], key: str, where: str, default: Any = ...) -> int:
-    value = _get(config, key, where, default)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{where}: {key} must be a positive int, got {value!r}")
-    return value
+    return checks.positive_int(f"{where}: {key}", _get(config, key, where, default))
 
 
 def _number(config: Dict[str, Any], key: str, where: str, default: Any = ..., allow_none: bool = False) -> Any:

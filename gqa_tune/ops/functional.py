@@ -61,10 +61,7 @@ def check_softcap(name: str, value: Any) -> None:
 
 def check_features(query: torch.Tensor, sliding_window: Any, softcap: Any, sinks: Optional[torch.Tensor]) -> None:
     """Raise ``ValueError`` unless the window, soft-cap and sinks are usable with ``query`` ``[b, n_h, s_q, h_d]``."""
-    if sliding_window is not None and (
-        isinstance(sliding_window, bool) or not isinstance(sliding_window, int) or sliding_window < 1
-    ):
-        raise ValueError(f"sliding_window must be None or a positive int, got {sliding_window!r}")
+    checks.optional_positive_int("sliding_window", sliding_window)
     check_softcap("softcap", softcap)
     if sinks is None:
         return
