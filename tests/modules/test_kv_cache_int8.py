@@ -349,7 +349,6 @@ def test_swapped_torchtune_model_generates_the_fp32_greedy_tokens_with_int8_cach
     assert 0 < (int8_logits - fp32_logits).abs().max() < 0.05
 
 
-@pytest.mark.slow
 def test_compiled_generation_with_int8_caches_gives_the_eager_tokens(swapped_llama):
     ours, _ = swapped_llama
     prompt = torch.randint(1, 96, (2, 6), generator=torch.Generator().manual_seed(1))
