@@ -29,12 +29,13 @@ caches' length (``max_cache_len``).
 import numbers
 import time
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
+from torchtune.data import Message
 from torchtune.modules import MultiHeadAttention as TorchtuneMultiHeadAttention
 from torchtune.modules import TransformerCrossAttentionLayer, TransformerDecoder
 from torchtune.modules.common_utils import local_kv_cache
@@ -535,6 +536,38 @@ def kv_cache_bytes(model: torch.nn.Module) -> int:
         elif cache is not None and hasattr(cache, "k_cache"):
             total += cache.k_cache.nbytes + cache.v_cache.nbytes
     return total
+
+
+def has_chat_template(tokenizer: Any) -> bool:
+    """Whether ``tokenizer`` renders a chat template (:class:`gqa_tune.data.HFTokenizer` with one)."""
+    return getattr(tokenizer, "chat_template", None) is not None
+
+
+def encode_prompts(tokenizer: Any, prompts: Sequence[str], chat: bool) -> List[List[int]]:
+    """Token ids of each prompt: after BOS (``chat=False``), or as a user message through the tokenizer's chat
+    template followed by its generation prompt (``chat=True``)."""
+    if not chat:
+        return [tokenizer.encode(p, add_bos=True, add_eos=False) for p in prompts]
+    if not has_chat_template(tokenizer):
+        raise ValueError(f"chat prompts need a tokenizer with a chat template, not {type(tokenizer).__name__}")
+    return [tokenizer.tokenize_messages([Message("user", p, masked=True)], add_end_tokens=False)[0] for p in prompts]
+
+
+def padding_id(prompts: Sequence[Sequence[int]], tokenizer: Any) -> int:
+    """An id to left-pad ``prompts`` with: ``tokenizer.pad_id`` unless a prompt holds it (generation takes every
+    ``pad_id`` token for padding; a chat template may end every turn with the pad token), else the first of the
+    tokenizer's special ids that no prompt holds.
+
+    Raises:
+        ValueError: every candidate occurs in a prompt.
+    """
+    used = {int(t) for row in prompts for t in row}
+    specials = sorted(getattr(tokenizer, "special_tokens", {}).values())
+    for candidate in [tokenizer.pad_id, *specials]:
+        if isinstance(candidate, int) and candidate not in used:
+            return candidate
+    raise ValueError(f"every padding candidate ({[tokenizer.pad_id, *specials]}) occurs in a prompt: left padding "
+                     "would hide prompt tokens")  # fmt: skip
 
 
 def left_padded(prompts: Sequence[Sequence[int]], pad_id: int, device: Optional[torch.device] = None) -> torch.Tensor:

@@ -219,6 +219,10 @@ class GenerateConfig:
     model: Optional[Dict[str, Any]] = setting(None, "a builder, or builder arguments overriding the checkpoint's")
     prompts: Optional[List[str]] = setting(None, "prompts, generated as one batch")
     prompt: Optional[Any] = setting(None, "a prompt, or a list of them (prompt=TEXT on the command line)")
+    prompt_format: str = setting(
+        "text", "text: each prompt as it is, after BOS; chat: each as a user message through the tokenizer's chat "
+        "template, with its generation prompt", choices=("text", "chat"),
+    )  # fmt: skip
     max_new_tokens: int = setting(32, "tokens generated per prompt at most", minimum=1)
     temperature: float = setting(0.0, "sampling temperature; 0: greedy", minimum=0)
     top_k: Optional[int] = setting(None, "sample from the k most likely tokens; null: all", minimum=1)
@@ -248,15 +252,17 @@ class Recipe(NamedTuple):
 RECIPES: Dict[str, Recipe] = {
     "full_finetune_single_device": Recipe(
         FinetuneConfig,
-        ("gqa_tiny/full", "gqa_tiny/full_packed", "gqa_small/mha_pretrain"),
+        ("gqa_tiny/full", "gqa_tiny/full_packed", "gqa_small/mha_pretrain", "smollm2_135m/full"),
         "full fine-tuning on one device",
     ),
     "full_finetune_distributed": Recipe(FinetuneConfig, ("gqa_tiny/full_distributed",), "full fine-tuning, FSDP2"),
     "lora_finetune_single_device": Recipe(
-        LoRAConfig, ("gqa_tiny/lora", "gqa_tiny/qlora"), "LoRA (and QLoRA: an NF4 base) fine-tuning on one device"
+        LoRAConfig,
+        ("gqa_tiny/lora", "gqa_tiny/qlora", "smollm2_135m/lora", "smollm2_135m/qlora"),
+        "LoRA (and QLoRA: an NF4 base) fine-tuning on one device",
     ),
     "uptrain": Recipe(UptrainConfig, ("gqa_small/uptrain",), "MHA -> GQA conversion and uptraining"),
-    "generate": Recipe(GenerateConfig, ("gqa_tiny/generate",), "generation from a checkpoint"),
+    "generate": Recipe(GenerateConfig, ("gqa_tiny/generate", "smollm2_135m/generate"), "generation from a checkpoint"),
 }
 
 

@@ -49,7 +49,15 @@ from omegaconf import DictConfig, OmegaConf
 from torchtune import config, training
 
 from gqa_tune.config_check import ConfigError, build_component, exits_on_config_error, parse_config
-from gqa_tune.generation import GenerationStats, generate, left_padded, new_tokens
+from gqa_tune.generation import (
+    GenerationStats,
+    encode_prompts,
+    generate,
+    has_chat_template,
+    left_padded,
+    new_tokens,
+    padding_id,
+)
 from gqa_tune.hf import model_shape
 from gqa_tune.ops.kv_quant import check_kv_cache_dtype, resolve_kv_cache_dtype
 from gqa_tune.quantization import (
@@ -61,7 +69,7 @@ from gqa_tune.quantization import (
     weight_bytes,
 )
 from gqa_tune.schema import GenerateConfig
-from gqa_tune.training.weights import check_vocab, fit_weights, load_weights
+from gqa_tune.training.weights import check_vocab, fit_weights, load_weights, tokenizer_line
 
 #: ``prompt=...`` arguments taken off the command line before torchtune parses it (see :func:`main`).
 _CLI_PROMPTS: List[str] = []
@@ -134,6 +142,7 @@ class GenerateRecipe:
         # As in the fine-tune recipes: a LoRA builder's adapters may be absent (merged weights, B = 0).
         fit_weights(model, state_dict, weights)
         check_vocab(model.tok_embeddings.num_embeddings, self.tokenizer, weights, cfg.tokenizer._component_)
+        print(tokenizer_line(self.tokenizer, cfg.tokenizer._component_, weights), file=sys.stderr)
         self.stop_tokens = list(getattr(self.tokenizer, "stop_tokens", None) or [self.tokenizer.eos_id])
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
         if self.quantizer is not None:  # after the weights are in place; a kernel missing here fails now
@@ -164,8 +173,17 @@ class GenerateRecipe:
         return [str(p) for p in prompts]
 
     def encode(self, prompts: List[str], max_new_tokens: int) -> List[List[int]]:
-        """Token ids per prompt (with BOS), checked to fit ``max_seq_len`` with the new tokens."""
-        encoded = [self.tokenizer.encode(p, add_bos=True, add_eos=False) for p in prompts]
+        """Token ids per prompt, checked to fit ``max_seq_len`` with the new tokens: with BOS
+        (``prompt_format: text``), or as a user message through the tokenizer's chat template, its generation
+        prompt after it (``chat``)."""
+        chat = self.cfg.prompt_format == "chat"
+        if chat and not has_chat_template(self.tokenizer):
+            raise ConfigError(
+                f"prompt_format=chat needs a tokenizer with a chat template (gqa_tune.data.hf_tokenizer), not "
+                f"{self.cfg.tokenizer._component_}",
+                what="prompt_format",
+            )
+        encoded = encode_prompts(self.tokenizer, prompts, chat)
         limit = self.model.max_seq_len
         longest = max(range(len(encoded)), key=lambda i: len(encoded[i]))
         width = len(encoded[longest])
@@ -190,17 +208,18 @@ class GenerateRecipe:
         cfg = self.cfg
         prompts = self.prompts()
         encoded = self.encode(prompts, cfg.max_new_tokens)
-        batch = left_padded(encoded, self.tokenizer.pad_id, self.device)
+        pad_id = padding_id(encoded, self.tokenizer)
+        batch = left_padded(encoded, pad_id, self.device)
         rng = None
         if cfg.temperature > 0 and cfg.seed is not None:
             rng = torch.Generator(device=self.device).manual_seed(cfg.seed)
         stream = None
         if len(prompts) == 1 and not cfg.compile:  # compiled, the output is printed at the end
-            stream = StreamPrinter(self.tokenizer, self.stop_tokens, self.tokenizer.pad_id)
+            stream = StreamPrinter(self.tokenizer, self.stop_tokens, pad_id)
             print(prompts[0], end="", flush=True)
         stats = GenerationStats()
         tokens, _ = generate(
-            self.model, batch, cfg.max_new_tokens, pad_id=self.tokenizer.pad_id, temperature=cfg.temperature,
+            self.model, batch, cfg.max_new_tokens, pad_id=pad_id, temperature=cfg.temperature,
             top_k=cfg.top_k, stop_tokens=self.stop_tokens, rng=rng, compile=cfg.compile, stats=stats,
             on_tokens=stream, kv_cache_dtype=self.kv_cache_dtype,
         )  # fmt: skip

@@ -36,7 +36,7 @@ class HFTokenizer:
     """The tokenizer of a Hugging Face model directory (see the module docstring).
 
     Args:
-        path (Union[str, Path]): the model directory.
+        path (Union[str, Path]): the model directory (or a ``.gguf`` file: its conversion, :mod:`gqa_tune.hf.gguf`).
         max_seq_len (Optional[int]): truncate tokenized conversations to this length.
 
     Attributes:
@@ -50,6 +50,10 @@ class HFTokenizer:
         from tokenizers import Tokenizer
 
         path = Path(path)
+        if path.suffix.lower() == ".gguf":  # the tokenizer of a GGUF file: its converted directory's
+            from gqa_tune.hf.gguf import resolve_model_dir
+
+            path = resolve_model_dir(path)
         checks.optional_positive_int("max_seq_len", max_seq_len)
         file = path / "tokenizer.json"
         if not file.is_file():

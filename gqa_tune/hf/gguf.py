@@ -147,3 +147,19 @@ def resolve_model_dir(path: Union[str, Path], cache: Optional[Union[str, Path]] 
     if (out / DONE).exists():
         return out
     return gguf_to_hf_dir(path, out)
+
+
+def _smollm2_resolver() -> str:
+    return str(smollm2_dir())
+
+
+def register_resolver() -> None:
+    """``${gqa_tune.smollm2:}`` in a config: the SmolLM2 example's directory (fetched and converted on first use)."""
+    import warnings
+
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("gqa_tune.smollm2"):
+        with warnings.catch_warnings():  # omegaconf 2.4 deprecates the name 2.3 has (register_new_resolver)
+            warnings.simplefilter("ignore", UserWarning)
+            OmegaConf.register_new_resolver("gqa_tune.smollm2", _smollm2_resolver)

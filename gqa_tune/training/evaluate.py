@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader
 from torchtune.data import CROSS_ENTROPY_IGNORE_IDX, padded_collate_sft
 
 from gqa_tune.data import resolve_data_file
-from gqa_tune.generation import generate, left_padded, new_tokens
+from gqa_tune.generation import encode_prompts, generate, has_chat_template, left_padded, new_tokens, padding_id
 
 
 def shift_labels(labels: torch.Tensor) -> torch.Tensor:
@@ -41,7 +41,8 @@ def heldout_loss(model, dataset, tokenizer, batch_size: int = 64, device="cpu") 
 def task_accuracy(
     model, tokenizer, data_file: str, max_examples: Optional[int] = 200, batch_size: int = 64, kv_cache_dtype=None
 ) -> Dict[str, float]:
-    """Exact-match accuracy of greedy answers on ``data_file`` (JSONL with prompt/answer/task).
+    """Exact-match accuracy of greedy answers on ``data_file`` (JSONL with prompt/answer/task); a tokenizer with
+    a chat template gets each prompt as a user message through it.
 
     ``kv_cache_dtype``: the generation's caches quantized (``torch.int8``, ...); ``None``: the model's dtype.
     """
@@ -52,13 +53,15 @@ def task_accuracy(
     device = next(model.parameters()).device
     stop_tokens = list(tokenizer.stop_tokens)
     correct: Dict[str, list] = {}
+    chat = has_chat_template(tokenizer)  # a chat model is asked as it was tuned: through its template
     for i in range(0, len(rows), batch_size):
         chunk = rows[i : i + batch_size]
-        prompts = [tokenizer.encode(r["prompt"], add_bos=True, add_eos=False) for r in chunk]
+        prompts = encode_prompts(tokenizer, [r["prompt"] for r in chunk], chat)
         longest = max(len(tokenizer.encode(r["answer"], add_bos=False, add_eos=False)) for r in chunk)
-        batch = left_padded(prompts, tokenizer.pad_id, device)
+        pad_id = padding_id(prompts, tokenizer)
+        batch = left_padded(prompts, pad_id, device)
         tokens, _ = generate(
-            model, batch, longest + 1, pad_id=tokenizer.pad_id, stop_tokens=stop_tokens, kv_cache_dtype=kv_cache_dtype
+            model, batch, longest + 1, pad_id=pad_id, stop_tokens=stop_tokens, kv_cache_dtype=kv_cache_dtype
         )
         answers, _ = new_tokens(tokens, batch.shape[1], stop_tokens)
         for row, ids in zip(chunk, answers):

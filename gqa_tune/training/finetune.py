@@ -48,7 +48,7 @@ from gqa_tune.training.checkpoint import (
 from gqa_tune.training.curves import CURVES_FILE, curves_dir, plot_training_curves
 from gqa_tune.training.evaluate import heldout_loss, shift_labels, task_accuracy
 from gqa_tune.training.loss import build_loss, summed_loss, whole_logits
-from gqa_tune.training.weights import WeightSource, check_vocab, fit_weights, load_weights
+from gqa_tune.training.weights import WeightSource, check_vocab, fit_weights, load_weights, tokenizer_line
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # datasets come from local files only
 
@@ -291,6 +291,7 @@ class FinetuneRecipe(FTRecipeInterface):
 
         model, self.builder, self.source = self.load_model(cfg, resume_path)
         check_vocab(model.tok_embeddings.num_embeddings, self.tokenizer, self.source, cfg.tokenizer._component_)
+        log.info(tokenizer_line(self.tokenizer, cfg.tokenizer._component_, self.source))
         if cfg.enable_activation_checkpointing:
             training.set_activation_checkpointing(model, auto_wrap_policy={TransformerSelfAttentionLayer})
         self.model = self.wrap_model(model)

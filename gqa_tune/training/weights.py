@@ -294,6 +294,16 @@ def tokenizer_ids(tokenizer: Any) -> int:
     return max(count, vocab) if isinstance(vocab, int) else count
 
 
+def tokenizer_line(tokenizer: Any, component: str, source: WeightSource) -> str:
+    """The log line that says which tokenizer a recipe uses, and whether it is ``hf_model_dir``'s own."""
+    path = getattr(tokenizer, "path", None)
+    line = f"tokenizer: {component}" + (f" from '{path}'" if path is not None else "")
+    if source.kind == "hf_model_dir" and source.path is not None:
+        own = path is not None and Path(path).resolve() == Path(source.path).resolve()
+        line += " (hf_model_dir's own)" if own else " (the config's; not hf_model_dir's own tokenizer)"
+    return line
+
+
 def check_vocab(model_vocab: int, tokenizer: Any, source: WeightSource, tokenizer_name: str = "") -> None:
     """Refuse a model whose embedding has fewer rows than ``tokenizer`` has ids (the first step would index
     past it).

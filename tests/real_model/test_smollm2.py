@@ -111,3 +111,52 @@ def test_a_gguf_file_loads_as_its_converted_directory(smollm2, ours_smollm2, tmp
     ids = torch.tensor([hf_tokenizer(smollm2).encode("GGUF in, the same model out.")])
     with torch.no_grad():
         torch.testing.assert_close(model(ids), ours_smollm2(ids), rtol=0, atol=0)
+
+
+def _tune_run(recipe: str, config: str, *overrides: str) -> str:
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    tune = str(Path(sys.executable).with_name("tune"))
+    done = subprocess.run([tune, "run", f"gqa_tune/recipes/{recipe}.py", "--config", str(repo / config), *overrides],
+                          cwd=repo, capture_output=True, text=True, timeout=900)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout + done.stderr
+
+
+def test_a_lora_tune_run_whose_output_transformers_reloads_to_our_logits(smollm2, ours_smollm2, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from gqa_tune.training.checkpoint import latest_checkpoint
+
+    out = tmp_path / "lora"
+    log = _tune_run("lora_finetune_single_device", "configs/smollm2_135m/lora.yaml", f"hf_model_dir={smollm2}",
+                    f"output_dir={out}", "max_steps_per_epoch=2", "batch_size=2", "eval=null",
+                    "model.lora_rank=4")  # fmt: skip
+    assert "tokenizer: gqa_tune.data.hf_tokenizer from" in log and "(hf_model_dir's own)" in log
+    checkpoint = latest_checkpoint(out)
+    theirs = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    ours = gqa_tune.from_pretrained(checkpoint)
+    ids = torch.tensor([hf_tokenizer(smollm2).encode("Fine-tuned, then reloaded by transformers.")])
+    with torch.no_grad():
+        logits = ours(ids)
+        torch.testing.assert_close(theirs(ids).logits, logits, rtol=2e-4, atol=2e-4)
+        assert (logits - ours_smollm2(ids)).abs().max() > 1e-4  # the adapters were merged into the weights
+
+
+def test_the_generate_recipe_chats_as_transformers_does(smollm2, hf_smollm2, tmp_path):
+    import json
+
+    out = tmp_path / "generated.json"
+    _tune_run("generate", "configs/smollm2_135m/generate.yaml", f"hf_model_dir={smollm2}",
+              f"tokenizer.path={smollm2}", "max_new_tokens=10", f"output_file={out}")  # fmt: skip
+    result = json.loads(out.read_text())
+    tokenizer = hf_tokenizer(smollm2)
+    prompt, pad = _prompts(tokenizer)
+    expected = hf_smollm2.generate(prompt, attention_mask=(prompt != pad).long(), max_new_tokens=10,
+                                   do_sample=False, pad_token_id=pad)[:, prompt.shape[1]:]  # fmt: skip
+    for row, tokens in enumerate(result["tokens"]):
+        assert tokens == expected[row, : len(tokens)].tolist(), row
+    assert result["texts"][0].startswith("The capital of France is Paris")
