@@ -7,6 +7,7 @@ from torchtune.datasets import PackedDataset, SFTDataset, instruct_dataset
 
 from gqa_tune import _checks as checks
 from gqa_tune.data.hf_tokenizer import HFTokenizer, hf_tokenizer
+from gqa_tune.data.text import pydoc_text_dataset
 from gqa_tune.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE, ByteTokenizer, byte_tokenizer
 
 #: The task data shipped inside the package (``train.jsonl``, ``val.jsonl``), so that a non-editable
@@ -74,5 +75,5 @@ def task_dataset(
 
 __all__ = [
     "BOS_ID", "EOS_ID", "PAD_ID", "VOCAB_SIZE", "ByteTokenizer", "HFTokenizer", "byte_tokenizer", "hf_tokenizer",
-    "task_dataset",
+    "pydoc_text_dataset", "task_dataset",
 ]  # fmt: skip
