@@ -21,6 +21,7 @@ What the layers pass is read: the mask (bool, True = attend, padding and sliding
 import importlib.abc
 import importlib.util
 import sys
+import warnings
 from typing import Optional, Tuple
 
 import torch
@@ -108,7 +109,11 @@ class _RegisterWhenImported(importlib.abc.MetaPathFinder):
 
         def exec_module(module):
             real(module)
-            register()
+            try:
+                register()
+            except Exception as err:  # noqa: BLE001  never break transformers' own import
+                message = f"gqa_tune: attn_implementation='gqa_tune' is not available with this transformers: {err}"
+                warnings.warn(message, stacklevel=2)
 
         spec.loader.exec_module = exec_module
         return spec
