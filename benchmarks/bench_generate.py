@@ -8,7 +8,7 @@ cache (eager and compiled), torchtune's ``generate`` after ``swap_attention``, `
 ``compile=True``), and with ``--diagnose-nan-rule`` the compiled step without the NaN rule (a diagnostic).
 ``--case long-context``: gqa_tiny's shape, a 2048-token prompt, 64 steps, ``max_seq_len`` 4096: torchtune's model
 and a swapped copy in torchtune's ``generate`` (4096-position caches), the copy in ``gqa_tune.generate`` (caches
-sized to the request); then one model forward of one token at cache fills 16 and 2048.
+sized to the request). (How a decode step's cost follows the cache fill: ``bench_attention.py --case decode``.)
 
 Commands::
 
@@ -32,7 +32,7 @@ from torchtune.modules.common_utils import local_kv_cache
 import gqa_tune
 
 DEFAULTS = {"transformers": dict(repeats=5, prompt=1024), "long-context": dict(repeats=3, prompt=2048)}
-SMOKE = dict(repeats=1, prompt=32, steps=4, new_tokens=4, cache=64, vocab=512, forward_repeats=3)
+SMOKE = dict(repeats=1, prompt=32, steps=4, new_tokens=4, cache=64, vocab=512)
 PAD_ID = 258  # the byte tokenizer's
 
 
@@ -173,25 +173,7 @@ def long_context(args) -> dict:
         f"tokens, {args.new_tokens} one-token steps, {torch.get_num_threads()} threads, median of {args.repeats}; "
         f"all give torchtune's tokens (prefill: the last run's)",
     )  # fmt: skip
-    forward = {}
-    x, rows = torch.tensor([[5]]), []
-    for fill in sorted({16, args.prompt}):
-        mask, pos = (torch.arange(args.cache) <= fill).view(1, 1, -1), torch.tensor([[fill]])
-        steps = {}
-        with torch.inference_mode():
-            for name, model in (("torchtune", tt), ("gqa_tune", ours_tt_loop)):
-                model.reset_caches()
-                model(prompt[:, :fill], input_pos=torch.arange(fill)[None],
-                      mask=torch.tril(torch.ones(fill, args.cache, dtype=torch.bool))[None])  # fmt: skip
-                undo = [H.rewinder(layer.attn.kv_cache, fill) for layer in model.layers]
-                step = lambda m=model, p=pos, k=mask: m(x, input_pos=p, mask=k)  # noqa: E731
-                steps[name] = step, (lambda u=undo: [f() for f in u])
-            forward[fill] = t = H.time_cases(steps, args.forward_repeats, warmup=5)
-        ratio = t["torchtune"].median / t["gqa_tune"].median
-        rows.append([fill, H.fmt(t["torchtune"]), H.fmt(t["gqa_tune"]), f"{ratio:.2f}x"])
-    H.table(["cache fill", "torchtune ms (IQR)", "gqa_tune ms (IQR)", "ratio"], rows,
-            f"One model forward of one token ({args.cache}-position caches), median of {args.forward_repeats}")
-    return {"times": times, "forward": forward}
+    return {"times": times}
 
 
 def main() -> None:
@@ -204,7 +186,6 @@ def main() -> None:
     p.add_argument("--diagnose-nan-rule", action="store_true", help="transformers: add the step without the NaN rule")
     p.add_argument("--new-tokens", type=int, default=64, help="long-context: one-token decode steps")
     p.add_argument("--cache", type=int, default=4096, help="long-context: max_seq_len and torchtune's cache positions")
-    p.add_argument("--forward-repeats", type=int, default=100, help="long-context: timed one-token forwards")
     p.add_argument("--backend", default="auto", help="long-context: gqa_tune attention backend")
     args = H.parse(p, DEFAULTS, SMOKE)
     args.no_hf_compile = args.no_hf_compile or args.smoke  # its compilation alone takes minutes on a CPU

@@ -10,7 +10,6 @@ uptraining (``--long-fractions``) with mean pooling only. Held-out loss and accu
 Commands::
 
     .venv/bin/python benchmarks/repro_quality.py            # what docs/reproduction.md reports (P = 500, 2 seeds)
-    .venv/bin/python benchmarks/repro_quality.py --quick    # P = 250, about half the time
     .venv/bin/python benchmarks/repro_quality.py --replot   # redraw the figures from <out-dir>/quality.json
     .venv/bin/python benchmarks/repro_quality.py --pooling-diagnostic   # only the diagnostic, on <runs-dir>
     .venv/bin/python benchmarks/repro_quality.py --smoke    # P = 4, one seed, temporary directories
@@ -171,12 +170,6 @@ def tables(rows, args) -> str:
     return "\n\n".join(texts)
 
 
-def _save(plt, fig, path: Path, **layout) -> None:
-    fig.tight_layout(**layout)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def _errorbar(ax, rows, metric, scale, xs, **style) -> None:
     ax.errorbar(xs, [scale * r[metric]["mean"] for r in rows], yerr=[scale * r[metric]["std"] for r in rows],
                 capsize=3, **style)  # fmt: skip
@@ -216,7 +209,9 @@ def plot(rows, args, metric: str, ylabel: str, path: Path) -> None:
     axes[0][0].set_ylabel(ylabel)
     fig.legend(*axes[0][-1].get_legend_handles_labels(), loc="lower center", ncol=6, fontsize=8)
     fig.suptitle(f"small model (2 layers, 8 heads, d=128), {len(args.seeds)} seeds: mean ± std", fontsize=10)
-    _save(plt, fig, path, rect=(0, 0.07, 1, 1))
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def plot_recovery(rows, args, path: Path) -> None:
@@ -250,7 +245,9 @@ def plot_recovery(rows, args, path: Path) -> None:
            ylabel="held-out loss (val.jsonl)", title=f"recovery of the converted models, {len(args.seeds)} seeds")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    _save(plt, fig, path)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def pooling_diagnostic(args) -> str:
@@ -300,8 +297,7 @@ def write_figures(rows, args) -> None:
 
 def main() -> None:
     p = H.parser(__doc__)
-    p.add_argument("--quick", action="store_true", help="P=250 instead of 500 (about half the time)")
-    p.add_argument("--pretrain-steps", type=int, help="P (default 500; --quick: 250)")
+    p.add_argument("--pretrain-steps", type=int, default=500, help="P (250: about half the time)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--fractions", type=float, nargs="+", default=[0.05, 0.10])
     p.add_argument("--long-fractions", type=float, nargs="*", default=[0.25, 1.0], help="mean pooling only")
@@ -317,7 +313,6 @@ def main() -> None:
         tmp = Path(tempfile.mkdtemp(prefix="repro_quality_smoke_"))
         args.pretrain_steps, args.seeds, args.fractions, args.long_fractions = 4, [0], [0.5], [1.0]
         args.kv_heads, args.methods, args.runs_dir, args.out_dir = [4], ["mean"], tmp / "runs", tmp / "out"
-    args.pretrain_steps = args.pretrain_steps or (250 if args.quick else 500)
     if args.pretrain_steps > EPOCH_STEPS:
         p.error(f"P must fit one epoch ({EPOCH_STEPS} steps at batch 32)")
     args.out_dir.mkdir(parents=True, exist_ok=True)
