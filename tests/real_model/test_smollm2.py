@@ -74,7 +74,8 @@ def test_the_transformers_door_generates_sdpas_tokens(smollm2, hf_smollm2):
     assert torch.equal(model.generate(prompt, **kwargs), expected)
 
 
-def test_torchtune_generate_after_swap_attention_at_batch_4(smollm2, ours_smollm2):
+@pytest.mark.parametrize("batch", [1, 4])
+def test_torchtune_generate_after_swap_attention(smollm2, ours_smollm2, batch):
     from torchtune.generation import generate
     from torchtune.models.llama3_2 import llama3_2
 
@@ -87,7 +88,9 @@ def test_torchtune_generate_after_swap_attention_at_batch_4(smollm2, ours_smollm
     gqa_tune.swap_attention(swapped)
     tokenizer = hf_tokenizer(smollm2)
     prompt, pad = _prompts(tokenizer)
-    prompt = torch.cat([prompt, prompt[:1]])  # batch 4
+    prompt = torch.cat([prompt, prompt[:1]])[:batch]  # batch 4: three lengths, left-padded; batch 1: the first
+    if batch == 1:
+        prompt = prompt[:, (prompt[0] == pad).sum() :]  # no padding
     results = [generate(model, prompt, max_generated_tokens=8, pad_id=pad, temperature=1e-9, top_k=1,
                         stop_tokens=tokenizer.stop_tokens)[0] for model in (theirs, swapped)]  # fmt: skip
     assert torch.equal(results[1], results[0])
