@@ -214,9 +214,10 @@ class GenerateRecipe:
         if cfg.temperature > 0 and cfg.seed is not None:
             rng = torch.Generator(device=self.device).manual_seed(cfg.seed)
         stream = None
+        sep = "\n" if cfg.prompt_format == "chat" else ""  # a chat answer on its own line; text continues the prompt
         if len(prompts) == 1 and not cfg.compile:  # compiled, the output is printed at the end
             stream = StreamPrinter(self.tokenizer, self.stop_tokens, pad_id)
-            print(prompts[0], end="", flush=True)
+            print(prompts[0], end=sep, flush=True)
         stats = GenerationStats()
         tokens, _ = generate(
             self.model, batch, cfg.max_new_tokens, pad_id=pad_id, temperature=cfg.temperature,
@@ -229,7 +230,7 @@ class GenerateRecipe:
             stream.finish()
         else:
             for prompt, text in zip(prompts, texts):
-                print(f"{prompt}{text}")
+                print(f"{prompt}{sep}{text}")
         result = {
             "prompts": prompts, "prompt_tokens": encoded, "tokens": ids, "stopped": stopped, "texts": texts,
             **dataclasses.asdict(stats),
