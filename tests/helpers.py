@@ -4,12 +4,18 @@ One copy of what the tests used to repeat: q/k/v factories, causal ``mask_mod``s
 decoding masks, a greedy loop without a cache, and the repository root.
 """
 
+import os
+import subprocess
+import sys
 from pathlib import Path
+from typing import List, Optional
 
 import torch
 
 #: The repository root.
 REPO = Path(__file__).resolve().parents[1]
+#: torchtune's ``tune`` beside this interpreter.
+TUNE = str(Path(sys.executable).with_name("tune"))
 
 
 def make_qkv(b, n_h, n_kv, s_q, s_kv, h_d, h_dv=None, dtype=torch.float32, requires_grad=False):
@@ -86,3 +92,30 @@ def tiny_hf_model(path: Path, kind: str, seed: int = 0, **overrides):
                 param.normal_(0.0, 0.2)
     model.save_pretrained(path)
     return model
+
+
+def run_tune(
+    recipe: str,
+    config: str,
+    overrides: List[str],
+    nproc: Optional[int] = None,
+    timeout: int = 300,
+    check: bool = False,
+):
+    """``tune run [--nproc_per_node N] gqa_tune/recipes/<recipe>.py --config <config> k=v ...`` from the repo root.
+
+    With ``check``, a failing run raises ``AssertionError`` with the end of its output.
+    """
+    cmd = [TUNE, "run"]
+    if nproc:
+        cmd += ["--nproc_per_node", str(nproc)]
+    cmd += [f"gqa_tune/recipes/{recipe}.py", "--config", config, *overrides]
+    env = {
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
+        "OMP_NUM_THREADS": "1",
+    }
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"tune run failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc

@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from helpers import run_tune
 from torchtune.data import Message
 
 import gqa_tune
@@ -117,16 +118,8 @@ def test_a_gguf_file_loads_as_its_converted_directory(smollm2, ours_smollm2, tmp
 
 
 def _tune_run(recipe: str, config: str, *overrides: str) -> str:
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    repo = Path(__file__).resolve().parents[2]
-    tune = str(Path(sys.executable).with_name("tune"))
-    done = subprocess.run([tune, "run", f"gqa_tune/recipes/{recipe}.py", "--config", str(repo / config), *overrides],
-                          cwd=repo, capture_output=True, text=True, timeout=900)  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done.stdout + done.stderr
+    proc = run_tune(recipe, config, list(overrides), timeout=900, check=True)
+    return proc.stdout + proc.stderr
 
 
 def test_a_lora_tune_run_whose_output_transformers_reloads_to_our_logits(smollm2, ours_smollm2, tmp_path):

@@ -1,16 +1,11 @@
 """Fixtures for running recipes end to end with ``tune run``, as users do."""
 
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import List
 
 import pytest
-from helpers import REPO
-
-TUNE = str(Path(sys.executable).with_name("tune"))
+from helpers import REPO, TUNE, run_tune  # noqa: F401  (run_tune: imported from here by the recipe tests)
 
 #: A few fast steps on the tiny model: overrides shared by the recipe tests.
 TINY = [
@@ -21,33 +16,6 @@ TINY = [
     "eval=null",
     "tokenizer.max_seq_len=48",
 ]
-
-
-def run_tune(
-    recipe: str,
-    config: str,
-    overrides: List[str],
-    nproc: Optional[int] = None,
-    timeout: int = 300,
-    check: bool = False,
-):
-    """``tune run [--nproc_per_node N] gqa_tune/recipes/<recipe>.py --config <config> k=v ...`` from the repo root.
-
-    With ``check``, a failing run raises ``AssertionError`` with the end of its output.
-    """
-    cmd = [TUNE, "run"]
-    if nproc:
-        cmd += ["--nproc_per_node", str(nproc)]
-    cmd += [f"gqa_tune/recipes/{recipe}.py", "--config", config, *overrides]
-    env = {
-        **os.environ,
-        "PYTHONUNBUFFERED": "1",
-        "OMP_NUM_THREADS": "1",
-    }
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"tune run failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-    return proc
 
 
 def read_logged(log_dir: Path, name: str = "loss") -> List[float]:
